@@ -1,0 +1,1 @@
+"""The `alignflow` command line: thin commands over library calls."""

@@ -1,0 +1,49 @@
+"""The `alignflow` command: each sub-command is a thin shell over a library call."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from alignflow.cli import annotate, data, lineage, pipeline, ppo, quality, serve, users, workspace
+from alignflow.cli import train as train_cli
+from alignflow.cli.common import err_console
+from alignflow.errors import AlignflowError
+
+app = typer.Typer(
+    name="alignflow",
+    help="alignflow: SFT, preference collection with quality control, reward models, PPO/DPO, "
+    "evaluation and lineage, in one system.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(workspace.app, name="workspace")
+app.add_typer(data.app, name="data")
+app.add_typer(quality.app, name="quality")
+app.command("lineage")(lineage.lineage)
+app.command("serve")(serve.serve)
+app.add_typer(users.app, name="users")
+app.add_typer(annotate.app, name="annotate")
+app.command("run")(pipeline.run)
+app.command("quickstart")(pipeline.quickstart)
+app.command("ppo")(ppo.ppo)
+app.command("sft")(train_cli.sft)
+app.command("rm")(train_cli.rm)
+app.command("dpo")(train_cli.dpo)
+
+
+def main() -> None:
+    """Entry point: library errors become one clear line and exit code 2, not a traceback."""
+    try:
+        app()
+    except AlignflowError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

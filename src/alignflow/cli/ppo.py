@@ -1,0 +1,30 @@
+"""`alignflow ppo CONFIG [key=value ...]`: on-policy RLHF (PPO with GAE, RLOO or GRPO)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from alignflow.cli.common import console
+
+
+def ppo(
+    config: Path = typer.Argument(..., help="PPO config YAML (see src/alignflow/recipes/ppo.yaml)."),
+    overrides: list[str] = typer.Argument(
+        None, help="Dotted overrides, e.g. train.steps=50 advantage.estimator=rloo rollout.num_generations=4."
+    ),
+) -> None:
+    """Train a policy against a reward function or reward model(s); Ctrl-C checkpoints, re-run resumes."""
+    from alignflow.config import load_config
+    from alignflow.recipes.ppo import PPOConfig, run
+
+    cfg = load_config(config, overrides or [], schema=PPOConfig)
+    result = run(cfg)
+    if result.get("stopped"):
+        console.print(f"stopped at step {result['step']}; resume with the same command")
+        return
+    console.print(
+        json.dumps({k: result[k] for k in ("run_id", "checkpoint", "checkpoint_dir", "metrics")}, indent=1)
+    )

@@ -1,0 +1,64 @@
+"""`alignflow sft|rm|dpo CONFIG [key=value ...]`: thin shells over the recipes' `run(cfg)`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from alignflow.cli.common import console
+from alignflow.config import load_config
+
+CONFIG_HELP = "Stage config YAML (see src/alignflow/recipes/<stage>.yaml for a commented example)."
+OVERRIDES_HELP = "Dotted overrides applied on top of CONFIG, e.g. optim.lr=1e-4 train.max_steps=10."
+HOME_HELP = "Workspace folder (default: $ALIGNFLOW_HOME or ./alignflow-workspace)."
+
+
+def _report(result: dict[str, Any]) -> None:
+    if result.get("stopped"):
+        console.print(f"stopped at step {result['step']}; run folder {result['run_dir']} (re-run to resume)")
+        return
+    shown = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}
+    console.print(f"run {result['run_id']} finished; checkpoint {result['checkpoint']}")
+    console.print(f"checkpoint folder: {result['checkpoint_dir']}")
+    console.print_json(json.dumps(shown))
+
+
+def _run(module: str, schema_name: str, config: Path, overrides: list[str], home: str | None) -> None:
+    import importlib
+    import os
+
+    if home:
+        os.environ["ALIGNFLOW_HOME"] = home
+    mod = importlib.import_module(f"alignflow.recipes.{module}")
+    cfg = load_config(config, overrides, schema=getattr(mod, schema_name))
+    _report(mod.run(cfg))
+
+
+def sft(
+    config: Path = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    home: str | None = typer.Option(None, "--home", help=HOME_HELP),
+) -> None:
+    """Supervised fine-tuning on prompt/completion or chat `messages` rows (loss on completion tokens)."""
+    _run("sft", "SFTConfig", config, overrides or [], home)
+
+
+def rm(
+    config: Path = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    home: str | None = typer.Option(None, "--home", help=HOME_HELP),
+) -> None:
+    """Train a Bradley-Terry reward model (or an ensemble) on preference pairs or rankings."""
+    _run("reward", "RewardConfig", config, overrides or [], home)
+
+
+def dpo(
+    config: Path = typer.Argument(..., help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    home: str | None = typer.Option(None, "--home", help=HOME_HELP),
+) -> None:
+    """Preference-optimise a policy with DPO or a family member (cdpo, robust, ipo, hinge, simpo, orpo)."""
+    _run("dpo", "DPOConfig", config, overrides or [], home)

@@ -1,0 +1,296 @@
+"""Typed configs, one pydantic model per stage, loaded from YAML with dotted overrides.
+
+- Unknown keys and type errors fail with the file, the dotted field path and (when the
+  value came from the YAML file) its line number.
+- `${ENV:NAME}` in any string is replaced by the environment variable NAME at load time.
+  The record saved with a run keeps the placeholder, so secrets never reach the store.
+- Defaults live only in the models; `to_record(cfg)` gives the fully resolved config that
+  every run saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from alignflow.errors import ConfigError
+
+_ENV_RE = re.compile(r"\$\{ENV:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+T = TypeVar("T", bound="StrictModel")
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # dotted path -> original "${ENV:...}" template, so records never hold the secret.
+    _env_templates: dict[str, str] = PrivateAttr(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class ModelSection(StrictModel):
+    path: str = Field(description="Local Hugging Face model directory (never downloaded).")
+    tokenizer: str | None = Field(default=None, description="Tokenizer directory; defaults to `path`.")
+    dtype: str = Field(default="auto", description="auto | float32 | bfloat16 | float16")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    gradient_checkpointing: bool = False
+    attn_implementation: str = Field(default="sdpa", description="sdpa | eager")
+
+
+class LoraSection(StrictModel):
+    enabled: bool = False
+    r: int = Field(default=8, gt=0)
+    alpha: int = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class DataSection(StrictModel):
+    train: str = Field(description="A dataset artifact id or a JSONL/Parquet file (imported on the fly).")
+    eval: str | None = Field(
+        default=None, description="Held-out dataset; if unset, `eval_fraction` is split off."
+    )
+    eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    max_length: int = Field(
+        default=512, gt=0, description="Tokens per example; longer ones are truncated (counted)."
+    )
+    max_prompt_length: int | None = Field(default=None, gt=0)
+    packing: bool = False
+
+
+class OptimSection(StrictModel):
+    lr: float = Field(default=1e-4, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0.0)
+    warmup_steps: int = Field(default=0, ge=0)
+    scheduler: str = Field(default="cosine", description="constant | linear | cosine")
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+
+
+class TrainSection(StrictModel):
+    seed: int = 0
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    epochs: float = Field(default=1.0, gt=0.0)
+    eval_every: int = Field(default=0, ge=0, description="0 = only at the end")
+    save_every: int = Field(default=0, ge=0, description="0 = only at the end")
+    log_every: int = Field(default=1, gt=0)
+
+
+class CheckpointSection(StrictModel):
+    keep_recent_minutes: float = Field(default=60.0, ge=0.0)
+    keep_hourly_for_hours: float = Field(default=24.0, ge=0.0)
+    keep_daily: bool = True
+    best_metric: str | None = None
+    best_mode: str = Field(default="min", pattern="^(min|max)$")
+    async_save: bool = True
+
+
+class StageConfig(StrictModel):
+    """Fields every stage shares."""
+
+    stage: str
+    run_name: str | None = None
+    output_dir: str | None = Field(default=None, description="Run folder; default <workspace>/runs/<run id>.")
+    tags: list[str] = Field(default_factory=list)
+
+
+_REGISTRY: dict[str, type[StageConfig]] = {}
+
+
+def register_stage(name: str):
+    """Class decorator: `load_config` picks the model from the YAML's `stage:` key."""
+
+    def deco(cls: type[StageConfig]) -> type[StageConfig]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def stage_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=1e-4` -> (["optim", "lr"], 0.0001). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    # YAML 1.1 reads "1e-4" as a string; users mean the number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _interpolate(value: Any, path: str, templates: dict[str, str], source: str) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, f"{path}.{k}" if path else str(k), templates, source) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}.{i}", templates, source) for i, v in enumerate(value)]
+    if isinstance(value, str) and _ENV_RE.search(value):
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                raise ConfigError(
+                    f"{source}: {path}: environment variable {name} is not set (from {value!r})"
+                )
+            return os.environ[name]
+
+        templates[path] = value
+        return _ENV_RE.sub(sub, value)
+    return value
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Map each dotted key path in a YAML document to its 1-based line number."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, val in node.value:
+                name = f"{prefix}.{key.value}" if prefix else str(key.value)
+                lines[name] = key.start_mark.line + 1
+                walk(val, name)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                name = f"{prefix}.{i}"
+                lines[name] = item.start_mark.line + 1
+                walk(item, name)
+
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _format_validation(exc: ValidationError, source: str, lines: dict[str, int]) -> str:
+    msgs = []
+    for err in exc.errors():
+        dotted = ".".join(str(p) for p in err["loc"])
+        where = source
+        probe = dotted
+        while probe and probe not in lines:
+            probe = probe.rpartition(".")[0]
+        if probe:
+            where = f"{source}:{lines[probe]}"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "required field is missing"
+        else:
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], dict | list):
+                msg += f" (got {err['input']!r})"
+        msgs.append(f"{where}: {dotted}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(msgs)
+
+
+def validate_config(
+    data: dict[str, Any], schema: type[T], source: str = "<config>", lines: dict[str, int] | None = None
+) -> T:
+    """Interpolate `${ENV:...}` and validate `data` against `schema`, raising ConfigError."""
+    templates: dict[str, str] = {}
+    resolved = _interpolate(data, "", templates, source)
+    try:
+        cfg = schema.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source, lines or {})) from None
+    cfg._env_templates = templates
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    schema: type[T] | None = None,
+) -> T:
+    """Load a YAML config, apply `key.sub=value` overrides and validate.
+
+    `schema` defaults to the stage model registered for the file's `stage:` key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    data = apply_overrides(data, overrides)
+    if schema is None:
+        stage = data.get("stage")
+        if stage not in _REGISTRY:
+            raise ConfigError(
+                f"{p}: stage: expected one of {', '.join(stage_names()) or '(none registered)'}, got {stage!r}"
+            )
+        schema = _REGISTRY[stage]  # type: ignore[assignment]
+    return validate_config(data, schema, str(p), _yaml_lines(text))  # type: ignore[arg-type]
+
+
+def to_record(cfg: StrictModel) -> dict[str, Any]:
+    """The resolved config as saved with a run: defaults filled in, secrets left as placeholders."""
+    data = cfg.model_dump(mode="json")
+    for dotted, template in cfg._env_templates.items():
+        node: Any = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = template
+        else:
+            node[last] = template
+    return data

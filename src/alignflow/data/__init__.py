@@ -1,0 +1,1 @@
+"""Data formats, readers and writers, curation, packing and token-budget batching."""

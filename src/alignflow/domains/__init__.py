@@ -1,0 +1,1 @@
+"""Synthetic task domains with gold scorers, for the quickstart, tests and benchmarks."""

@@ -1,0 +1,19 @@
+"""The annotation platform behind `alignflow serve`.
+
+Modules (import direction top to bottom; nothing below `app` imports FastAPI):
+    app       FastAPI app factory, security middleware (CSP, body limit), authentication dependencies
+    api       JSON routes under /api/v1 (OpenAPI at /api/v1/openapi.json)
+    pages     server-rendered Jinja2 pages (annotate, review, lead/admin) with htmx polling and keyboard JS
+    services  the library entry points the routes, the CLI and the quickstart share: create_project,
+              import_items, next_task, submit, skip, queue_state, throughput, load_judgments
+    engine    the assignment engine: leases, overlap, gold mixing, QA routing, tiers, QC enforcement
+    auth      argon2 passwords, sessions, scoped API tokens, login rate limiting
+    schema    versioned question schemas and answer validation (display order -> canonical labels)
+    qc        quality figures and QC actions through `alignflow.quality`
+    export    preference dataset export with lineage to every individual judgment
+    loadgen   bounded loopback load generator and SIGKILL crash harness (tests and benchmarks)
+    models    the fb_* tables (migration 0002); journal: the append-only change log
+
+Static assets: `static/htmx.min.js` is htmx 2.0.11 (0BSD, licence beside it) vendored from the npm package
+`htmx.org`, so nothing is fetched at run time; `static/app.js` holds the keyboard shortcuts.
+"""

@@ -1,0 +1,454 @@
+"""JSON API under /api/v1 (OpenAPI at /api/v1/openapi.json). Each route: authorise, call a service, shape JSON."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from alignflow.feedback import auth, engine, services
+from alignflow.feedback.app import DB, SESSION_COOKIE, HTTPProblem, Who, require
+from alignflow.feedback.models import ApiToken, Item, JournalEntry, Project, QcAction, User
+
+router = APIRouter()
+MANAGERS = ("admin", "lead")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoginBody(Strict):
+    username: str = Field(max_length=64)
+    password: str = Field(max_length=256)
+
+
+class ProjectBody(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    guideline: str = Field(min_length=1)
+    question_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    overlap: int = 3
+    gold_rate: float = 0.1
+    qa_rate: float = 0.15
+    lease_seconds: int = 900
+
+
+class ItemsBody(Strict):
+    items: list[dict[str, Any]] = Field(min_length=1)
+    source: str = ""
+
+
+class SubmitBody(Strict):
+    client_id: str = Field(min_length=8, max_length=64)
+    answer: dict[str, Any]
+
+
+class SkipBody(Strict):
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class GuidelineBody(Strict):
+    body_md: str = Field(min_length=1)
+
+
+class SchemaBody(Strict):
+    spec: dict[str, Any]
+
+
+class UserBody(Strict):
+    username: str
+    password: str
+    role: Literal["admin", "lead", "reviewer", "annotator"]
+    pod: str | None = None
+    tier: Literal["standard", "expert"] = "standard"
+
+
+class TokenBody(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    scopes: list[str] = Field(min_length=1)
+
+
+class QcBody(Strict):
+    action: Literal["coach", "restrict", "recertify", "suspend"]
+    reason: str = ""
+
+
+class ExportBody(Strict):
+    method: Literal["majority_vote", "dawid_skene", "glad", "mace", "bradley_terry", "noisy_bt"] = (
+        "dawid_skene"
+    )
+
+
+def _user_json(u: User) -> dict[str, Any]:
+    return {
+        "id": u.id,
+        "username": u.username,
+        "role": u.role,
+        "pod": u.pod,
+        "tier": u.tier,
+        "qc_state": u.qc_state,
+        "disabled": u.disabled,
+    }
+
+
+def _may_manage_user(p: auth.Principal, target: User) -> None:
+    if p.user.role == "admin":
+        return
+    if (
+        p.user.role == "lead"
+        and p.user.pod is not None
+        and target.pod == p.user.pod
+        and target.role == "annotator"
+    ):
+        return
+    raise HTTPProblem(403, f"you may not manage user {target.username!r}")
+
+
+# ------------------------------------------------------------------------------------------------ session
+
+
+@router.get("/health", tags=["auth"])
+def health(s: DB) -> dict[str, str]:
+    """Liveness: the server answers and its database is reachable (no authentication)."""
+    s.execute(select(1))
+    return {"status": "ok"}
+
+
+@router.post("/auth/login", tags=["auth"])
+def login(body: LoginBody, request: Request, response: Response, s: DB) -> dict[str, Any]:
+    """Password login: sets an HttpOnly, SameSite=Lax session cookie and returns the CSRF token."""
+    try:
+        user, token, csrf = auth.login(
+            s, body.username, body.password, request.client.host if request.client else ""
+        )
+        s.commit()
+    except auth.AuthError as exc:
+        s.commit()  # keep the failed-attempt record for the rate limit
+        raise HTTPProblem(429 if exc.rate_limited else 401, str(exc)) from exc
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        samesite="lax",
+        secure=request.app.state.settings.secure_cookies,
+        max_age=auth.SESSION_HOURS * 3600,
+    )
+    return {"user": _user_json(user), "csrf_token": csrf}
+
+
+@router.post("/auth/logout", tags=["auth"])
+def logout(request: Request, response: Response, p: Who, s: DB) -> dict[str, str]:
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        auth.logout(s, cookie)
+        s.commit()
+    response.delete_cookie(SESSION_COOKIE)
+    return {"status": "logged out"}
+
+
+@router.get("/me", tags=["auth"])
+def me(p: Who) -> dict[str, Any]:
+    return {**_user_json(p.user), "scopes": sorted(p.scopes), "via": p.via}
+
+
+# ----------------------------------------------------------------------------------------------- projects
+
+
+@router.get("/projects", tags=["projects"])
+def list_projects(p: Who, s: DB) -> list[dict[str, Any]]:
+    require(p, scope="read")
+    return [
+        {
+            "id": x.id,
+            "name": x.name,
+            "guideline_version": x.guideline_version,
+            "schema_version": x.schema_version,
+        }
+        for x in s.scalars(select(Project).order_by(Project.id))
+    ]
+
+
+@router.post("/projects", status_code=201, tags=["projects"])
+def create_project(body: ProjectBody, p: Who, s: DB) -> dict[str, Any]:
+    require(p, roles=("admin",), scope="manage")
+    proj = services.create_project(
+        s,
+        body.name,
+        body.guideline,
+        body.question_schema,
+        overlap=body.overlap,
+        gold_rate=body.gold_rate,
+        qa_rate=body.qa_rate,
+        lease_seconds=body.lease_seconds,
+        actor=p.user.id,
+    )
+    return {"id": proj.id, "name": proj.name}
+
+
+@router.get("/projects/{name}", tags=["projects"])
+def get_project(name: str, p: Who, s: DB) -> dict[str, Any]:
+    require(p, scope="read")
+    proj = services.get_project(s, name)
+    return {
+        "id": proj.id,
+        "name": proj.name,
+        "overlap": proj.overlap,
+        "gold_rate": proj.gold_rate,
+        "qa_rate": proj.qa_rate,
+        "lease_seconds": proj.lease_seconds,
+        "guideline_version": proj.guideline_version,
+        "schema_version": proj.schema_version,
+        "schema": services.schema_spec(s, proj).model_dump(),
+    }
+
+
+@router.get("/projects/{name}/guideline", tags=["projects"])
+def get_guideline(name: str, p: Who, s: DB, version: int | None = None) -> dict[str, Any]:
+    require(p, scope="read")
+    g = services.guideline(s, services.get_project(s, name), version)
+    return {"version": g.version, "body_md": g.body_md}
+
+
+@router.post("/projects/{name}/guidelines", status_code=201, tags=["projects"])
+def publish_guideline(name: str, body: GuidelineBody, p: Who, s: DB) -> dict[str, int]:
+    require(p, roles=MANAGERS, scope="manage")
+    return {"version": services.new_guideline_version(s, name, body.body_md, actor=p.user.id)}
+
+
+@router.post("/projects/{name}/schemas", status_code=201, tags=["projects"])
+def publish_schema(name: str, body: SchemaBody, p: Who, s: DB) -> dict[str, int]:
+    require(p, roles=("admin",), scope="manage")
+    return {"version": services.new_schema_version(s, name, body.spec, actor=p.user.id)}
+
+
+@router.post("/projects/{name}/items", status_code=201, tags=["projects"])
+def import_items(name: str, body: ItemsBody, p: Who, s: DB) -> dict[str, int]:
+    require(p, roles=MANAGERS, scope="manage")
+    return {
+        "imported": services.import_items(s, name, body.items, source=body.source or "api", actor=p.user.id)
+    }
+
+
+@router.get("/projects/{name}/items/{item_id}/gold", tags=["projects"])
+def gold_answer(name: str, item_id: str, p: Who, s: DB) -> dict[str, Any]:
+    """The known answer of a gold item: leads and admins only."""
+    require(p, roles=MANAGERS, scope="manage")
+    proj = services.get_project(s, name)
+    item = s.scalar(select(Item).where(Item.project_id == proj.id, Item.external_id == item_id))
+    if item is None:
+        raise services.NotFound(f"no item {item_id!r} in project {name!r}")
+    return {"item_id": item_id, "is_gold": item.is_gold, "gold_label": item.gold_label}
+
+
+@router.post("/items/{item_pk}/ambiguous", tags=["projects"])
+def mark_ambiguous(item_pk: int, p: Who, s: DB, ambiguous: bool = True) -> dict[str, Any]:
+    require(p, roles=MANAGERS, scope="manage")
+    services.mark_ambiguous(s, item_pk, p.user.id, ambiguous)
+    return {"item": item_pk, "tier": "expert" if ambiguous else "standard"}
+
+
+@router.get("/projects/{name}/queue", tags=["monitoring"])
+def queue(name: str, p: Who, s: DB) -> dict[str, Any]:
+    require(p, roles=MANAGERS, scope="read")
+    return services.queue_state(s, name)
+
+
+@router.get("/projects/{name}/throughput", tags=["monitoring"])
+def throughput(name: str, p: Who, s: DB) -> list[dict[str, Any]]:
+    require(p, roles=MANAGERS, scope="read")
+    rows = services.throughput(s, name)
+    if p.user.role == "lead":
+        rows = [r for r in rows if r["pod"] == p.user.pod]
+    return rows
+
+
+@router.get("/projects/{name}/quality", tags=["monitoring"])
+def quality(name: str, p: Who, s: DB) -> dict[str, Any]:
+    require(p, roles=MANAGERS, scope="read")
+    from alignflow.feedback import qc
+
+    return qc.quality_report(s, name)
+
+
+@router.post("/projects/{name}/qc/evaluate", tags=["qc"])
+def qc_evaluate(name: str, p: Who, s: DB) -> list[dict[str, Any]]:
+    require(p, roles=MANAGERS, scope="manage")
+    from alignflow.feedback import qc
+
+    return qc.evaluate_and_apply(s, name, p.user.id)
+
+
+@router.post("/projects/{name}/export", tags=["projects"])
+def export(name: str, body: ExportBody, request: Request, p: Who, s: DB) -> dict[str, Any]:
+    require(p, roles=("admin",), scope="manage")
+    from alignflow.feedback.export import export_project
+    from alignflow.store import Store
+
+    store = Store.open(request.app.state.workspace)
+    try:
+        return export_project(s, store, name, body.method, actor=p.user.id)
+    finally:
+        store.close()
+
+
+# -------------------------------------------------------------------------------------------------- tasks
+
+
+@router.post(
+    "/projects/{name}/next", tags=["tasks"], responses={204: {"description": "no task left for you"}}
+)
+def next_task(name: str, p: Who, s: DB) -> Any:
+    """Lease (or resume) your next task: an annotation, or a QA review for reviewers."""
+    require(p, scope="review" if p.user.role == "reviewer" else "annotate")
+    task = services.next_task(s, p.user.id, name)
+    if task is None:
+        return Response(status_code=204)
+    return task
+
+
+@router.post("/assignments/{assignment_id}/submit", tags=["tasks"])
+def submit(assignment_id: str, body: SubmitBody, response: Response, p: Who, s: DB) -> dict[str, Any]:
+    """Submit an answer; the same `client_id` again returns the stored response (200) instead of 201."""
+    require(p, scope="review" if p.user.role == "reviewer" else "annotate")
+    res = services.submit(s, p.user.id, assignment_id, body.answer, body.client_id)
+    response.status_code = 201 if res.created else 200
+    return {"response_id": res.response_id, "created": res.created}
+
+
+@router.post("/assignments/{assignment_id}/skip", tags=["tasks"])
+def skip(assignment_id: str, body: SkipBody, p: Who, s: DB) -> dict[str, str]:
+    require(p, scope="review" if p.user.role == "reviewer" else "annotate")
+    services.skip(s, p.user.id, assignment_id, body.reason)
+    return {"status": "skipped"}
+
+
+@router.get("/projects/{name}/progress", tags=["tasks"])
+def progress(name: str, p: Who, s: DB) -> dict[str, int]:
+    require(p, scope="read")
+    return services.progress(s, p.user.id, name)
+
+
+@router.get("/responses/{response_id}", tags=["tasks"])
+def get_response(response_id: int, p: Who, s: DB) -> dict[str, Any]:
+    """A stored response: its author, the author's lead, a reviewer holding its QA task, or an admin."""
+    require(p, scope="read")
+    return services.response_view(s, p.user, response_id)
+
+
+# -------------------------------------------------------------------------------------------------- users
+
+
+@router.get("/users", tags=["users"])
+def list_users(p: Who, s: DB) -> list[dict[str, Any]]:
+    require(p, roles=MANAGERS, scope="read")
+    q = select(User).order_by(User.id)
+    if p.user.role == "lead":
+        q = q.where(User.pod == p.user.pod)
+    return [_user_json(u) for u in s.scalars(q)]
+
+
+@router.post("/users", status_code=201, tags=["users"])
+def add_user(body: UserBody, p: Who, s: DB) -> dict[str, Any]:
+    require(p, roles=("admin",), scope="manage")
+    engine.begin_write(s)
+    try:
+        u = auth.create_user(
+            s, body.username, body.password, body.role, body.pod, body.tier, actor_id=p.user.id
+        )
+    except ValueError as exc:
+        s.rollback()
+        raise services.Invalid(str(exc)) from exc
+    s.commit()
+    return _user_json(u)
+
+
+def _target(s: DB, username: str) -> User:
+    u = s.scalar(select(User).where(User.username == username))
+    if u is None:
+        raise services.NotFound(f"no user {username!r}")
+    return u
+
+
+@router.post("/users/{username}/disable", tags=["users"])
+def disable_user(username: str, p: Who, s: DB, disabled: bool = True) -> dict[str, Any]:
+    require(p, roles=("admin",), scope="manage")
+    engine.begin_write(s)
+    u = _target(s, username)
+    auth.set_disabled(s, u, disabled, actor_id=p.user.id)
+    s.commit()
+    return _user_json(u)
+
+
+@router.post("/users/{username}/tokens", status_code=201, tags=["users"])
+def create_token(username: str, body: TokenBody, p: Who, s: DB) -> dict[str, Any]:
+    """Issue an API token (shown once). Admins for anyone; everyone else for themselves, within their role."""
+    engine.begin_write(s)
+    u = _target(s, username)
+    if p.user.role != "admin" and u.id != p.user.id:
+        raise HTTPProblem(403, "you may only create tokens for yourself")
+    if p.user.role != "admin" and "manage" in body.scopes and u.role not in MANAGERS:
+        raise HTTPProblem(403, "the 'manage' scope is for leads and admins")
+    try:
+        row, raw = auth.create_token(s, u, body.name, body.scopes, actor_id=p.user.id)
+    except ValueError as exc:
+        s.rollback()
+        raise services.Invalid(str(exc), "scopes") from exc
+    s.commit()
+    return {"id": row.id, "token": raw, "scopes": row.scopes}
+
+
+@router.delete("/tokens/{token_id}", tags=["users"])
+def revoke_token(token_id: int, p: Who, s: DB) -> dict[str, str]:
+    engine.begin_write(s)
+    row = s.get(ApiToken, token_id)
+    if row is None or (p.user.role != "admin" and row.user_id != p.user.id):
+        raise services.NotFound(f"no token {token_id} of yours")
+    auth.revoke_token(s, token_id, actor_id=p.user.id)
+    s.commit()
+    return {"status": "revoked"}
+
+
+@router.post("/users/{username}/qc", status_code=201, tags=["qc"])
+def qc_action(username: str, body: QcBody, p: Who, s: DB) -> dict[str, Any]:
+    require(p, roles=MANAGERS, scope="manage")
+    engine.begin_write(s)
+    u = _target(s, username)
+    _may_manage_user(p, u)
+    row = engine.apply_qc_action(s, u, body.action, body.reason, p.user.id)
+    s.commit()
+    return {"id": row.id, "user": username, "action": row.action}
+
+
+@router.post("/qc/{action_id}/revert", tags=["qc"])
+def qc_revert(action_id: int, p: Who, s: DB) -> dict[str, Any]:
+    require(p, roles=MANAGERS, scope="manage")
+    engine.begin_write(s)
+    row = s.get(QcAction, action_id)
+    if row is None:
+        raise services.NotFound(f"no QC action {action_id}")
+    _may_manage_user(p, s.get(User, row.user_id))
+    engine.revert_qc_action(s, action_id, p.user.id)
+    s.commit()
+    return {"id": action_id, "user_qc_state": s.get(User, row.user_id).qc_state}
+
+
+@router.get("/journal", tags=["admin"])
+def journal(p: Who, s: DB, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
+    require(p, roles=("admin",), scope="read")
+    q = select(JournalEntry).order_by(JournalEntry.id.desc()).limit(min(limit, 1000))
+    if action:
+        q = q.where(JournalEntry.action == action)
+    return [
+        {
+            "id": j.id,
+            "at": auth.aware(j.at).isoformat(),
+            "actor_id": j.actor_id,
+            "action": j.action,
+            "entity": j.entity,
+            "entity_id": j.entity_id,
+            "data": j.data,
+        }
+        for j in s.scalars(q)
+    ]

@@ -1,0 +1,213 @@
+"""Passwords (argon2id), browser sessions, scoped API tokens and login rate limiting.
+
+Secrets are never stored: sessions and tokens keep only a SHA-256 of a 256-bit random token (a fast hash is
+enough for high-entropy secrets; argon2 is for low-entropy passwords). Every lookup re-reads the user row, so
+disabling a user stops their sessions and tokens on the very next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from alignflow.feedback.journal import record
+from alignflow.feedback.models import ROLES, ApiToken, LoginAttempt, User, WebSession
+
+SCOPES = ("annotate", "review", "manage", "read")
+SESSION_HOURS = 12
+LOGIN_WINDOW_S = 300
+LOGIN_MAX_FAILURES = 5
+TOKEN_PREFIX = "af_"
+
+_hasher = PasswordHasher()
+
+
+def set_password_cost(time_cost: int, memory_cost_kib: int) -> None:
+    """Change the argon2 cost of NEW hashes (old hashes keep verifying). Tests lower it; production keeps
+    argon2-cffi's defaults (RFC 9106 low-memory profile: t=3, m=64 MiB)."""
+    global _hasher, _DUMMY_HASH
+    _hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_cost_kib)
+    _DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+class AuthError(Exception):
+    """Authentication failed (401) or was refused (429 when `rate_limited`)."""
+
+    def __init__(self, message: str, rate_limited: bool = False) -> None:
+        super().__init__(message)
+        self.rate_limited = rate_limited
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(t: datetime) -> datetime:
+    # SQLite returns naive datetimes even for timezone=True columns; they were written in UTC.
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def hash_password(password: str) -> str:
+    if len(password) < 8:
+        raise ValueError("password: at least 8 characters required")
+    return _hasher.hash(password)
+
+
+def verify_password(stored_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(stored_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def create_user(
+    s: Session,
+    username: str,
+    password: str,
+    role: str,
+    pod: str | None = None,
+    tier: str = "standard",
+    actor_id: int | None = None,
+) -> User:
+    if role not in ROLES:
+        raise ValueError(f"role: must be one of {ROLES}, got {role!r}")
+    if not username or len(username) > 64 or not username.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"username: 1-64 letters, digits, '-' or '_', got {username!r}")
+    if s.scalar(select(User).where(User.username == username)) is not None:
+        raise ValueError(f"username: {username!r} already exists")
+    user = User(username=username, password_hash=hash_password(password), role=role, pod=pod, tier=tier)
+    s.add(user)
+    s.flush()
+    record(s, actor_id, "user.create", "user", user.id, {"username": username, "role": role, "pod": pod})
+    return user
+
+
+def set_disabled(s: Session, user: User, disabled: bool, actor_id: int | None = None) -> None:
+    user.disabled = disabled
+    if disabled:
+        # Sessions die at once; tokens are checked against `disabled` on every request anyway.
+        s.execute(delete(WebSession).where(WebSession.user_id == user.id))
+    record(s, actor_id, "user.disable" if disabled else "user.enable", "user", user.id, {})
+
+
+def _recent_failures(s: Session, username: str) -> int:
+    since = now() - timedelta(seconds=LOGIN_WINDOW_S)
+    return s.scalar(
+        select(func.count())
+        .select_from(LoginAttempt)
+        .where(LoginAttempt.username == username, LoginAttempt.at >= since)
+    )
+
+
+def login(s: Session, username: str, password: str, client: str = "") -> tuple[User, str, str]:
+    """Check a password and open a session; returns `(user, session_token, csrf_token)`.
+
+    Raises:
+        AuthError: wrong credentials, disabled user, or more than `LOGIN_MAX_FAILURES` failures for this
+            username in the last `LOGIN_WINDOW_S` seconds (rate limited, checked before the password).
+    """
+    if _recent_failures(s, username) >= LOGIN_MAX_FAILURES:
+        raise AuthError(
+            f"too many failed logins; try again in {LOGIN_WINDOW_S // 60} minutes", rate_limited=True
+        )
+    user = s.scalar(select(User).where(User.username == username))
+    # Verify against a dummy hash for unknown users so response time does not reveal which usernames exist.
+    ok = verify_password(user.password_hash if user else _DUMMY_HASH, password)
+    if not ok or user is None or user.disabled:
+        s.add(LoginAttempt(username=username[:64], client=client[:64]))
+        raise AuthError("invalid username or password")
+    token = secrets.token_urlsafe(32)
+    csrf = secrets.token_urlsafe(24)
+    s.add(
+        WebSession(
+            token_hash=sha256(token),
+            user_id=user.id,
+            csrf_token=csrf,
+            expires_at=now() + timedelta(hours=SESSION_HOURS),
+        )
+    )
+    s.execute(delete(LoginAttempt).where(LoginAttempt.username == username))
+    record(s, user.id, "session.login", "user", user.id, {"client": client})
+    return user, token, csrf
+
+
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the user and what the credential allows."""
+
+    user: User
+    scopes: frozenset[str]
+    via: str  # "session" | "token"
+    csrf_token: str | None = None
+
+
+def session_principal(s: Session, token: str) -> Principal | None:
+    ws = s.get(WebSession, sha256(token))
+    if ws is None or aware(ws.expires_at) < now():
+        return None
+    user = s.get(User, ws.user_id)
+    if user is None or user.disabled:
+        return None
+    return Principal(user, frozenset(SCOPES), "session", ws.csrf_token)
+
+
+def logout(s: Session, token: str) -> None:
+    s.execute(delete(WebSession).where(WebSession.token_hash == sha256(token)))
+
+
+def create_token(
+    s: Session, user: User, name: str, scopes: list[str], actor_id: int | None = None
+) -> tuple[ApiToken, str]:
+    """Issue an API token; returns the row and the raw token (shown once, never stored)."""
+    bad = [sc for sc in scopes if sc not in SCOPES]
+    if bad or not scopes:
+        raise ValueError(f"scopes: each must be one of {SCOPES}, got {scopes}")
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    row = ApiToken(user_id=user.id, name=name, token_hash=sha256(raw), scopes=sorted(set(scopes)))
+    s.add(row)
+    s.flush()
+    record(
+        s, actor_id, "token.create", "token", row.id, {"user_id": user.id, "name": name, "scopes": row.scopes}
+    )
+    return row, raw
+
+
+def revoke_token(s: Session, token_id: int, actor_id: int | None = None) -> None:
+    row = s.get(ApiToken, token_id)
+    if row is None:
+        raise ValueError(f"token: no token with id {token_id}")
+    if row.revoked_at is None:
+        row.revoked_at = now()
+        record(s, actor_id, "token.revoke", "token", token_id, {"user_id": row.user_id})
+
+
+def token_principal(s: Session, raw: str) -> Principal | None:
+    found = s.execute(
+        select(ApiToken.scopes, User)
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_hash == sha256(raw), ApiToken.revoked_at.is_(None))
+    ).first()
+    if found is None or found[1].disabled:
+        return None
+    return Principal(found[1], frozenset(found[0]), "token")
+
+
+def csrf_ok(principal: Principal, submitted: str | None) -> bool:
+    if principal.via != "session":
+        return True  # bearer tokens are not sent automatically by browsers, so CSRF does not apply
+    return bool(submitted) and hmac.compare_digest(principal.csrf_token or "", submitted or "")

@@ -1,0 +1,233 @@
+"""Export a project's annotations as a preference dataset artifact with lineage to every judgment.
+
+Artifacts written (all content-addressed, so re-exporting unchanged data returns the same ids):
+    annotation_project  the project settings and every schema version (JSON)
+    guideline           one per guideline version answered (JSON with the Markdown body)
+    annotations         every individual judgment: annotator, item, vote, ratings, tags, rationale, guideline and
+                        schema versions, display order, timestamps, reviews (Parquet)
+    preferences         one row per regular (non-gold) item: prompt, chosen, rejected, the aggregated label with
+                        p_a and margin, and every annotator's vote (Parquet; TRL's prompt/chosen/rejected columns).
+                        A "tie" consensus keeps candidate A as `chosen`: filter on `label` (or weight by `margin`)
+                        before training. Ranking projects: chosen/rejected = Borda top/bottom, `label` the ranking.
+Edges: preferences <- annotations ("annotations"), <- annotation_project ("project"), <- guideline ("guideline"),
+<- each item source artifact ("items"); annotations <- the same project and guideline artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from alignflow.feedback import engine, services
+from alignflow.feedback.auth import aware
+from alignflow.feedback.journal import record
+from alignflow.feedback.models import Assignment, Guideline, Item, QuestionSchema, Response, User
+from alignflow.store import Store
+
+
+def _annotation_rows(s: Session, project_id: int) -> list[dict[str, Any]]:
+    q = (
+        select(Response, Item.external_id, Item.is_gold, User.username, User.pod, Assignment.display_order)
+        .join(Item, Item.id == Response.item_id)
+        .join(User, User.id == Response.user_id)
+        .join(Assignment, Assignment.id == Response.assignment_id)
+        .where(Response.project_id == project_id)
+        .order_by(Response.id)
+    )
+    rows = []
+    for r, ext, is_gold, username, pod, order in s.execute(q).all():
+        payload = r.payload or {}
+        rows.append(
+            {
+                "response_id": r.id,
+                "item_id": ext,
+                "annotator_id": username,
+                "pod": pod,
+                "kind": r.kind,
+                "review_of": r.review_of,
+                "review_action": r.review_action,
+                "is_gold": bool(is_gold),
+                "label": json.dumps(r.label),
+                "strength": payload.get("strength"),
+                "dimension_labels": json.dumps(r.dimension_labels or {}, sort_keys=True),
+                "failure_tags": json.dumps(payload.get("failure_tags_by_candidate") or {}, sort_keys=True),
+                "rationale": payload.get("rationale", ""),
+                "shown_swapped": bool(r.shown_swapped),
+                "display_order": [int(x) for x in order],
+                "guideline_version": r.guideline_version,
+                "schema_version": r.schema_version,
+                "duration_s": r.duration_s,
+                "created_at": aware(r.created_at).isoformat(),
+            }
+        )
+    return rows
+
+
+def _borda(rankings: list[list[str]]) -> list[str]:
+    """Consensus ranking by Borda count (Borda 1781): a candidate at position i of a k-way ranking scores k-1-i;
+    candidates sort by total score, ties broken by id so the result is deterministic."""
+    score: dict[str, float] = {}
+    for rk in rankings:
+        for pos, cid in enumerate(rk):
+            score[cid] = score.get(cid, 0.0) + (len(rk) - 1 - pos)
+    return sorted(score, key=lambda c: (-score[c], c))
+
+
+def _preference_rows(s: Session, p: Any, method: str) -> list[dict[str, Any]]:
+    from alignflow.quality import aggregate
+
+    df = services.load_judgments(s, p)
+    df = df[~df["is_gold"]]
+    if df.empty:
+        return []
+    items = {
+        it.external_id: it for it in s.scalars(select(Item).where(Item.project_id == p.id, ~Item.is_gold))
+    }
+    overall = df[df["dimension"] == "overall"]
+    pairwise = overall["label"].map(lambda v: isinstance(v, str)).all()
+    consensus: dict[str, dict[str, Any]] = {}
+    dim_consensus: dict[str, dict[str, str]] = {}
+    if pairwise:
+        from alignflow.quality.schema import validate_judgments
+
+        agg = aggregate.aggregate_all(validate_judgments(df.reset_index(drop=True)), method)
+        for row in agg.to_dict(orient="records"):
+            if row["dimension"] == "overall":
+                consensus[row["item_id"]] = row
+            else:
+                dim_consensus.setdefault(row["item_id"], {})[row["dimension"]] = row["label"]
+    out = []
+    for item_id, votes in overall.groupby("item_id", sort=True):
+        item = items[item_id]
+        cands = item.candidates
+        dims = df[(df["item_id"] == item_id) & (df["dimension"] != "overall")]
+        vote_rows = [
+            {
+                "annotator_id": v.annotator_id,
+                "label": json.dumps(v.label),
+                "shown_swapped": bool(v.shown_swapped),
+                "reviewer_label": None if v.reviewer_label is None else json.dumps(v.reviewer_label),
+            }
+            for v in votes.itertuples()
+        ]
+        if pairwise:
+            c = consensus[item_id]
+            label, p_a, margin = c["label"], c["p_a"], c["margin"]
+            chosen, rejected = (cands[1], cands[0]) if label == "B" else (cands[0], cands[1])
+        else:
+            order = _borda([list(v) for v in votes["label"]])
+            by_id = {cd["id"]: cd for cd in cands}
+            chosen, rejected = by_id[order[0]], by_id[order[-1]]
+            label, p_a, margin = json.dumps(order), None, None
+        out.append(
+            {
+                "item_id": item_id,
+                "prompt": item.prompt,
+                "chosen": chosen["text"],
+                "rejected": rejected["text"],
+                "chosen_id": chosen["id"],
+                "rejected_id": rejected["id"],
+                "chosen_model": chosen.get("model"),
+                "rejected_model": rejected.get("model"),
+                "label": label,
+                "p_a": None if p_a is None else float(p_a),
+                "margin": None if margin is None else float(margin),
+                "n_votes": len(votes),
+                "method": method if pairwise else "borda",
+                "votes": vote_rows,
+                "dimension_labels": json.dumps(dim_consensus.get(item_id, {}), sort_keys=True),
+                "dimension_votes": json.dumps(
+                    [
+                        {"annotator_id": d.annotator_id, "dimension": d.dimension, "label": d.label}
+                        for d in dims.itertuples()
+                    ]
+                ),
+                "guideline_versions": sorted({int(x) for x in votes["guideline_version"]}),
+            }
+        )
+    return out
+
+
+def export_project(
+    s: Session, store: Store, project: Any, method: str = "dawid_skene", actor: User | int | str | None = None
+) -> dict[str, Any]:
+    """Write the annotations and preference artifacts with lineage; returns their ids and row counts.
+
+    `method` is an `alignflow.quality.aggregate` method for the consensus label of pairwise projects.
+    """
+    p = services.get_project(s, project)
+    ann_rows = _annotation_rows(s, p.id)
+    if not ann_rows:
+        raise services.Conflict(f"project {p.name!r} has no annotations to export")
+    schemas = {
+        str(q.version): q.spec
+        for q in s.scalars(select(QuestionSchema).where(QuestionSchema.project_id == p.id))
+    }
+    project_doc = {
+        "name": p.name,
+        "overlap": p.overlap,
+        "gold_rate": p.gold_rate,
+        "qa_rate": p.qa_rate,
+        "schemas": schemas,
+        "created_at": aware(p.created_at).isoformat(),
+    }
+    project_id = store.put_json(project_doc, kind="annotation_project", name=p.name)
+    used = sorted({r["guideline_version"] for r in ann_rows})
+    guideline_ids = []
+    for v in used:
+        g = s.get(Guideline, (p.id, v))
+        guideline_ids.append(
+            store.put_json(
+                {"project": p.name, "version": v, "body_md": g.body_md},
+                kind="guideline",
+                name=f"{p.name}@v{v}",
+            )
+        )
+    context = [(project_id, "project")] + [(gid, "guideline") for gid in guideline_ids]
+    annotators = sorted({r["annotator_id"] for r in ann_rows})
+    annotations_id = store.put_dataset(
+        ann_rows,
+        kind="annotations",
+        name=f"{p.name}-annotations",
+        meta={"project": p.name, "annotators": annotators, "guideline_versions": used},
+        parents=context,
+    )
+    pref_rows = _preference_rows(s, p, method)
+    if not pref_rows:
+        raise services.Conflict(f"project {p.name!r} has no annotated regular (non-gold) items to export")
+    sources = sorted({src for (src,) in s.execute(select(Item.source).where(Item.project_id == p.id)) if src})
+    source_edges = []
+    for src in sources:
+        try:
+            source_edges.append((store.resolve(src), "items"))
+        except Exception:  # noqa: BLE001 - a file name, not an artifact: nothing to link
+            continue
+    pref_id = store.put_dataset(
+        pref_rows,
+        kind="preferences",
+        name=f"{p.name}-preferences",
+        meta={"project": p.name, "method": method, "annotators": annotators, "n_judgments": len(ann_rows)},
+        parents=[(annotations_id, "annotations"), *context, *source_edges],
+    )
+    engine.begin_write(s)
+    actor_id = services._user(s, actor).id if actor is not None else None
+    record(
+        s,
+        actor_id,
+        "project.export",
+        "project",
+        p.id,
+        {"preferences": pref_id, "annotations": annotations_id},
+    )
+    s.commit()
+    return {
+        "preferences": pref_id,
+        "annotations": annotations_id,
+        "project": project_id,
+        "guidelines": guideline_ids,
+        "n_pairs": len(pref_rows),
+        "n_judgments": len(ann_rows),
+    }

@@ -1,0 +1,367 @@
+"""Server-rendered pages (Jinja2, autoescaped; htmx for the live queue panel). Thin shells over `services`.
+
+Every POST form carries the session's CSRF token (the login form a double-submit cookie token) and is
+checked before anything is read from the database on the user's behalf.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from sqlalchemy import select
+from starlette.datastructures import FormData, UploadFile
+
+from alignflow.feedback import auth, engine, services
+from alignflow.feedback.app import DB, SESSION_COOKIE, HTTPProblem, authenticate
+from alignflow.feedback.models import Project, QcAction, User
+
+router = APIRouter(include_in_schema=False)
+LOGIN_CSRF_COOKIE = "af_login_csrf"
+MANAGERS = ("admin", "lead")
+
+
+def render(request: Request, template: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+    return request.app.state.templates.TemplateResponse(request, template, ctx, status_code=status)
+
+
+def error_page(request: Request, status: int, message: str) -> HTMLResponse:
+    return render(request, "message.html", status=status, title=f"Error {status}", message=message, user=None)
+
+
+async def _form(request: Request, p: auth.Principal) -> FormData:
+    form = await request.form()
+    if not auth.csrf_ok(p, str(form.get("csrf_token") or "")):
+        raise HTTPProblem(403, "missing or wrong CSRF token; reload the page and try again")
+    return form
+
+
+def _page_user(request: Request, s: DB, roles: tuple[str, ...] | None = None) -> auth.Principal:
+    p = authenticate(request, s)
+    if p.via != "session":
+        raise HTTPProblem(403, "pages need a browser session; use the API with tokens")
+    if roles is not None and p.user.role not in roles:
+        raise HTTPProblem(403, f"role '{p.user.role}' may not open this page")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------- login
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, error: str = "") -> HTMLResponse:
+    token = secrets.token_urlsafe(16)
+    resp = render(request, "login.html", login_csrf=token, error=error, user=None)
+    resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict")
+    return resp
+
+
+@router.post("/login")
+async def login_submit(request: Request, s: DB) -> Any:
+    form = await request.form()
+    cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not cookie or not secrets.compare_digest(cookie, str(form.get("login_csrf") or "")):
+        raise HTTPProblem(403, "the login form expired; reload the page")
+    try:
+        _, token, _ = auth.login(
+            s,
+            str(form.get("username") or ""),
+            str(form.get("password") or ""),
+            request.client.host if request.client else "",
+        )
+        s.commit()
+    except auth.AuthError as exc:
+        s.commit()
+        return render(
+            request,
+            "login.html",
+            status=429 if exc.rate_limited else 401,
+            login_csrf=cookie,
+            error=str(exc),
+            user=None,
+        )
+    resp = RedirectResponse("/", status_code=303)
+    resp.set_cookie(
+        SESSION_COOKIE,
+        token,
+        httponly=True,
+        samesite="lax",
+        secure=request.app.state.settings.secure_cookies,
+        max_age=auth.SESSION_HOURS * 3600,
+    )
+    resp.delete_cookie(LOGIN_CSRF_COOKIE)
+    return resp
+
+
+@router.post("/logout")
+async def logout(request: Request, s: DB) -> Any:
+    p = _page_user(request, s)
+    await _form(request, p)
+    auth.logout(s, request.cookies.get(SESSION_COOKIE, ""))
+    s.commit()
+    resp = RedirectResponse("/login", status_code=303)
+    resp.delete_cookie(SESSION_COOKIE)
+    return resp
+
+
+@router.get("/")
+def home(request: Request, s: DB) -> Any:
+    p = _page_user(request, s)
+    target = {"reviewer": "/review", "annotator": "/annotate"}.get(p.user.role, "/admin")
+    return RedirectResponse(target, status_code=303)
+
+
+# ------------------------------------------------------------------------------------------------ annotate
+
+
+def _projects(s: DB) -> list[Project]:
+    return list(s.scalars(select(Project).order_by(Project.id)))
+
+
+@router.get("/annotate", response_class=HTMLResponse)
+def annotate_page(request: Request, s: DB, project: str = "", error: str = "") -> Any:
+    p = _page_user(request, s)
+    if not project:
+        return render(
+            request, "projects.html", user=p.user, csrf=p.csrf_token, projects=_projects(s), mode="annotate"
+        )
+    return _task_page(request, s, p, project, "annotate.html", error)
+
+
+@router.get("/review", response_class=HTMLResponse)
+def review_page(request: Request, s: DB, project: str = "", error: str = "") -> Any:
+    p = _page_user(request, s, roles=("reviewer", "lead", "admin"))
+    if not project:
+        return render(
+            request, "projects.html", user=p.user, csrf=p.csrf_token, projects=_projects(s), mode="review"
+        )
+    return _task_page(request, s, p, project, "review.html", error)
+
+
+def _task_page(request: Request, s: DB, p: auth.Principal, project: str, template: str, error: str) -> Any:
+    proj = services.get_project(s, project)
+    s.rollback()
+    task = services.next_task(s, p.user.id, proj.name)
+    if task is not None and template == "annotate.html" and task["kind"] == "review":
+        return RedirectResponse(f"/review?project={_q(proj.name)}", status_code=303)
+    prog = services.progress(s, p.user.id, proj.name)
+    guide = services.guideline(s, proj, task["guideline_version"] if task else None)
+    return render(
+        request,
+        template,
+        user=p.user,
+        csrf=p.csrf_token,
+        project=proj,
+        task=task,
+        progress=prog,
+        guideline=guide,
+        client_id=uuid.uuid4().hex,
+        error=error,
+    )
+
+
+def _answer_from_form(form: FormData, schema_version: int) -> dict[str, Any]:
+    """Build an `Answer` dict from form fields: choice, strength, dim_<name>, tags_<pos>, rationale, ranking."""
+    ans: dict[str, Any] = {"schema_version": schema_version}
+    if form.get("choice"):
+        ans["choice"] = str(form["choice"])
+    if form.get("strength"):
+        ans["strength"] = int(str(form["strength"]))
+    if form.get("ranking"):
+        ans["ranking"] = [int(x) for x in str(form["ranking"]).replace(" ", "").split(",") if x != ""]
+    dims = {k[4:]: str(v) for k, v in form.items() if k.startswith("dim_") and v}
+    if dims:
+        ans["dimensions"] = dims
+    tags: dict[str, list[str]] = {}
+    for k in form:
+        if k.startswith("tags_"):
+            tags[k[5:]] = [str(v) for v in form.getlist(k)]
+    if tags:
+        ans["failure_tags"] = tags
+    ans["rationale"] = str(form.get("rationale") or "")
+    dur = form.get("duration_s")
+    if dur:
+        try:
+            ans["duration_s"] = round(float(str(dur)), 3)
+        except ValueError:
+            pass
+    return ans
+
+
+@router.post("/tasks/{assignment_id}/submit")
+async def submit_form(assignment_id: str, request: Request, s: DB) -> Any:
+    p = _page_user(request, s)
+    form = await _form(request, p)
+    page = "/review" if form.get("mode") == "review" else "/annotate"
+    project = str(form.get("project") or "")
+    try:
+        schema_version = int(str(form.get("schema_version") or "0"))
+        answer = _answer_from_form(form, schema_version)
+        if form.get("review_action"):
+            answer["review_action"] = str(form["review_action"])
+            if answer["review_action"] == "accept":
+                answer = {"review_action": "accept", "duration_s": answer.get("duration_s")}
+        services.submit(s, p.user.id, assignment_id, answer, str(form.get("client_id") or ""))
+    except (services.Invalid, services.Conflict, ValueError) as exc:
+        return RedirectResponse(f"{page}?project={project}&error={_q(str(exc))}", status_code=303)
+    return RedirectResponse(f"{page}?project={project}", status_code=303)
+
+
+@router.post("/tasks/{assignment_id}/skip")
+async def skip_form(assignment_id: str, request: Request, s: DB) -> Any:
+    p = _page_user(request, s)
+    form = await _form(request, p)
+    page = "/review" if form.get("mode") == "review" else "/annotate"
+    project = str(form.get("project") or "")
+    try:
+        services.skip(s, p.user.id, assignment_id, str(form.get("reason") or ""))
+    except (services.Invalid, services.Conflict) as exc:
+        return RedirectResponse(f"{page}?project={project}&error={_q(str(exc))}", status_code=303)
+    return RedirectResponse(f"{page}?project={project}", status_code=303)
+
+
+def _q(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text[:300])
+
+
+# --------------------------------------------------------------------------------------------- lead/admin
+
+
+@router.get("/admin", response_class=HTMLResponse)
+def admin_page(request: Request, s: DB, error: str = "", notice: str = "") -> HTMLResponse:
+    p = _page_user(request, s, roles=MANAGERS)
+    summaries = [services.queue_state(s, proj) for proj in _projects(s)]
+    return render(
+        request, "admin.html", user=p.user, csrf=p.csrf_token, summaries=summaries, error=error, notice=notice
+    )
+
+
+@router.post("/admin/projects")
+async def create_project_form(request: Request, s: DB) -> Any:
+    p = _page_user(request, s, roles=("admin",))
+    form = await _form(request, p)
+    try:
+        spec: dict[str, Any] = {"kind": str(form.get("kind") or "pairwise")}
+        dims = [d.strip() for d in str(form.get("dimensions") or "").split(",") if d.strip()]
+        if dims:
+            spec["dimensions"] = dims
+        if spec["kind"] == "ranking":
+            spec["max_candidates"] = int(str(form.get("max_candidates") or 4))
+            spec["dimensions"] = []
+        spec["rationale_min_chars"] = int(str(form.get("rationale_min_chars") or 0))
+        proj = services.create_project(
+            s,
+            str(form.get("name") or "").strip(),
+            str(form.get("guideline") or ""),
+            spec,
+            overlap=int(str(form.get("overlap") or 3)),
+            gold_rate=float(str(form.get("gold_rate") or 0.1)),
+            qa_rate=float(str(form.get("qa_rate") or 0.15)),
+            actor=p.user.id,
+        )
+    except (services.ServiceError, ValueError) as exc:
+        return RedirectResponse(f"/admin?error={_q(str(exc))}", status_code=303)
+    return RedirectResponse(f"/admin/projects/{proj.name}?notice={_q('project created')}", status_code=303)
+
+
+@router.get("/admin/projects/{name}", response_class=HTMLResponse)
+def project_page(name: str, request: Request, s: DB, error: str = "", notice: str = "") -> HTMLResponse:
+    p = _page_user(request, s, roles=MANAGERS)
+    from alignflow.feedback import qc
+
+    proj = services.get_project(s, name)
+    rows = services.throughput(s, proj)
+    if p.user.role == "lead":
+        rows = [r for r in rows if r["pod"] == p.user.pod]
+    try:
+        report = qc.quality_report(s, proj)
+        quality_error = ""
+    except Exception as exc:  # noqa: BLE001 - the page still shows the queue when a figure cannot be computed
+        report, quality_error = {"annotators": [], "agreement": {}}, f"quality figures unavailable: {exc}"
+    q = select(QcAction, User.username).join(User, User.id == QcAction.user_id).order_by(QcAction.id.desc())
+    if p.user.role == "lead":
+        q = q.where(User.pod == p.user.pod)
+    actions = s.execute(q.limit(100)).all()
+    return render(
+        request,
+        "project.html",
+        user=p.user,
+        csrf=p.csrf_token,
+        project=proj,
+        queue=services.queue_state(s, proj),
+        throughput=rows,
+        quality=report,
+        quality_error=quality_error,
+        actions=actions,
+        error=error,
+        notice=notice,
+        guideline=services.guideline(s, proj),
+    )
+
+
+@router.get("/admin/projects/{name}/queue", response_class=HTMLResponse)
+def queue_partial(name: str, request: Request, s: DB) -> HTMLResponse:
+    _page_user(request, s, roles=MANAGERS)
+    return render(request, "_queue.html", queue=services.queue_state(s, name))
+
+
+@router.post("/admin/projects/{name}/items")
+async def import_items_form(name: str, request: Request, s: DB) -> Any:
+    p = _page_user(request, s, roles=MANAGERS)
+    form = await _form(request, p)
+    text = str(form.get("jsonl") or "")
+    upload = form.get("file")
+    source = "web form"
+    if isinstance(upload, UploadFile) and upload.filename:
+        text = (await upload.read()).decode("utf-8", errors="replace")
+        source = upload.filename
+    import json
+
+    rows = []
+    try:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise services.Invalid(f"{source}:{lineno}: invalid JSON ({exc.msg})") from exc
+        if not rows:
+            raise services.Invalid("no items given: paste JSONL or choose a file")
+        n = services.import_items(s, name, rows, source=source, actor=p.user.id)
+    except services.ServiceError as exc:
+        return RedirectResponse(f"/admin/projects/{name}?error={_q(str(exc))}", status_code=303)
+    return RedirectResponse(f"/admin/projects/{name}?notice={_q(f'imported {n} items')}", status_code=303)
+
+
+@router.post("/admin/projects/{name}/qc-evaluate")
+async def qc_evaluate_form(name: str, request: Request, s: DB) -> Any:
+    p = _page_user(request, s, roles=MANAGERS)
+    await _form(request, p)
+    from alignflow.feedback import qc
+
+    applied = qc.evaluate_and_apply(s, name, p.user.id)
+    return RedirectResponse(
+        f"/admin/projects/{name}?notice={_q(f'{len(applied)} QC action(s) applied')}", status_code=303
+    )
+
+
+@router.post("/admin/qc/{action_id}/revert")
+async def qc_revert_form(action_id: int, request: Request, s: DB) -> Any:
+    p = _page_user(request, s, roles=MANAGERS)
+    form = await _form(request, p)
+    engine.begin_write(s)
+    row = s.get(QcAction, action_id)
+    if row is None:
+        raise services.NotFound(f"no QC action {action_id}")
+    target = s.get(User, row.user_id)
+    if p.user.role == "lead" and target.pod != p.user.pod:
+        raise HTTPProblem(403, "this annotator is not in your pod")
+    engine.revert_qc_action(s, action_id, p.user.id)
+    s.commit()
+    back = str(form.get("back") or "/admin")
+    return RedirectResponse(back if back.startswith("/admin") else "/admin", status_code=303)

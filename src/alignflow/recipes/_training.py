@@ -1,0 +1,117 @@
+"""Orchestration helpers shared by the SFT, reward-model and DPO recipes (no loss arithmetic lives here).
+
+Device resolution, optimizer and schedule construction, LoRA specs from config, the HF-format export of a
+final checkpoint, and the per-step timer behind the throughput metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignflow.config import LoraSection, ModelSection, OptimSection
+from alignflow.models import LoraSpec
+
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def resolve_device(model: ModelSection) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if model.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(model.device)
+
+
+def lora_spec(lora: LoraSection) -> LoraSpec | None:
+    if not lora.enabled:
+        return None
+    return LoraSpec(
+        r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules)
+    )
+
+
+def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; biases and norm weights (1-D tensors) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (check lora.target_modules)")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    if optim.scheduler not in SCHEDULES:
+        raise ValueError(f"optim.scheduler must be one of {', '.join(SCHEDULES)}, got {optim.scheduler!r}")
+    return get_scheduler(
+        SCHEDULES[optim.scheduler],
+        optimizer,
+        num_warmup_steps=optim.warmup_steps,
+        num_training_steps=total_steps,
+    )
+
+
+def clip_and_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float | None
+) -> float:
+    """Clip (if configured), step optimizer and schedule, zero grads; return the pre-clip gradient norm."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def export_hf(model: nn.Module, tokenizer: Any, out_dir: Path, merge_lora: bool = False) -> Path:
+    """Write a Hugging Face folder: the full model, or the LoRA adapter only (``merge_lora`` folds it in first)."""
+    from peft import PeftModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if merge_lora and isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors by name (what resume-equality tests compare)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class StepTimer:
+    """Wall time per optimizer step for the throughput metrics (tokens/s, pairs/s)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t0 = now - self.t0, now
+        return max(dt, 1e-9)
+
+
+def retention(section: Any) -> Any:
+    """The checkpoint retention policy from a config's ``checkpoint`` section."""
+    from alignflow.train.checkpoint import RetentionPolicy
+
+    return RetentionPolicy(
+        keep_recent_minutes=section.keep_recent_minutes,
+        hourly_for_hours=section.keep_hourly_for_hours,
+        keep_daily=section.keep_daily,
+        best_metric=section.best_metric,
+        best_mode=section.best_mode,
+    )

@@ -1,0 +1,718 @@
+"""Training checkpoints: full state, atomic on disk, optionally written in the background, with retention.
+
+Layout of ``run_dir``::
+
+    run_dir/
+      step-000120/            one checkpoint (never modified after its rename)
+        model/model.safetensors + config.json       (full model, HF format)   or
+        model/adapter_model.safetensors + adapter_config.json                  (LoRA adapter only)
+        optimizer.pt  scheduler.pt  rng.pt
+        trainer_state.json    step, saved_at, data position, resolved config, metrics
+        manifest.json         sha256 and size of every other file (written last)
+      latest                  text file naming the newest committed checkpoint (updated last)
+
+A save writes everything into ``.tmp-step-000120-<uuid>`` in the same directory, fsyncs each file and
+the directory, renames it to ``step-000120`` (atomic on POSIX within one filesystem), fsyncs
+``run_dir``, and only then replaces ``latest`` (write temp file, fsync, ``os.replace``). A crash at any
+point leaves either the previous state or the new one, never a half checkpoint behind ``latest``.
+
+Loading verifies the manifest; a checkpoint whose files are missing, truncated or altered is skipped
+with a warning naming the bad file, and the newest older checkpoint that verifies is used.
+
+Single writer per ``run_dir`` is assumed (one training process, or rank 0 under torch.distributed).
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from alignflow.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+STEP_PREFIX = "step-"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+STATE_FILE = "trainer_state.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(StoreError):
+    """A checkpoint cannot be written or restored."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was found damaged and skipped."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# snapshotting (main thread): copy everything the writer needs so training may continue immediately
+
+
+class _CpuCopier:
+    """Deep-copies state with every tensor cloned to contiguous CPU memory, detached from the live model.
+
+    Buffers from the previous snapshot are reused when shapes and dtypes match, in traversal order:
+    copying into memory that is already mapped avoids page-faulting hundreds of MB on every save,
+    which is most of the training stall of an async save. Reuse is safe because a new snapshot is only
+    taken after the previous write has finished.
+    """
+
+    def __init__(self, pool: list[torch.Tensor] | None = None) -> None:
+        self.pool = pool or []
+        self.used: list[torch.Tensor] = []
+
+    def _tensor(self, t: torch.Tensor) -> torch.Tensor:
+        src = t.detach()
+        k = len(self.used)
+        buf = self.pool[k] if k < len(self.pool) else None
+        if buf is not None and buf.shape == src.shape and buf.dtype == src.dtype:
+            buf.copy_(src)
+        else:
+            buf = src.to("cpu", copy=True).contiguous()
+        self.used.append(buf)
+        return buf
+
+    def copy(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj)
+        if isinstance(obj, Mapping):
+            return {k: self.copy(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.copy(v) for v in obj]
+        if isinstance(obj, tuple):
+            return tuple(self.copy(v) for v in obj)
+        return copy.deepcopy(obj)
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which torch.load(weights_only=True) refuses; store it as a tensor.
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["name"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    # torch.save keeps tuples, but be lenient with lists (random.setstate requires tuples).
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _json_checked(name: str, value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint field {name!r} must be JSON-serialisable: {exc}") from exc
+    return copy.deepcopy(value)
+
+
+@dataclass
+class _Snapshot:
+    step: int
+    saved_at: float
+    adapter_only: bool
+    weights: dict[str, torch.Tensor]
+    model_config_json: str | None
+    generation_config_json: str | None
+    peft_config: Any
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any] | None
+    rng: dict[str, Any] | None
+    data_state: Any
+    config: Any
+    metrics: dict[str, float]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing (background or foreground)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_snapshot(snap: _Snapshot, tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    model_dir = tmp / "model"
+    model_dir.mkdir(parents=True)
+    if snap.adapter_only:
+        save_file(snap.weights, str(model_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        snap.peft_config.save_pretrained(str(model_dir))
+    else:
+        save_file(snap.weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+        if snap.model_config_json is not None:
+            (model_dir / "config.json").write_text(snap.model_config_json)
+        if snap.generation_config_json is not None:
+            (model_dir / "generation_config.json").write_text(snap.generation_config_json)
+    if snap.optimizer is not None:
+        torch.save(snap.optimizer, tmp / "optimizer.pt")
+    if snap.scheduler is not None:
+        torch.save(snap.scheduler, tmp / "scheduler.pt")
+    if snap.rng is not None:
+        torch.save(snap.rng, tmp / "rng.pt")
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": snap.step,
+        "saved_at": snap.saved_at,
+        "adapter_only": snap.adapter_only,
+        "data_state": snap.data_state,
+        "config": snap.config,
+        "metrics": snap.metrics,
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {"format_version": FORMAT_VERSION, "files": {}}
+    for p in files:
+        _fsync_path(p)
+        rel = p.relative_to(tmp).as_posix()
+        manifest["files"][rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
+    mpath = tmp / MANIFEST
+    with open(mpath, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    for d in sorted({p.parent for p in files} | {tmp}, key=lambda x: -len(x.parts)):
+        _fsync_path(d)
+
+
+def _write_latest(run_dir: Path, name: str) -> None:
+    tmp = run_dir / f".{LATEST}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / LATEST)
+    _fsync_path(run_dir)
+
+
+def _remove_dir(path: Path) -> None:
+    # Rename first so a crash mid-delete never leaves a half-deleted directory under a checkpoint name.
+    trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _commit(run_dir: Path, snap: _Snapshot) -> Path:
+    name = step_dir_name(snap.step)
+    tmp = run_dir / f".tmp-{name}-{uuid.uuid4().hex}"
+    try:
+        _write_snapshot(snap, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = run_dir / name
+    if final.exists():
+        # Re-saving a step (e.g. after resuming from an older `latest`): replace the old directory.
+        _remove_dir(final)
+    os.rename(tmp, final)
+    _fsync_path(run_dir)
+    _write_latest(run_dir, name)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verification and loading
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """Check ``path`` against its manifest; ``None`` if intact, else a message naming the bad file."""
+    p = Path(path)
+    mpath = p / MANIFEST
+    if not p.is_dir():
+        return f"{p} does not exist"
+    if not mpath.is_file():
+        return f"{mpath} is missing (checkpoint incomplete)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"{mpath} is corrupt ({exc})"
+    for rel, meta in files.items():
+        f = p / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        size = f.stat().st_size
+        if size != meta["size"]:
+            return f"{f} is truncated or resized ({size} bytes, manifest says {meta['size']})"
+        if _sha256(f) != meta["sha256"]:
+            return f"{f} fails its sha256 check (tampered or corrupt)"
+    return None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint; call :meth:`restore` (or the individual loaders) to apply it."""
+
+    path: Path
+    step: int
+    saved_at: float
+    adapter_only: bool
+    data_state: Any
+    config: Any
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def load_model(self, model: nn.Module) -> None:
+        """Load weights into ``model`` in place (strict: every key must match)."""
+        from safetensors.torch import load_file
+
+        if self.adapter_only:
+            from peft import set_peft_model_state_dict
+
+            weights = load_file(str(self.path / "model" / "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(model, weights)
+            if result.unexpected_keys:
+                raise CheckpointError(
+                    f"{self.path / 'model'}: adapter keys not in the model: {result.unexpected_keys[:5]}"
+                )
+            return
+        weights = load_file(str(self.path / "model" / "model.safetensors"))
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{self.path / 'model' / 'model.safetensors'} does not match the model: "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        f = self.path / "optimizer.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing: this checkpoint was saved without an optimizer")
+        optimizer.load_state_dict(torch.load(f, weights_only=True))
+
+    def load_scheduler(self, scheduler: Any) -> None:
+        f = self.path / "scheduler.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing: this checkpoint was saved without a scheduler")
+        scheduler.load_state_dict(torch.load(f, weights_only=True))
+
+    def restore_rng(self) -> None:
+        f = self.path / "rng.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing: this checkpoint was saved without RNG states")
+        _set_rng_state(torch.load(f, weights_only=True))
+
+    def restore(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        rng: bool = True,
+    ) -> Any:
+        """Restore model, optimizer, scheduler and RNG states; return the saved data position."""
+        self.load_model(model)
+        if optimizer is not None:
+            self.load_optimizer(optimizer)
+        if scheduler is not None:
+            self.load_scheduler(scheduler)
+        if rng:
+            self.restore_rng()
+        return self.data_state
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Committed checkpoint directories in ``run_dir``, oldest step first (not verified)."""
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in rd.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _warn_bad(msg: str) -> None:
+    logger.warning(msg)
+    warnings.warn(msg, CheckpointWarning, stacklevel=3)
+
+
+def load_latest(run_dir: str | os.PathLike[str]) -> LoadedCheckpoint | None:
+    """The newest intact checkpoint: the one ``latest`` names, else the newest older one that verifies.
+
+    Checkpoints newer than ``latest`` are ignored (the pointer is the commit point). Returns ``None``
+    when ``run_dir`` holds no checkpoint at all; damaged ones are skipped with a :class:`CheckpointWarning`.
+    """
+    rd = Path(run_dir)
+    all_ckpts = list_checkpoints(rd)
+    pointer_file = rd / LATEST
+    order: list[Path]
+    if pointer_file.is_file():
+        name = pointer_file.read_text().strip()
+        m = _STEP_RE.match(name)
+        if m is None:
+            _warn_bad(f"{pointer_file} is corrupt (content {name[:40]!r}); scanning checkpoint directories")
+            order = list(reversed(all_ckpts))
+        else:
+            limit = int(m.group(1))
+            older = [p for p in reversed(all_ckpts) if int(_STEP_RE.match(p.name).group(1)) < limit]
+            order = [rd / name, *older]
+    else:
+        order = list(reversed(all_ckpts))
+    for path in order:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                st = _read_state(path)
+            except (json.JSONDecodeError, OSError) as exc:  # verified, so only a format bug gets here
+                problem = f"{path / STATE_FILE} is unreadable ({exc})"
+            else:
+                return LoadedCheckpoint(
+                    path=path,
+                    step=int(st["step"]),
+                    saved_at=float(st["saved_at"]),
+                    adapter_only=bool(st["adapter_only"]),
+                    data_state=st.get("data_state"),
+                    config=st.get("config"),
+                    metrics=st.get("metrics") or {},
+                )
+        _warn_bad(f"skipping damaged checkpoint: {problem}; falling back to the previous one")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# retention
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    saved_at: float  # seconds since the epoch (the manager's clock)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints to keep.
+
+    * everything saved in the last ``keep_recent_minutes``;
+    * the first checkpoint of each clock hour for the last ``hourly_for_hours`` hours;
+    * beyond that, the first checkpoint of each calendar day (UTC) if ``keep_daily``;
+    * always the ``keep_last`` newest steps, and the best by ``best_metric`` (``best_mode`` min or max).
+
+    "First of each bucket" (not last) makes the choice stable: once a bucket has a representative it
+    never changes, so a checkpoint kept hourly is still there to become the daily one.
+    """
+
+    keep_recent_minutes: float = 60.0
+    hourly_for_hours: float = 24.0
+    keep_daily: bool = True
+    keep_last: int = 1
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"RetentionPolicy.best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.keep_last < 1:
+            raise ValueError(f"RetentionPolicy.keep_last must be >= 1, got {self.keep_last}")
+
+    def select(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
+        """Steps to keep among ``checkpoints`` at time ``now``."""
+        keep: set[int] = set()
+        by_step = sorted(checkpoints, key=lambda c: c.step)
+        keep.update(c.step for c in by_step[-self.keep_last :])
+        recent_s = self.keep_recent_minutes * 60.0
+        hourly_s = self.hourly_for_hours * 3600.0
+        hour_first: dict[int, CheckpointInfo] = {}
+        day_first: dict[int, CheckpointInfo] = {}
+        for c in sorted(checkpoints, key=lambda c: (c.saved_at, c.step)):
+            age = now - c.saved_at
+            if age <= recent_s:
+                keep.add(c.step)
+            elif age <= hourly_s:
+                hour_first.setdefault(math.floor(c.saved_at / 3600.0), c)
+            elif self.keep_daily:
+                day_first.setdefault(math.floor(c.saved_at / 86400.0), c)
+        keep.update(c.step for c in hour_first.values())
+        keep.update(c.step for c in day_first.values())
+        if self.best_metric is not None:
+            scored = [c for c in checkpoints if self.best_metric in c.metrics]
+            if scored:
+                sign = 1.0 if self.best_mode == "min" else -1.0
+                best = min(scored, key=lambda c: (sign * float(c.metrics[self.best_metric]), c.step))
+                keep.add(best.step)
+        return keep
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# manager
+
+
+class CheckpointManager:
+    """Save and load training checkpoints in ``run_dir``; see the module docstring for the layout.
+
+    ``save(..., blocking=False)`` copies all state to CPU memory in the calling thread, then writes it
+    from a background thread while training continues. A second save waits for the first. An error in
+    the writer is re-raised by the next ``save``, ``wait`` or ``close``. ``close`` (also at interpreter
+    exit and on leaving a ``with`` block) waits for the pending write.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        retention: RetentionPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+        save_rng: bool = True,
+        reuse_buffers: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.retention = retention
+        self.clock = clock
+        self.save_rng = save_rng
+        # Keeps one CPU copy of the state alive between saves (see _CpuCopier) in exchange for a shorter stall.
+        self.reuse_buffers = reuse_buffers
+        self._pool: list[torch.Tensor] = []
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self.last_stall_seconds = 0.0  # time the caller was blocked in the last save()
+        self._clean_stale_temp_dirs()
+        atexit.register(self._atexit)
+
+    def _clean_stale_temp_dirs(self) -> None:
+        # Left behind by a process killed mid-save; no save of ours is in flight yet.
+        for p in self.run_dir.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(f".{LATEST}.tmp-"):
+                p.unlink(missing_ok=True)
+
+    # -- saving --------------------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        data_state: Any = None,
+        config: Any = None,
+        metrics: Mapping[str, float] | None = None,
+        blocking: bool = True,
+        adapter_only: bool | None = None,
+    ) -> Path:
+        """Checkpoint ``step``; returns the final directory (already written when ``blocking``).
+
+        ``adapter_only`` defaults to True for a ``peft`` model (save just the LoRA weights) and False
+        otherwise. ``data_state`` (e.g. a sampler's ``state_dict()``), ``config`` and ``metrics`` must be
+        JSON-serialisable.
+        """
+        t0 = time.perf_counter()
+        if self._closed:
+            raise CheckpointError(f"CheckpointManager for {self.run_dir} is closed")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self._join()  # a second save waits for the first (and re-raises its error)
+        snap = self._snapshot(step, model, optimizer, scheduler, data_state, config, metrics, adapter_only)
+        final = self.run_dir / step_dir_name(step)
+        if blocking:
+            self._write_and_prune(snap)
+        else:
+            self._thread = threading.Thread(
+                target=self._run_background, args=(snap,), name=f"alignflow-ckpt-{step}", daemon=False
+            )
+            self._thread.start()
+        self.last_stall_seconds = time.perf_counter() - t0
+        return final
+
+    def _snapshot(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        scheduler: Any | None,
+        data_state: Any,
+        config: Any,
+        metrics: Mapping[str, float] | None,
+        adapter_only: bool | None,
+    ) -> _Snapshot:
+        copier = _CpuCopier(self._pool if self.reuse_buffers else None)
+        peft = _is_peft(model)
+        if adapter_only is None:
+            adapter_only = peft
+        if adapter_only and not peft:
+            raise CheckpointError(
+                "adapter_only=True needs a peft model (a policy loaded with lora=LoraSpec(...))"
+            )
+        peft_config = None
+        if adapter_only:
+            from peft import get_peft_model_state_dict
+
+            weights = copier.copy(get_peft_model_state_dict(model))
+            peft_config = copy.deepcopy(model.peft_config[model.active_adapter])
+        else:
+            weights = copier.copy(model.state_dict())
+        cfg = getattr(model, "config", None)
+        gen = getattr(model, "generation_config", None)
+        snap = _Snapshot(
+            step=step,
+            saved_at=float(self.clock()),
+            adapter_only=adapter_only,
+            weights=weights,
+            model_config_json=cfg.to_json_string() if hasattr(cfg, "to_json_string") and not peft else None,
+            generation_config_json=gen.to_json_string()
+            if hasattr(gen, "to_json_string") and not peft
+            else None,
+            peft_config=peft_config,
+            optimizer=copier.copy(optimizer.state_dict()) if optimizer is not None else None,
+            scheduler=copier.copy(scheduler.state_dict()) if scheduler is not None else None,
+            rng=_rng_state() if self.save_rng else None,
+            data_state=_json_checked("data_state", data_state),
+            config=_json_checked("config", config),
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+        )
+        if self.reuse_buffers:
+            self._pool = copier.used
+        return snap
+
+    def _run_background(self, snap: _Snapshot) -> None:
+        try:
+            self._write_and_prune(snap)
+        except BaseException as exc:  # re-raised in the training thread by the next call
+            self._error = exc
+
+    def _write_and_prune(self, snap: _Snapshot) -> None:
+        _commit(self.run_dir, snap)
+        if self.retention is not None:
+            self._prune()
+
+    def _prune(self) -> None:
+        infos: list[CheckpointInfo] = []
+        paths: dict[int, Path] = {}
+        for p in list_checkpoints(self.run_dir):
+            try:
+                st = _read_state(p)
+            except (OSError, json.JSONDecodeError):
+                continue  # unreadable: leave it for a human to inspect rather than guess
+            info = CheckpointInfo(
+                step=int(st["step"]), saved_at=float(st["saved_at"]), metrics=st.get("metrics") or {}
+            )
+            infos.append(info)
+            paths[info.step] = p
+        keep = self.retention.select(infos, now=float(self.clock()))
+        pointer = (self.run_dir / LATEST).read_text().strip() if (self.run_dir / LATEST).is_file() else None
+        for info in infos:
+            p = paths[info.step]
+            if info.step not in keep and p.name != pointer:
+                _remove_dir(p)
+                logger.info("retention: removed %s", p)
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"background checkpoint save in {self.run_dir} failed: {err}") from err
+
+    def wait(self) -> None:
+        """Block until the pending background save is on disk; re-raise its error if it failed."""
+        self._join()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        self._join()
+
+    def _atexit(self) -> None:
+        try:
+            self.close()
+        except CheckpointError as exc:
+            logger.error("%s", exc)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    def load_latest(self) -> LoadedCheckpoint | None:
+        """See :func:`load_latest`; waits for a pending save first."""
+        self._join()
+        return load_latest(self.run_dir)
+
+    def checkpoints(self) -> list[Path]:
+        return list_checkpoints(self.run_dir)

@@ -1,0 +1,42 @@
+"""Stage functions for the runner tests: they count their calls in a file so tests can see re-runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+from alignflow.pipeline import StageContext
+
+
+def _count(ctx: StageContext) -> None:
+    counter = ctx.store.workspace.home / "calls.jsonl"
+    with open(counter, "a") as f:
+        f.write(json.dumps({"stage": ctx.stage, "dir": str(ctx.work_dir)}) + "\n")
+
+
+def make_data(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    _count(ctx)
+    rows = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(params["n"])]
+    return {"dataset": ctx.store.put_dataset(rows, kind="pairs", name="toy"), "n": params["n"]}
+
+
+def train(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    _count(ctx)
+    # A "training" stage that checkpoints progress in its work dir and can be killed mid-way.
+    progress = ctx.work_dir / "progress.json"
+    done = json.loads(progress.read_text())["step"] if progress.exists() else 0
+    for step in range(done, params["steps"]):
+        progress.write_text(json.dumps({"step": step + 1}))
+        if params.get("die_at") == step and not os.environ.get("AF_TEST_NO_DIE"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    model = ctx.store.put_dataset(
+        [{"w": params["lr"] * params["steps"]}], kind="checkpoint", parents=[(params["data"], "dataset")]
+    )
+    return {"checkpoint": model, "resumed_from": done}
+
+
+def evaluate(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    _count(ctx)
+    return {"score": ctx.store.read_dataset(params["model"]).to_pylist()[0]["w"]}
