@@ -72,3 +72,25 @@ def test_sigkill_during_import_leaves_store_consistent(tmp_path: Path) -> None:
     for p in sorted(tmp_path.glob("round*.jsonl")):
         aid = import_dataset(store, p, "pairs")
         assert store.read_dataset(aid).num_rows == 3000
+
+
+READER = """
+import sys
+from alignflow.store import Store
+from alignflow.workspace import Workspace
+
+store = Store.open(Workspace.from_env(sys.argv[1]))
+print(store.read_dataset(sys.argv[2]).num_rows)
+"""
+
+
+def test_processes_that_read_datasets_exit_cleanly(sqlite_workspace) -> None:
+    # pyarrow 26 aborted about 1 process in 6 at interpreter exit after a read from an in-memory
+    # buffer ("terminate called without an active exception"); every CLI command reads datasets.
+    store = Store.open(sqlite_workspace)
+    ds = store.put_dataset([{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3, kind="pairs")
+    for _ in range(16):
+        proc = subprocess.run(
+            [sys.executable, "-c", READER, str(sqlite_workspace.home), ds], capture_output=True, text=True
+        )
+        assert (proc.returncode, proc.stdout.strip()) == (0, "3"), proc.stderr

@@ -618,7 +618,7 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
                     optimizer.zero_grad(set_to_none=True)
                     updates += 1
                     stats["loss/policy"].append(float(pl.detach()))
-                    stats["loss/total"].append(float(loss))
+                    stats["loss/total"].append(float(loss.detach()))
                     stats["policy/entropy"].append(float(entropy))
                     stats["policy/clip_frac"].append(float(pst["clip_frac"]))
                     stats["policy/approx_kl"].append(float(pst["approx_kl"]))
