@@ -100,3 +100,15 @@ def test_dpo_rejects_an_sft_dataset(cli, tiny_model, toy_data, tmp_path: Path) -
     )
     res = cli("dpo", cfg)
     assert res.exit_code != 0 and "sft.jsonl:1" in str(res.exception) and "chosen" in str(res.exception)
+
+
+def test_dpo_padded_rows_give_the_packed_losses(cli, tiny_model, toy_data, tmp_path: Path) -> None:
+    # data.packing (default on) shares each pair's prompt; padded rows are the plain layout: same losses.
+    out = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "dpo.yaml",
+        base_config("dpo", tiny_model, toy_data["pairs"], out, train={"max_steps": 3}),
+    )
+    res = cli("dpo", cfg, "data.packing=false")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert train_metrics(out) == pytest.approx(PINNED_DPO_LOSSES, abs=1e-4)

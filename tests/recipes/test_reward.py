@@ -150,3 +150,14 @@ def test_freeze_layers_freezes_embeddings_and_bottom_blocks(tiny_model: Path) ->
     assert any(".layers.1." in n for n in trainable) and any("score" in n for n in trainable)
     with pytest.raises(ValueError, match="has 2 layers"):
         freeze_bottom(model, 3)
+
+
+def test_rm_padded_rows_give_the_packed_losses(cli, tiny_model, toy_data, tmp_path: Path) -> None:
+    # data.packing (default on) scores each pair as one prefix tree; padded rows must give the same losses.
+    out = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "rm.yaml", base_config("rm", tiny_model, toy_data["pairs"], out, train={"max_steps": 3})
+    )
+    res = cli("rm", cfg, "data.packing=false")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert train_metrics(out) == pytest.approx(PINNED_RM_LOSSES, abs=1e-4)

@@ -197,3 +197,107 @@ def test_sampler_resumes_from_state() -> None:
 def test_sampler_rejects_oversized_example() -> None:
     with pytest.raises(ValueError, match="example 2 has 300 tokens"):
         TokenBudgetSampler([1, 2, 300], max_tokens=256)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prefix trees (DPO / reward-model pairs, GRPO groups)
+
+
+def _pairs(n: int, seed: int = 1):
+    from alignflow.recipes import _batching as B
+
+    g = torch.Generator().manual_seed(seed)
+    items = []
+
+    def tokens(lo: int, hi: int) -> list[int]:
+        n = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    for i in range(n):
+        prompt, c, r = [1] + tokens(2, 14), tokens(1, 9) + [2], tokens(1, 9) + [2]
+        items.append(
+            B.EncodedPair(
+                str(i),
+                B.Encoded(prompt + c, [IGNORE_INDEX] * len(prompt) + c),
+                B.Encoded(prompt + r, [IGNORE_INDEX] * len(prompt) + r),
+                1.0,
+            )
+        )
+    return items
+
+
+def _tiny(seq_cls: bool = False):
+    model = tiny_llama(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, seed=0
+    )
+    if not seq_cls:
+        return model.eval()
+    from transformers import LlamaForSequenceClassification
+
+    config = model.config
+    config.num_labels, config.pad_token_id = 1, 0
+    torch.manual_seed(3)
+    rm = LlamaForSequenceClassification(config)
+    rm.model.load_state_dict(model.model.state_dict())
+    return rm.eval()
+
+
+def test_prefix_tree_layout_by_hand() -> None:
+    from alignflow.data.packing import pack_prefix_trees
+
+    # prefix [5 6], branch A [7 8] (both targets), branch B [9] (target)
+    tb = pack_prefix_trees([([5, 6], [([7, 8], [7, 8]), ([9], [9])])], pad_token_id=0)
+    assert tb.input_ids.tolist() == [[5, 6, 7, 8, 9]]
+    assert tb.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # B continues from the prefix, not from A
+    allowed = tb.attention_mask[0, 0].int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],  # B's token sees the prefix and itself, never A
+    ]
+    # 7 is predicted at slot 1 (prefix end), 8 at slot 2, 9 at slot 1 again (prefix end)
+    assert tb.target_cols.tolist() == [1, 2, 1] and tb.target_ids.tolist() == [7, 8, 9]
+    assert tb.target_branch.tolist() == [0, 0, 1]
+    assert tb.end_cols.tolist() == [3, 4]
+
+
+def test_tree_pair_logps_equal_concatenated_forward_and_branches_are_isolated() -> None:
+    from alignflow.recipes import _batching as B
+    from alignflow.train.logprobs import concatenated_forward, tree_pair_logps
+
+    model, items = _tiny(), _pairs(6)
+    tree = tree_pair_logps(model, B.pack_pairs(items, 0, "cpu"))
+    c = B.pad_batch([p.chosen for p in items], 0, "cpu")
+    r = B.pad_batch([p.rejected for p in items], 0, "cpu")
+    ref = concatenated_forward(
+        model,
+        c["input_ids"],
+        c["attention_mask"],
+        c["labels"],
+        r["input_ids"],
+        r["attention_mask"],
+        r["labels"],
+        0,
+    )
+    for name in ("chosen_logps", "rejected_logps", "chosen_logps_mean", "rejected_logps_mean", "chosen_nll"):
+        torch.testing.assert_close(getattr(tree, name), getattr(ref, name), atol=1e-5, rtol=1e-5)
+    assert torch.equal(tree.chosen_num_tokens, ref.chosen_num_tokens)
+    # Rejected comes after chosen in the row but never attends to it: change chosen, rejected stays put.
+    for p in items:
+        p.chosen.input_ids[-1] = 3 if p.chosen.input_ids[-1] != 3 else 4
+    again = tree_pair_logps(model, B.pack_pairs(items, 0, "cpu"))
+    torch.testing.assert_close(again.rejected_logps, tree.rejected_logps, atol=1e-6, rtol=0)
+    assert not torch.allclose(again.chosen_logps, tree.chosen_logps)
+
+
+def test_packed_reward_scores_equal_padded_last_token_pooling() -> None:
+    from alignflow.recipes.reward import pair_scores
+
+    model, items = _tiny(seq_cls=True), _pairs(5, seed=4)
+    with torch.no_grad():
+        packed = pair_scores(model, items, 0, torch.device("cpu"), packed=True)
+        padded = pair_scores(model, items, 0, torch.device("cpu"), packed=False)
+    for a, b in zip(packed, padded, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -351,3 +351,173 @@ class TokenBudgetSampler:
             )
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prefix-shared packing (one prompt, several continuations)
+
+
+@dataclass
+class TreeBatch:
+    """Prefix trees packed into rows: each tree is one prefix followed by ``K`` branches that share it.
+
+    Row layout of a tree: ``[prefix][branch 0][branch 1]...``. A branch token attends to the whole prefix and
+    to the earlier tokens of its own branch, never to another branch, and its position id continues from
+    the prefix (``P, P+1, ...``), so every branch sees exactly what it would see as the separate sequence
+    ``prefix + branch``. The prefix is computed once instead of ``K`` times: a DPO or reward-model pair
+    costs ``P + C + R`` token slots instead of ``2 * max(P + C, P + R)`` padded ones, and a GRPO group of
+    ``G`` responses ``P + sum(R_g)`` instead of ``G * (P + max R)``.
+
+    Targets are listed flat (``T`` of them, branch-major in branch order): target ``t`` is the token
+    ``target_ids[t]`` of branch ``target_branch[t]``, predicted by the hidden state at
+    ``(target_rows[t], target_cols[t])`` — the previous token of that branch's sequence, which for a
+    branch's first token is the prefix's last token. So log-probs need the LM head only at ``T`` positions.
+    Branch ``b`` of tree ``i`` has index ``branch_offsets[i] + b``; ``end_rows/end_cols`` locate each branch's
+    last token (reward and value heads pool there).
+    """
+
+    input_ids: torch.Tensor  # (R, L) long
+    position_ids: torch.Tensor  # (R, L) long
+    attention_mask: torch.Tensor  # (R, 1, L, L) bool, True = query may attend to key
+    target_rows: torch.Tensor  # (T,) long
+    target_cols: torch.Tensor  # (T,) long, the predicting position
+    target_ids: torch.Tensor  # (T,) long, the predicted token
+    target_branch: torch.Tensor  # (T,) long, global branch index
+    end_rows: torch.Tensor  # (N,) long, one per branch
+    end_cols: torch.Tensor  # (N,) long
+    branch_offsets: list[int]  # first global branch index of each tree
+    num_branches: int
+    num_real_tokens: int
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
+
+    def to(self, device: torch.device | str) -> TreeBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return TreeBatch(**moved)
+
+
+def shared_prefix_length(
+    a_ids: Sequence[int], a_labels: Sequence[int], b_ids: Sequence[int], b_labels: Sequence[int]
+) -> int:
+    """Length of the common non-target prefix of two encoded sequences, leaving each at least one token.
+
+    Only tokens that carry no loss on either side are shared (a shared target would have to count for both
+    sequences), so for ``[bos] prompt response [eos]`` encodings this is the prompt.
+    """
+    limit = min(len(a_ids), len(b_ids)) - 1
+    n = 0
+    while n < limit and a_ids[n] == b_ids[n] and a_labels[n] == IGNORE_INDEX and b_labels[n] == IGNORE_INDEX:
+        n += 1
+    return n
+
+
+def pack_prefix_trees(
+    trees: Sequence[tuple[Sequence[int], Sequence[tuple[Sequence[int], Sequence[int]]]]],
+    pad_token_id: int,
+    max_tokens: int | None = None,
+    pad_to_multiple_of: int = 1,
+) -> TreeBatch:
+    """Pack prefix trees into rows (first-fit-decreasing); see :class:`TreeBatch`.
+
+    Args:
+        trees: ``(prefix_ids, branches)`` per tree, each branch ``(ids, labels)`` with labels aligned to
+            ids (``-100`` = no loss, else the token itself); the prefix carries no loss. A branch may be
+            empty only if the prefix is not.
+        pad_token_id: id for the padding slots (which form their own causal segment, never attended to).
+        max_tokens: row capacity; default the longest tree, so no row is longer than one tree.
+        pad_to_multiple_of: round the row width up.
+    """
+    if not trees:
+        raise ValueError("pack_prefix_trees needs at least one tree")
+    sizes = []
+    for i, (prefix, branches) in enumerate(trees):
+        if not branches:
+            raise ValueError(f"tree {i} has no branches")
+        n = len(prefix)
+        for k, (ids, labels) in enumerate(branches):
+            if len(ids) != len(labels):
+                raise ValueError(f"tree {i} branch {k}: {len(labels)} labels for {len(ids)} tokens")
+            if not ids and not prefix:
+                raise ValueError(f"tree {i} branch {k}: an empty branch needs a non-empty prefix")
+            n += len(ids)
+        sizes.append(n)
+    width = max(sizes) if max_tokens is None else max_tokens
+    if max(sizes) > width:
+        raise ValueError(f"a tree has {max(sizes)} tokens, more than max_tokens={width}")
+    rows = _assign_rows(sizes, width, "first_fit")
+    width = max(sum(sizes[i] for i in row) for row in rows)
+    width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    n_rows = len(rows)
+
+    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    # Attention is allowed iff same tree, causal, and (key in the prefix or key in the query's branch).
+    tree_of = torch.full((n_rows, width), -1, dtype=torch.long)
+    part_of = torch.full((n_rows, width), -1, dtype=torch.long)  # -1 prefix, k = branch k
+    offsets, total_branches = [], 0
+    for tree in trees:
+        offsets.append(total_branches)
+        total_branches += len(tree[1])
+    t_rows: list[int] = []
+    t_cols: list[int] = []
+    t_ids: list[int] = []
+    t_branch: list[int] = []
+    end_rows = [0] * total_branches
+    end_cols = [0] * total_branches
+    real = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            prefix, branches = trees[i]
+            p = len(prefix)
+            input_ids[r, start : start + p] = torch.as_tensor(list(prefix), dtype=torch.long)
+            position_ids[r, start : start + p] = torch.arange(p)
+            tree_of[r, start : start + p + sizes[i] - p] = i
+            pos = start + p
+            for k, (ids, labels) in enumerate(branches):
+                n = len(ids)
+                g = offsets[i] + k
+                if n:
+                    input_ids[r, pos : pos + n] = torch.as_tensor(list(ids), dtype=torch.long)
+                    position_ids[r, pos : pos + n] = torch.arange(p, p + n)
+                    part_of[r, pos : pos + n] = k
+                prev = start + p - 1  # the token before a branch's first token is the prefix's last
+                for j in range(n):
+                    if labels[j] != IGNORE_INDEX:
+                        t_rows.append(r)
+                        t_cols.append(prev)
+                        t_ids.append(int(ids[j]))
+                        t_branch.append(g)
+                    prev = pos + j
+                end_rows[g], end_cols[g] = r, prev
+                pos += n
+            real += sizes[i]
+            start = pos
+        if start < width:
+            # Padding is its own causal segment (a fully masked SDPA row would give NaN).
+            tree_of[r, start:] = len(trees)
+            position_ids[r, start:] = torch.arange(width - start)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    same_tree = tree_of[:, :, None] == tree_of[:, None, :]
+    key_prefix = (part_of == -1)[:, None, :]
+    same_part = part_of[:, :, None] == part_of[:, None, :]
+    attention_mask = (same_tree & causal & (key_prefix | same_part))[:, None]
+    return TreeBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        target_rows=torch.tensor(t_rows, dtype=torch.long),
+        target_cols=torch.tensor(t_cols, dtype=torch.long),
+        target_ids=torch.tensor(t_ids, dtype=torch.long),
+        target_branch=torch.tensor(t_branch, dtype=torch.long),
+        end_rows=torch.tensor(end_rows, dtype=torch.long),
+        end_cols=torch.tensor(end_cols, dtype=torch.long),
+        branch_offsets=offsets,
+        num_branches=total_branches,
+        num_real_tokens=real,
+    )

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from alignflow.data.packing import TokenBudgetSampler
+from alignflow.data.packing import TokenBudgetSampler, TreeBatch, pack_prefix_trees, shared_prefix_length
 from alignflow.errors import DataFormatError
 from alignflow.recipes.common import TruncationCounter
 from alignflow.train.logprobs import IGNORE_INDEX
@@ -265,6 +265,24 @@ def collate_pairs(
     rejected = pad_batch([p.rejected for p in items], pad_token_id, device)
     weights = torch.tensor([p.weight for p in items], dtype=torch.float32, device=device)
     return chosen, rejected, weights
+
+
+def pack_pairs(items: Sequence[EncodedPair], pad_token_id: int, device: torch.device | str) -> TreeBatch:
+    """Pairs as two-branch prefix trees (shared prompt once, then chosen, then rejected), packed into rows.
+
+    Causal backbones only: an encoder's bidirectional attention would let the prompt see the responses.
+    """
+    trees = []
+    for p in items:
+        c, r = p.chosen, p.rejected
+        n = shared_prefix_length(c.input_ids, c.labels, r.input_ids, r.labels)
+        trees.append(
+            (
+                c.input_ids[:n],
+                [(c.input_ids[n:], c.labels[n:]), (r.input_ids[n:], r.labels[n:])],
+            )
+        )
+    return pack_prefix_trees(trees, pad_token_id).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

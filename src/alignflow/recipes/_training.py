@@ -45,9 +45,22 @@ def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimi
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+    return adamw([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with the fused kernel where every parameter allows it (fp32/fp16/bf16, CPU/CUDA).
+
+    The fused step is one kernel over all tensors instead of several per tensor: on a 10M-parameter model
+    on 2 CPU cores, 18 ms instead of 103 ms (benchmarks/RESULTS.md). Same update up to float rounding;
+    the state-dict format is unchanged, so checkpoints load either way.
+    """
+    params = [p for g in groups for p in g["params"]]
+    fused = all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for p in params
     )
+    return torch.optim.AdamW(groups, fused=fused, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, total_steps: int) -> Any:

@@ -40,7 +40,7 @@ from alignflow.recipes import _training as T
 from alignflow.recipes.common import Run, TruncationCounter, check_finite, set_seed, start_run
 from alignflow.recipes.reward import RewardDataSection
 from alignflow.store import Store
-from alignflow.train.logprobs import PairLogps, concatenated_forward
+from alignflow.train.logprobs import PairLogps, concatenated_forward, decoder_and_head, tree_pair_logps
 from alignflow.train.losses import DPO_LOSS_TYPES, dpo_loss
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -88,7 +88,11 @@ def run(cfg: DPOConfig, store: Store | None = None) -> dict[str, Any]:
         raise
 
 
-def _forward(model: Any, items: Sequence[B.EncodedPair], pad_id: int, device: torch.device) -> PairLogps:
+def _forward(
+    model: Any, items: Sequence[B.EncodedPair], pad_id: int, device: torch.device, packed: bool
+) -> PairLogps:
+    if packed:  # the prompt once per pair, the LM head only where a completion token is predicted
+        return tree_pair_logps(model, B.pack_pairs(items, pad_id, device))
     c = B.pad_batch([p.chosen for p in items], pad_id, device)
     rj = B.pad_batch([p.rejected for p in items], pad_id, device)
     return concatenated_forward(
@@ -101,6 +105,14 @@ def _forward(model: Any, items: Sequence[B.EncodedPair], pad_id: int, device: to
         rj["labels"],
         pad_token_id=pad_id,
     )
+
+
+def _splittable(model: Any) -> bool:
+    try:
+        decoder_and_head(model)
+    except TypeError:
+        return False
+    return True
 
 
 def _loss(cfg: DPOConfig, out: PairLogps, ref_c: torch.Tensor | None, ref_r: torch.Tensor | None):
@@ -159,6 +171,8 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
         lora=lora,
     )
 
+    packed = cfg.data.packing and _splittable(policy)
+
     # ---------------------------------------------------------------- reference
     needs_ref = cfg.loss.type not in REFERENCE_FREE
     ref_model, ref_aid = None, None
@@ -182,7 +196,7 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
         was_training = model.training
         model.eval()
         with torch.no_grad(), ctx:
-            out = _forward(model, items, pad_id, device)
+            out = _forward(model, items, pad_id, device, cfg.data.packing and _splittable(model))
         model.train(was_training)
         return out.chosen_logps.detach(), out.rejected_logps.detach()
 
@@ -244,7 +258,9 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
         with torch.no_grad():
             for i in range(0, len(held), cfg.train.batch_size):
                 chunk = held[i : i + cfg.train.batch_size]
-                loss, cr, rr = _loss(cfg, _forward(policy, chunk, pad_id, device), *reference_for(chunk))
+                loss, cr, rr = _loss(
+                    cfg, _forward(policy, chunk, pad_id, device, packed), *reference_for(chunk)
+                )
                 loss_sum += float(loss) * len(chunk)
                 cr_all.append(cr.float().cpu())
                 rr_all.append(rr.float().cpu())
@@ -290,7 +306,7 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
             loss_sum = torch.zeros((), device=device)
             cr_all, rr_all, lc, lr_ = [], [], 0.0, 0.0
             for items in micro:
-                out = _forward(policy, items, pad_id, device)
+                out = _forward(policy, items, pad_id, device, packed)
                 loss, cr, rr = _loss(cfg, out, *reference_for(items))
                 # Each loss is a mean over its micro-batch; weight by its share of the step's pairs.
                 loss = loss * (len(items) / n_pairs)

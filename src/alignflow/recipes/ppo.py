@@ -433,7 +433,7 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     groups = [{"params": policy_params, "lr": cfg.optim.lr}]
     if value_params:
         groups.append({"params": value_params, "lr": cfg.value.lr or cfg.optim.lr})
-    optimizer = torch.optim.AdamW(
+    optimizer = T.adamw(
         groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
     )
     scheduler = T.build_scheduler(optimizer, cfg.optim, cfg.train.steps)

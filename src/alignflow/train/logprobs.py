@@ -279,3 +279,83 @@ def concatenated_forward(
         rejected_mean_logits=rejected_mean_logits,
         chosen_nll=chosen_nll,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# prefix-shared (tree) forward
+
+
+def decoder_and_head(model: Any, head: str = "lm_head") -> tuple[Any, Any]:
+    """The transformer trunk and the output head of a HF model (also through a PEFT wrapper).
+
+    ``head="lm_head"`` is the LM head (``get_output_embeddings``); ``"score"`` is a sequence-classification
+    head. Raises ``TypeError`` for models whose logits are not ``head(last hidden state)`` (soft-capped or
+    scaled logits), so callers can fall back to the padded path.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise TypeError(f"{type(model).__name__}: soft-capped or scaled logits are not a plain head")
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    out = model.get_output_embeddings() if head == "lm_head" else getattr(model, head, None)
+    if decoder is None or out is None or decoder is model:
+        raise TypeError(f"{type(model).__name__} has no separable decoder and {head!r} head")
+    return decoder, out
+
+
+def tree_hidden(model: Any, batch: Any, head: str = "lm_head") -> tuple[Tensor, Any]:
+    """Last hidden states ``(R, L, H)`` of a :class:`~alignflow.data.packing.TreeBatch`, and the head module."""
+    decoder, out = decoder_and_head(model, head)
+    hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
+    return hidden, out
+
+
+def tree_token_logps(model: Any, batch: Any) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of a tree batch's targets, running the LM head only where a target is predicted.
+
+    Args:
+        model: a causal LM (see :func:`decoder_and_head`).
+        batch: a :class:`~alignflow.data.packing.TreeBatch` on the model's device.
+
+    Returns:
+        ``(logps (T,), logits (T, V))``: ``log pi(target_ids[t] | its branch's earlier tokens)``, and the logits
+        they came from (for logging statistics).
+    """
+    hidden, lm_head = tree_hidden(model, batch)
+    logits = lm_head(hidden[batch.target_rows, batch.target_cols])  # (T, V)
+    return selective_log_softmax(logits, batch.target_ids), logits
+
+
+def tree_pair_logps(model: Any, batch: Any) -> PairLogps:
+    """:class:`PairLogps` of preference pairs packed as two-branch trees (branch 0 chosen, branch 1 rejected).
+
+    Equal, up to float reduction order, to :func:`concatenated_forward` on the same pairs: each completion's
+    log-probability is conditioned on exactly the same tokens at the same positions.
+    """
+    if batch.num_branches % 2:
+        raise ValueError(f"pair trees have two branches each; got {batch.num_branches} branches")
+    logps, logits = tree_token_logps(model, batch)
+    n = batch.num_branches
+    sums = logps.new_zeros(n).index_add(0, batch.target_branch, logps)  # (2B,) interleaved c, r, c, r ...
+    counts = torch.zeros(n, dtype=torch.long, device=logps.device).index_add(
+        0, batch.target_branch, torch.ones_like(batch.target_branch)
+    )
+    means = sums / counts.clamp(min=1).to(sums.dtype)
+    with torch.no_grad():
+        per_token = logits.mean(dim=-1)
+        chosen_tok = (batch.target_branch % 2) == 0
+        chosen_mean_logits = per_token[chosen_tok].mean()
+        rejected_mean_logits = per_token[~chosen_tok].mean()
+    c_sum, r_sum = sums[0::2], sums[1::2]
+    c_cnt, r_cnt = counts[0::2], counts[1::2]
+    return PairLogps(
+        chosen_logps=c_sum,
+        rejected_logps=r_sum,
+        chosen_logps_mean=means[0::2],
+        rejected_logps_mean=means[1::2],
+        chosen_num_tokens=c_cnt,
+        rejected_num_tokens=r_cnt,
+        chosen_mean_logits=chosen_mean_logits,
+        rejected_mean_logits=rejected_mean_logits,
+        chosen_nll=-c_sum.sum() / c_cnt.sum().clamp(min=1).to(sums.dtype),
+    )
