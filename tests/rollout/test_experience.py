@@ -99,3 +99,44 @@ def test_value_forward_and_value_head_shapes(tiny_dir, tok):
     assert (out.values == 0).all()  # zero-initialised value head
     with pytest.raises(TypeError, match="value-head"):
         response_forward(shared.lm, ids, am, 3, with_values=True)
+
+
+def test_packed_prompt_trees_equal_padded_forwards(tiny_dir, tok, model):
+    """GRPO-style groups (2 prompts x 3 samples, ragged EOS): packed trees give the padded outputs on the response."""
+    from alignflow.models import load_value_model
+    from alignflow.rollout import rollout_trees, sample, tree_response_forward, tree_value_forward
+
+    enc = tok(["hello there, how are you", "x"], return_tensors="pt", padding=True)
+    ids, am = enc.input_ids.repeat_interleave(3, 0), enc.attention_mask.repeat_interleave(3, 0)
+    gen = torch.Generator().manual_seed(0)
+    roll = sample(
+        model, ids, am, max_new_tokens=6, eos_token_id=[], pad_token_id=tok.pad_token_id, generator=gen
+    )
+    # Ragged responses: cut rows at different lengths as EOS would.
+    lengths = torch.tensor([6, 2, 4, 1, 6, 3])
+    roll.response_mask = (torch.arange(6)[None] < lengths[:, None]).long()
+    roll.response_ids = roll.response_ids.masked_fill(roll.response_mask == 0, tok.pad_token_id)
+    seq, seq_mask = roll.sequences()
+    groups = torch.arange(6) // 3
+    rows = [4, 0, 5, 2, 1, 3]  # a shuffled minibatch: group members are scattered
+    trees = rollout_trees(roll, rows, groups)
+    assert trees.batch.num_real_tokens == enc.attention_mask.sum() + lengths.sum()  # each prompt once
+    m = roll.response_mask[rows].bool()
+    shared = load_value_model(tiny_dir, dtype="float32", shared_trunk=True).eval()
+    torch.nn.init.normal_(shared.value_head.summary.weight)
+    separate = load_value_model(tiny_dir, dtype="float32", pad_token_id=tok.pad_token_id).eval()
+    with torch.no_grad():
+        packed = tree_response_forward(shared, trees, 0.7, with_entropy=True, with_values=True)
+        padded = response_forward(
+            shared, seq[rows], seq_mask[rows], 6, 0.7, with_entropy=True, with_values=True
+        )
+        for name in ("logprobs", "entropy", "values"):
+            a, b = getattr(packed, name), getattr(padded, name)
+            torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
+            assert (a[~m] == 0).all()
+        torch.testing.assert_close(
+            tree_value_forward(separate, trees)[m],
+            value_forward(separate, seq[rows], seq_mask[rows], 6)[m],
+            atol=1e-5,
+            rtol=1e-5,
+        )

@@ -383,6 +383,7 @@ class TreeBatch:
     target_cols: torch.Tensor  # (T,) long, the predicting position
     target_ids: torch.Tensor  # (T,) long, the predicted token
     target_branch: torch.Tensor  # (T,) long, global branch index
+    target_index: torch.Tensor  # (T,) long, position of the token within its branch
     end_rows: torch.Tensor  # (N,) long, one per branch
     end_cols: torch.Tensor  # (N,) long
     branch_offsets: list[int]  # first global branch index of each tree
@@ -467,6 +468,7 @@ def pack_prefix_trees(
     t_cols: list[int] = []
     t_ids: list[int] = []
     t_branch: list[int] = []
+    t_index: list[int] = []
     end_rows = [0] * total_branches
     end_cols = [0] * total_branches
     real = 0
@@ -493,6 +495,7 @@ def pack_prefix_trees(
                         t_cols.append(prev)
                         t_ids.append(int(ids[j]))
                         t_branch.append(g)
+                        t_index.append(j)
                     prev = pos + j
                 end_rows[g], end_cols[g] = r, prev
                 pos += n
@@ -515,6 +518,7 @@ def pack_prefix_trees(
         target_cols=torch.tensor(t_cols, dtype=torch.long),
         target_ids=torch.tensor(t_ids, dtype=torch.long),
         target_branch=torch.tensor(t_branch, dtype=torch.long),
+        target_index=torch.tensor(t_index, dtype=torch.long),
         end_rows=torch.tensor(end_rows, dtype=torch.long),
         end_cols=torch.tensor(end_cols, dtype=torch.long),
         branch_offsets=offsets,

@@ -359,13 +359,16 @@ class CausalLMWithValueHead(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits_to_keep``: as in HF, logits for the last N positions only (0 = all); values cover all."""
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             output_hidden_states=True,
             use_cache=False,
+            logits_to_keep=logits_to_keep,
         )
         hidden = out.hidden_states[-1]  # (B, T, H)
         return out.logits, self.value_head(hidden.to(self.value_head.summary.weight.dtype))

@@ -58,12 +58,18 @@ from alignflow.recipes.common import Run, check_finite, console, set_seed, start
 from alignflow.rollout import (
     EnsembleScorer,
     RewardModelScorer,
+    Rollout,
+    RolloutTrees,
     RunningMoments,
     ShapingConfig,
     function_scorer,
+    packable,
     response_forward,
+    rollout_trees,
     sample,
     shape_scores,
+    tree_response_forward,
+    tree_value_forward,
     value_forward,
 )
 from alignflow.store import Store
@@ -183,6 +189,12 @@ class PPOSection(StrictModel):
         default=None, gt=0.0, description="Stop a step's updates above this approx KL."
     )
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    packing: bool = Field(
+        default=True,
+        description="Reference, value and update forwards on packed prompt trees: no left padding, a "
+        "group's shared prompt computed once, heads only on response tokens. Same results as padded rows; "
+        "models whose head cannot be split off use padded rows.",
+    )
 
 
 class PPOTrainSection(StrictModel):
@@ -315,14 +327,23 @@ def _decode(tok: Any, ids: Tensor, mask: Tensor) -> list[str]:
     return tok.batch_decode(rows, skip_special_tokens=True)
 
 
-def _chunked(
-    fn: Callable[[Tensor, Tensor, int], Tensor], chunk: int, ids: Tensor, am: Tensor, n: int
-) -> Tensor:
-    """``fn(ids, mask, response_len)`` without grad over row chunks of ``chunk`` (bounds activation memory)."""
+class _StepRows:
+    """One step's rollout as the scoring and update forwards see it: padded rows or packed prompt trees."""
+
+    def __init__(self, roll: Rollout, groups: Tensor) -> None:
+        self.roll, self.groups = roll, groups
+        self.seq, self.seq_mask = roll.sequences()  # (B, P + R), the padded layout
+        self.response_len = roll.response_ids.shape[1]
+
+    def trees(self, rows: list[int]) -> RolloutTrees:
+        return rollout_trees(self.roll, rows, self.groups)
+
+
+def _chunked(fn: Callable[[_StepRows, list[int]], Tensor], cur: _StepRows, chunk: int) -> Tensor:
+    """``fn(cur, rows)`` without grad over row chunks of ``chunk`` (bounds activation memory), concatenated."""
+    n = cur.seq.shape[0]
     with torch.no_grad():
-        return torch.cat(
-            [fn(ids[i : i + chunk], am[i : i + chunk], n) for i in range(0, ids.shape[0], chunk)]
-        )
+        return torch.cat([fn(cur, list(range(i, min(i + chunk, n)))) for i in range(0, n, chunk)])
 
 
 def _p95(x: Tensor) -> float:
@@ -462,16 +483,35 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             "kl_coef": kl_ctl.value,
         }
 
-    def ref_logprobs(ids: Tensor, am: Tensor, resp_len: int) -> Tensor:
-        if reference is not None:
-            return response_forward(reference, ids, am, resp_len, temp).logprobs
-        with reference_mode(policy):
-            return response_forward(policy, ids, am, resp_len, temp).logprobs
+    # Forwards over rollout rows: packed prompt trees, or the padded (rows, P + R) layout.
+    packed = cfg.ppo.packing and all(
+        packable(m)
+        for m in (train_module, reference, value_model and value_model.base_model)
+        if m is not None
+    )
 
-    def values_of(ids: Tensor, am: Tensor, resp_len: int) -> Tensor:
+    def forward(
+        model: nn.Module, cur: _StepRows, rows: list[int], trees: RolloutTrees | None = None, **kw: bool
+    ) -> Any:
+        if packed:
+            return tree_response_forward(model, trees or cur.trees(rows), temp, **kw)
+        return response_forward(model, cur.seq[rows], cur.seq_mask[rows], cur.response_len, temp, **kw)
+
+    def value_of(cur: _StepRows, rows: list[int], trees: RolloutTrees | None = None) -> Tensor:
+        if packed:
+            return tree_value_forward(value_model, trees or cur.trees(rows))  # type: ignore[arg-type]
+        return value_forward(value_model, cur.seq[rows], cur.seq_mask[rows], cur.response_len)  # type: ignore[arg-type]
+
+    def ref_logprobs(cur: _StepRows, rows: list[int]) -> Tensor:
+        if reference is not None:
+            return forward(reference, cur, rows).logprobs
+        with reference_mode(policy):
+            return forward(policy, cur, rows).logprobs
+
+    def values_of(cur: _StepRows, rows: list[int]) -> Tensor:
         if policy_vh is not None:
-            return response_forward(policy_vh, ids, am, resp_len, temp, with_values=True).values  # type: ignore[return-value]
-        return value_forward(value_model, ids, am, resp_len)  # type: ignore[arg-type]
+            return forward(policy_vh, cur, rows, with_values=True).values
+        return value_of(cur, rows)
 
     def monitor(step: int) -> dict[str, float]:
         """Proxy reward, reference score and length on held-out prompts; sampling with its own generator."""
@@ -534,23 +574,21 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             t_score = time.perf_counter() - t0
             # ---- experience
             t0 = time.perf_counter()
-            seq, seq_mask = roll.sequences()
-            R = roll.response_ids.shape[1]
+            cur = _StepRows(roll, torch.arange(len(idx)) // k)  # rows are grouped per prompt
             mask = roll.response_mask.float()
             chunk = cfg.rollout.scoring_batch_size
+            n_rows = len(idx)
             if cfg.rollout.recompute_logprobs:
-                old_logps = _chunked(
-                    lambda a, b, n: response_forward(policy, a, b, n, temp).logprobs, chunk, seq, seq_mask, R
-                )
+                old_logps = _chunked(lambda c, rows: forward(policy, c, rows).logprobs, cur, chunk)
             else:
                 old_logps = roll.logprobs
-            ref_logps = _chunked(ref_logprobs, chunk, seq, seq_mask, R)
+            ref_logps = _chunked(ref_logprobs, cur, chunk)
             kl = kl_penalty(old_logps, ref_logps, cfg.kl.estimator) * mask  # (B, R)
             kl_seq = kl.sum(dim=1)  # (B,)
             beta = kl_ctl.value
             old_values = returns = None
             if est == "gae":
-                old_values = _chunked(values_of, chunk, seq, seq_mask, R)
+                old_values = _chunked(values_of, cur, chunk)
                 rewards, _, _ = per_token_rewards(scores, old_logps, ref_logps, mask, beta, cfg.kl.estimator)
                 advantages, returns = gae(rewards, old_values, mask, cfg.advantage.gamma, cfg.advantage.lam)
                 if cfg.advantage.whiten:
@@ -564,20 +602,15 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             if value_model is not None:
                 value_model.train()
             stats: dict[str, list[float]] = defaultdict(list)
-            n_rows = seq.shape[0]
             updates, early = 0, False
             for _epoch in range(cfg.ppo.epochs):
                 order = torch.randperm(n_rows).tolist()
                 for s in range(0, n_rows, cfg.ppo.minibatch_size):
-                    mb = torch.tensor(order[s : s + cfg.ppo.minibatch_size], device=device)
-                    fo = response_forward(
-                        train_module,
-                        seq[mb],
-                        seq_mask[mb],
-                        R,
-                        temp,
-                        with_entropy=True,
-                        with_values=policy_vh is not None,
+                    rows = order[s : s + cfg.ppo.minibatch_size]
+                    mb = torch.tensor(rows, device=device)
+                    trees = cur.trees(rows) if packed else None  # one packing for policy and value
+                    fo = forward(
+                        train_module, cur, rows, trees, with_entropy=True, with_values=policy_vh is not None
                     )
                     m = mask[mb]
                     pl, pst = ppo_policy_loss(
@@ -593,13 +626,9 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
                     if est == "grpo" and beta > 0:
                         kl_term = masked_mean(kl_penalty(fo.logprobs, ref_logps[mb], "k3"), m)
                         loss = loss + beta * kl_term
-                        stats["loss/kl"].append(float(kl_term))
+                        stats["loss/kl"].append(float(kl_term.detach()))
                     if est == "gae":
-                        v = (
-                            fo.values
-                            if policy_vh is not None
-                            else value_forward(value_model, seq[mb], seq_mask[mb], R)
-                        )  # type: ignore[arg-type]
+                        v = fo.values if policy_vh is not None else value_of(cur, rows, trees)
                         vl, vst = value_loss(
                             v,
                             old_values[mb],
@@ -619,7 +648,7 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
                     updates += 1
                     stats["loss/policy"].append(float(pl.detach()))
                     stats["loss/total"].append(float(loss.detach()))
-                    stats["policy/entropy"].append(float(entropy))
+                    stats["policy/entropy"].append(float(entropy.detach()))
                     stats["policy/clip_frac"].append(float(pst["clip_frac"]))
                     stats["policy/approx_kl"].append(float(pst["approx_kl"]))
                     stats["policy/ratio_mean"].append(float(pst["ratio_mean"]))

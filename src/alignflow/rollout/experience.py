@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignflow.rollout.generation import prompt_position_ids
-from alignflow.train.logprobs import selective_log_softmax
+from alignflow.data.packing import TreeBatch, pack_prefix_trees
+from alignflow.rollout.generation import Rollout, prompt_position_ids
+from alignflow.train.logprobs import decoder_and_head, selective_log_softmax
 from alignflow.train.losses import entropy_from_logits
 
 
@@ -152,7 +153,8 @@ def response_forward(
         :class:`ForwardOut` with ``logprobs`` ``(B, R)`` of the response tokens; ``entropy`` ``(B, R)`` if asked;
         ``values`` ``(B, R)`` (the value of the state *before* each response token) for a value-head model.
     """
-    out = model(**_inputs(input_ids, attention_mask))
+    # The LM head only where a response token is predicted (the prompt's logits are never used).
+    out = model(**_inputs(input_ids, attention_mask), logits_to_keep=response_len + 1)
     if isinstance(out, tuple):
         logits, values = out
     else:
@@ -193,3 +195,112 @@ def value_forward(
 def batched(fn: Any, n: int, chunk: int, *tensors: Tensor) -> list[Any]:
     """Call ``fn(*slices)`` over row chunks of ``tensors`` (``chunk`` rows at a time) to bound memory."""
     return [fn(*(t[i : i + chunk] for t in tensors)) for i in range(0, n, chunk)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# packed layout: prompt trees
+
+
+@dataclass
+class RolloutTrees:
+    """Rows of a rollout as packed prompt trees (:class:`~alignflow.data.packing.TreeBatch`).
+
+    Rows that share a prompt (a GRPO/RLOO group) become one tree: the prompt once, each response a branch
+    that never attends to its siblings. No left padding, the prompt computed once per group instead of once
+    per row, and heads run only at the ``T`` response positions. ``row_of_target (T,)`` and ``target_index
+    (T,)`` place each target back in the ``(n_rows, R)`` layout of :func:`response_forward`.
+    """
+
+    batch: TreeBatch
+    row_of_target: Tensor
+    n_rows: int
+    response_len: int
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """``(T,)`` per-target values → ``(n_rows, R)``, 0 where a row has no response token (differentiable)."""
+        out = values.new_zeros(self.n_rows, self.response_len)
+        return out.index_put((self.row_of_target, self.batch.target_index), values)
+
+
+def rollout_trees(
+    roll: Rollout, rows: Tensor | list[int], groups: Tensor | list[int] | None = None
+) -> RolloutTrees:
+    """Pack ``rows`` of ``roll`` (prompt + its response tokens up to EOS) as prompt trees.
+
+    Args:
+        roll: the rollout.
+        rows: row indices, in the order the output layout uses.
+        groups: per-row group id of the whole rollout (rows with the same id share the prompt); ``None``
+            makes every row its own tree.
+    """
+    rows = [int(r) for r in rows]
+    device = roll.prompt_ids.device
+    lengths = roll.response_mask.sum(dim=1).tolist()
+    prompts = roll.prompt_ids.cpu()
+    pmask = roll.prompt_mask.cpu().bool()
+    responses = roll.response_ids.cpu()
+    by_group: dict[Any, list[int]] = {}
+    for pos, r in enumerate(rows):
+        key = int(groups[r]) if groups is not None else ("row", r)
+        by_group.setdefault(key, []).append(pos)
+    trees, row_of_branch = [], []
+    for members in by_group.values():
+        first = rows[members[0]]
+        prefix = prompts[first][pmask[first]].tolist()
+        branches = []
+        for pos in members:
+            ids = responses[rows[pos]][: int(lengths[rows[pos]])].tolist()
+            branches.append((ids, ids))
+            row_of_branch.append(pos)
+        trees.append((prefix, branches))
+    tb = pack_prefix_trees(trees, pad_token_id=0).to(device)
+    row_of_target = torch.tensor(row_of_branch, dtype=torch.long, device=device)[tb.target_branch]
+    return RolloutTrees(tb, row_of_target, len(rows), roll.response_ids.shape[1])
+
+
+def packable(model: nn.Module) -> bool:
+    """Whether :func:`tree_response_forward` can run ``model`` (a separable trunk and LM head)."""
+    lm = model.lm if hasattr(model, "value_head") and hasattr(model, "lm") else model
+    try:
+        decoder_and_head(lm)
+    except TypeError:
+        return False
+    return True
+
+
+def tree_response_forward(
+    model: nn.Module,
+    trees: RolloutTrees,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_values: bool = False,
+) -> ForwardOut:
+    """:func:`response_forward` on packed prompt trees: the same ``(n_rows, R)`` outputs, 0 off the response.
+
+    ``model`` is a causal LM or a :class:`~alignflow.models.CausalLMWithValueHead` (for ``with_values``).
+    """
+    value_head = getattr(model, "value_head", None)
+    lm = model.lm if value_head is not None and hasattr(model, "lm") else model
+    tb = trees.batch
+    decoder, lm_head = decoder_and_head(lm)
+    hidden = decoder(**tb.model_inputs(), use_cache=False).last_hidden_state
+    h = hidden[tb.target_rows, tb.target_cols]  # (T, H): the state before each response token
+    logits = lm_head(h)  # (T, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits.float() / temperature
+    res = ForwardOut(logprobs=trees.scatter(selective_log_softmax(logits, tb.target_ids)))
+    if with_entropy:
+        res.entropy = trees.scatter(entropy_from_logits(logits))
+    if with_values:
+        if value_head is None:
+            raise TypeError(f"{type(model).__name__} has no value head; with_values needs a value-head model")
+        res.values = trees.scatter(value_head(h.to(value_head.summary.weight.dtype)).float())
+    return res
+
+
+def tree_value_forward(value_model: nn.Module, trees: RolloutTrees) -> Tensor:
+    """:func:`value_forward` on packed prompt trees: per-token values ``(n_rows, R)``, 0 off the response."""
+    tb = trees.batch
+    hidden = value_model.base_model(**tb.model_inputs()).last_hidden_state
+    h = hidden[tb.target_rows, tb.target_cols]
+    return trees.scatter(value_model.score(h).squeeze(-1).float())
