@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,29 +397,6 @@ def mfu(n_params: int, tokens_per_s: float, peak_flops: float, factor: float = 6
     return factor * n_params * tokens_per_s / peak_flops
 
 
-@contextmanager
-def fused_adamw() -> Iterator[None]:
-    """What-if: every ``torch.optim.AdamW`` built inside is ``fused=True`` (as TRL's default ``adamw_torch_fused``).
-
-    Measures a proposed one-argument change to alignflow's optimizer construction without editing the
-    recipes: they look ``torch.optim.AdamW`` up at call time, so they get this subclass.
-    """
-    import torch
-
-    original = torch.optim.AdamW
-
-    class FusedAdamW(original):  # type: ignore[misc, valid-type]
-        def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("fused", True)
-            super().__init__(params, *args, **kwargs)
-
-    torch.optim.AdamW = FusedAdamW  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        torch.optim.AdamW = original  # type: ignore[misc]
-
-
 def alternate(n_runs: int, *fns: Callable[[int], None]) -> None:
     """Call ``fn_a(0), fn_b(0), fn_a(1), fn_b(1), ...``: each run of every system, interleaved."""
     for i in range(n_runs):
@@ -465,16 +441,12 @@ def compare(
     tokens_per_unit: float,
     examples: int,
 ) -> dict[str, Any]:
-    """The measured part every supervised comparison shares: alternate alignflow and TRL runs (plus the
-    fused-AdamW what-if when asked), then the result record `run_all.py` tabulates.
+    """The measured part every supervised comparison shares: alternate alignflow and TRL runs, then the
+    result record `run_all.py` tabulates.
 
     `alignflow_run(tag)` / `trl_run(tag)` train once and return the per-step (seconds, units) list.
     """
-    af, tr, afx = (
-        Measured("alignflow", unit),
-        Measured(trl_label, unit),
-        Measured("alignflow + fused AdamW", unit),
-    )
+    af, tr = Measured("alignflow", unit), Measured(trl_label, unit)
 
     def run_af(i: int) -> None:
         print(f"  alignflow run {i}: {fmt(af.add(alignflow_run(f'run{i}')))} {unit}")
@@ -482,18 +454,13 @@ def compare(
     def run_trl(i: int) -> None:
         print(f"  TRL       run {i}: {fmt(tr.add(trl_run(f'run{i}')))} {unit}")
 
-    def run_afx(i: int) -> None:
-        with fused_adamw():
-            print(f"  alignflow+fused run {i}: {fmt(afx.add(alignflow_run(f'fused{i}')))} {unit}")
-
-    alternate(args.runs, run_af, run_trl, *([run_afx] if args.what_if_fused else []))
+    alternate(args.runs, run_af, run_trl)
     return {
         "name": name,
         "title": title,
         "unit": unit,
         "alignflow": af.runs,
         "trl": tr.runs,
-        "alignflow_fused": afx.runs,
         "tokens_per_unit": tokens_per_unit,
         "loss_check": check,
         "n_params": assets.n_params,

@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run; the first is a warm-up")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--what-if-fused", action="store_true", help="also alignflow with fused AdamW (proposed)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke tests)")
     ap.add_argument("--root", type=Path, default=None)
     args = ap.parse_args(argv)

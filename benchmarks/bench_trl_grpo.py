@@ -27,7 +27,6 @@ from _trl_common import (
     alignflow_store,
     alternate,
     build_assets,
-    fused_adamw,
     run_alignflow,
     silence,
     step_clock,
@@ -154,7 +153,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--generations", type=int, default=4, help="samples per prompt")
     ap.add_argument("--response-length", type=int, default=32)
-    ap.add_argument("--what-if-fused", action="store_true", help="also alignflow with fused AdamW (proposed)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--root", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -180,21 +178,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lengths["trl"].append(mean_len)
         print(f"  TRL       run {i}: {tr.add(steps):.2f} episodes/s (mean response {mean_len:.1f} tokens)")
 
-    afx = Measured("alignflow + fused AdamW", "episodes/s")
-
-    def run_afx(i: int) -> None:
-        with fused_adamw():
-            steps, _ = alignflow_rl(assets, store, prompts_file, *shape, f"fused{i}")
-        print(f"  alignflow+fused run {i}: {afx.add(steps):.2f} episodes/s")
-
-    alternate(args.runs, run_af, run_trl, *([run_afx] if args.what_if_fused else []))
+    alternate(args.runs, run_af, run_trl)
     return {
         "name": args.algo,
         "title": f"{args.algo.upper()} (critic-free)",
         "unit": "episodes/s",
         "alignflow": af.runs,
         "trl": tr.runs,
-        "alignflow_fused": afx.runs,
         "tokens_per_unit": None,
         "mean_response": {k_: sum(v) / len(v) for k_, v in lengths.items()},
         "n_params": assets.n_params,

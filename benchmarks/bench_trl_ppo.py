@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         alignflow_store,
         alternate,
         build_assets,
-        fused_adamw,
     )
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -171,7 +170,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--response-length", type=int, default=32)
     ap.add_argument("--ppo-epochs", type=int, default=2)
-    ap.add_argument("--what-if-fused", action="store_true", help="also alignflow with fused AdamW (proposed)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--root", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -236,30 +234,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"  TRL       run {i}: {rate:.2f} episodes/s (response {out['response_len']:.0f} tokens, always full)"
         )
 
-    afx = Measured("alignflow + fused AdamW", "episodes/s")
-
-    def run_afx(i: int) -> None:
-        with fused_adamw():
-            steps, _ = alignflow_ppo(
-                assets,
-                store,
-                prompts_file,
-                args.steps,
-                args.batch_size,
-                args.response_length,
-                args.ppo_epochs,
-                f"fused{i}",
-            )
-        print(f"  alignflow+fused run {i}: {afx.add(steps):.2f} episodes/s")
-
-    alternate(args.runs, run_af, run_trl, *([run_afx] if args.what_if_fused else []))
+    alternate(args.runs, run_af, run_trl)
     return {
         "name": "ppo",
         "title": "PPO (GAE, separate value model)",
         "unit": "episodes/s",
         "alignflow": af.runs,
         "trl": tr.runs,
-        "alignflow_fused": afx.runs,
         "trl_version": "1.12.0",
         "tokens_per_unit": None,
         "alignflow_mean_response": sum(af_len) / len(af_len),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -71,10 +70,6 @@ def comparison_table(results: list[dict[str, Any]], peak: float | None) -> tuple
             n = r["n_params_matmul"]
             a, t = (mfu(n, m * r["tokens_per_unit"], peak) for m in (af_med, tr_med))
             mfus = f"{100 * a:.1f}% / {100 * t:.1f}%"
-        fused = "–"
-        if r.get("alignflow_fused"):
-            fx = statistics.median(r["alignflow_fused"])
-            fused = f"{fmt(fx)} ({fx / tr_med:.2f}×)"
         rows.append(
             [
                 r["title"],
@@ -84,7 +79,6 @@ def comparison_table(results: list[dict[str, Any]], peak: float | None) -> tuple
                 f"**{ratio:.2f}×**",
                 f"≥ {goal}× {'met' if goal and ratio >= goal else 'MISSED'}" if goal else "–",
                 mfus,
-                fused,
                 str(len(r["alignflow"])),
             ]
         )
@@ -103,7 +97,6 @@ def comparison_table(results: list[dict[str, Any]], peak: float | None) -> tuple
         "ratio",
         "goal",
         "MFU alignflow / TRL",
-        "what-if: alignflow + fused AdamW (÷ TRL)",
         "runs",
     ]
     return markdown_table(header, rows), checks
@@ -116,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--runs", type=int, default=5, help="timed runs per system (median reported)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per run, the first a warm-up")
-    ap.add_argument("--no-what-if", action="store_true", help="skip the alignflow + fused AdamW runs")
     ap.add_argument(
         "--table-only", action="store_true", help="rebuild the table and RESULTS.md from the last raw results"
     )
@@ -137,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         "--steps",
         str(args.steps),
         *(["--tiny"] if args.tiny else []),
-        *([] if args.no_what_if else ["--what-if-fused"]),
     ]
     plan: list[tuple[str, list[str]]] = [
         ("bench_ceiling.py", ["--no-write"] if args.tiny else []),
@@ -146,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         ("bench_trl_dpo.py", common),
         ("bench_trl_ppo.py", common),
         ("bench_trl_grpo.py", [*common, "--algo", "grpo"]),
+        ("bench_trl_grpo.py", [*common, "--algo", "rloo"]),
         (
             "bench_ceiling.py",
             ["--no-write", "--name", "ceiling-end"],
