@@ -208,6 +208,7 @@ def build_assets(
 
 def encode_pairs(assets: Assets, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """alignflow's ids of each pair (``[bos] prompt reply [eos]``) plus its prompt length, for TRL's inputs."""
+    from alignflow.data.packing import shared_prefix_length
     from alignflow.models import load_tokenizer
     from alignflow.recipes._batching import SequenceEncoder
 
@@ -216,7 +217,16 @@ def encode_pairs(assets: Assets, rows: Sequence[dict[str, Any]]) -> list[dict[st
     for r in rows:
         c, rj = enc.encode(r["prompt"], r["chosen"]), enc.encode(r["prompt"], r["rejected"])
         n_prompt = next(i for i, label in enumerate(c.labels) if label != -100)
-        out.append({"chosen_ids": c.input_ids, "rejected_ids": rj.input_ids, "prompt_len": n_prompt})
+        shared = shared_prefix_length(c.input_ids, c.labels, rj.input_ids, rj.labels)
+        out.append(
+            {
+                "chosen_ids": c.input_ids,
+                "rejected_ids": rj.input_ids,
+                "prompt_len": n_prompt,
+                # what alignflow's packed prefix tree runs through the model: the shared prompt once
+                "tree_tokens": len(c.input_ids) + len(rj.input_ids) - shared,
+            }
+        )
     return out
 
 
@@ -440,6 +450,7 @@ def compare(
     check: dict[str, Any],
     tokens_per_unit: float,
     examples: int,
+    alignflow_tokens_per_unit: float | None = None,
 ) -> dict[str, Any]:
     """The measured part every supervised comparison shares: alternate alignflow and TRL runs, then the
     result record `run_all.py` tabulates.
@@ -462,6 +473,7 @@ def compare(
         "alignflow": af.runs,
         "trl": tr.runs,
         "tokens_per_unit": tokens_per_unit,
+        "alignflow_tokens_per_unit": alignflow_tokens_per_unit or tokens_per_unit,
         "loss_check": check,
         "n_params": assets.n_params,
         "size": assets.size.__dict__,

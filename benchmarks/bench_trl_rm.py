@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = assets.write_jsonl("rm.jsonl", rows)
     encoded = encode_pairs(assets, rows)
     tokens_per_pair = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in encoded) / len(encoded)
+    tree_tokens_per_pair = sum(p["tree_tokens"] for p in encoded) / len(encoded)
     return compare(
         args,
         name="rm",
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         assets=assets,
         check=check,
         tokens_per_unit=tokens_per_pair,
+        alignflow_tokens_per_unit=tree_tokens_per_pair,
         examples=len(rows),
     )
 
