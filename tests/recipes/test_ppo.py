@@ -228,7 +228,7 @@ def test_lora_shared_trunk_adaptive_kl_and_monitor(cli, tiny_model, toy_data, tm
         kl={"coef": 0.05, "adaptive": True, "target": 1.0, "horizon": 100},
         monitor={"every": 2, "score_fn": "alignflow.rollout.toy:brevity", "num_prompts": 4},
         data={"eval_fraction": 0.3},
-        reward={"fn": REWARD, "missing_eos_penalty": 0.5, "normalize": True, "clip": 3.0},
+        reward={"fn": REWARD, "missing_eos_penalty": 0.5, "normalize": True, "clip": 10.0},
         train={"seed": 0, "steps": 4},
     )
     out = run_cli(cli, tmp_path, cfg)
@@ -237,7 +237,8 @@ def test_lora_shared_trunk_adaptive_kl_and_monitor(cli, tiny_model, toy_data, tm
     assert coefs[0] == pytest.approx(0.05) and coefs[-1] != coefs[0]  # the controller moved beta
     assert "monitor/score" in rows[1] and "monitor/proxy_reward" in rows[1] and "monitor/score" not in rows[0]
     assert "monitor/score" in out["metrics"]
-    assert abs(rows[0]["reward/shaped_mean"]) < 1e-5  # normalised by its own running stats at step 1
+    # normalised by its own running stats at step 1 (clip 10: a lone outlier at ~sqrt(15) sigma stays unclipped)
+    assert abs(rows[0]["reward/shaped_mean"]) < 1e-5
     from alignflow.models import load_policy
 
     merged = load_policy(out["checkpoint_dir"], dtype="float32")  # LoRA folded into a plain HF model
