@@ -4,8 +4,10 @@ Run: `.venv/bin/python benchmarks/bench_generation.py [--threads N] [--repeats R
 the `generation` section of benchmarks/RESULTS.md.
 
 Both samplers use the same settings (temperature 1, top-p 1, no top-k, fixed length: EOS disabled so every row
-produces exactly `max_new_tokens` and the token counts are equal). Models: the test-size tiny Llama (hidden 64,
-2 layers, vocab 400) and the DEPENDENCY-NOTES reference size (hidden 256, 4 layers, vocab 2000), fp32.
+produces exactly `max_new_tokens` and the token counts are equal). Models: the TRL comparisons' model (hidden 256,
+8 layers, vocab 4096, HH tokenizer and prompts; batches 8/16/64 x 32 new tokens, also written for `run_all.py`'s
+table), the test-size tiny Llama (hidden 64, 2 layers, vocab 400) and the DEPENDENCY-NOTES reference size
+(hidden 256, 4 layers, vocab 2000), fp32.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,24 +28,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import markdown_table, summarize, write_section  # noqa: E402
+from _trl_common import ModelSize, build_assets, save_json  # noqa: E402
 
 from alignflow.models import default_corpus, load_policy, load_tokenizer, make_tiny_model_dir  # noqa: E402
 from alignflow.rollout import sample  # noqa: E402
 
+BENCH_LABEL = "bench (h256, L8, V4096, HH prompts)"
 SIZES = {
     "tiny (h64, L2, V400)": {"hidden_size": 64, "num_layers": 2, "vocab_size": 400},
     "small (h256, L4, V2000)": {"hidden_size": 256, "num_layers": 4, "vocab_size": 2000},
 }
 
 
-def bench_generation(model_dir: Path, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
+def bench_generation(
+    model_dir: Path, batch: int, new_tokens: int, repeats: int, prompts: list[str] | None = None
+) -> dict[str, Any]:
     tok = load_tokenizer(model_dir, padding_side="left")
     model = load_policy(model_dir, dtype="float32").eval()
-    prompts = [" ".join(default_corpus(n=1 + i % 3, seed=i)) for i in range(batch)]
-    enc = tok(prompts, return_tensors="pt", padding=True)
+    if prompts is None:
+        prompts = [" ".join(default_corpus(n=1 + i % 3, seed=i)) for i in range(batch)]
+    enc = tok(prompts[:batch], return_tensors="pt", padding=True)
     ids, am = enc.input_ids, enc.attention_mask
 
-    def ours(static: bool = True) -> int:
+    def ours(fast: bool = True) -> int:
         r = sample(
             model,
             ids,
@@ -50,7 +58,7 @@ def bench_generation(model_dir: Path, batch: int, new_tokens: int, repeats: int)
             max_new_tokens=new_tokens,
             eos_token_id=[],
             pad_token_id=tok.pad_token_id,
-            static_cache=static,
+            fast=fast,
         )
         return r.new_tokens
 
@@ -69,7 +77,7 @@ def bench_generation(model_dir: Path, batch: int, new_tokens: int, repeats: int)
             )
         return (out.shape[1] - ids.shape[1]) * batch
 
-    fns = {"ours": ours, "ours_dynamic": lambda: ours(False), "generate": hf}
+    fns = {"ours": ours, "ours_hf_path": lambda: ours(False), "generate": hf}
     rates: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm-up
@@ -81,10 +89,11 @@ def bench_generation(model_dir: Path, batch: int, new_tokens: int, repeats: int)
             t0 = time.perf_counter()
             n = fns[name]()
             rates[name].append(n / (time.perf_counter() - t0))
-    res = {k: summarize(v)[0] for k, v in rates.items()}
+    res: dict[str, Any] = {k: summarize(v)[0] for k, v in rates.items()}
+    res["rates"] = rates
     res["speedup"] = summarize([o / g for o, g in zip(rates["ours"], rates["generate"], strict=True)])[0]
-    res["speedup_dynamic"] = summarize(
-        [o / g for o, g in zip(rates["ours_dynamic"], rates["generate"], strict=True)]
+    res["speedup_hf_path"] = summarize(
+        [o / g for o, g in zip(rates["ours_hf_path"], rates["generate"], strict=True)]
     )[0]
     return res
 
@@ -135,7 +144,7 @@ def bench_ppo(model_dir: Path, steps: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on shared cores)"
+        "--threads", type=int, default=2, help="torch intra-op threads (2 = the TRL comparisons' setting)"
     )
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--ppo-steps", type=int, default=6)
@@ -144,23 +153,45 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     gen_rows, ppo_rows = [], []
+
+    def gen_row(label: str, batch: int, new_tokens: int, r: dict[str, Any]) -> None:
+        gen_rows.append(
+            [
+                label,
+                str(batch),
+                str(new_tokens),
+                f"{r['generate']:,.0f}",
+                f"{r['ours']:,.0f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['ours_hf_path']:,.0f}",
+                f"{r['speedup_hf_path']:.2f}x",
+            ]
+        )
+        print(gen_rows[-1], flush=True)
+
+    # The model of the TRL comparisons (HH tokenizer, 8 x 256, vocab 4096) on HH prompts, at the RL batch sizes.
+    assets = build_assets(tmp / "bench", ModelSize(), 256)
+    for batch in (8, 16, 64):
+        r = bench_generation(assets.policy_dir, batch, 32, args.repeats, prompts=assets.prompts)
+        gen_row(BENCH_LABEL, batch, 32, r)
+        save_json(
+            f"generation-b{batch}",
+            {
+                "name": "generation",
+                "title": f"Generation, {batch} HH prompts x 32 new tokens (vs `model.generate`)",
+                "unit": "new tokens/s",
+                "alignflow": r["rates"]["ours"],
+                "trl": r["rates"]["generate"],
+                "tokens_per_unit": None,
+                "n_params": assets.n_params,
+                "size": assets.size.__dict__,
+                "batch": batch,
+            },
+        )
     for label, size in SIZES.items():
         model_dir = make_tiny_model_dir(tmp / label.split()[0], **size)
         for batch, new_tokens in ((16, 64), (64, 64)):
-            r = bench_generation(model_dir, batch, new_tokens, args.repeats)
-            gen_rows.append(
-                [
-                    label,
-                    str(batch),
-                    str(new_tokens),
-                    f"{r['generate']:,.0f}",
-                    f"{r['ours']:,.0f}",
-                    f"{r['speedup']:.2f}x",
-                    f"{r['ours_dynamic']:,.0f}",
-                    f"{r['speedup_dynamic']:.2f}x",
-                ]
-            )
-            print(gen_rows[-1], flush=True)
+            gen_row(label, batch, new_tokens, bench_generation(model_dir, batch, new_tokens, args.repeats))
         p = bench_ppo(model_dir, args.ppo_steps)
         ppo_rows.append(
             [
@@ -180,9 +211,9 @@ def main() -> None:
             "batch",
             "new tokens",
             "generate tok/s",
-            "alignflow tok/s (static cache)",
+            "alignflow tok/s (default: lean Llama path)",
             "speed-up",
-            "alignflow tok/s (dynamic cache)",
+            "alignflow tok/s (`fast=False`: HF forward, static cache)",
             "speed-up",
         ],
         gen_rows,

@@ -27,7 +27,6 @@ from _trl_common import OUT, fmt, mfu  # noqa: E402
 
 GOALS = {"sft": 1.2, "rm": 1.2, "dpo": 1.5, "ppo": 2.0, "grpo": 1.5, "rloo": 1.5, "generation": 1.5}
 OTHERS = (
-    "bench_generation.py",
     "bench_recipes.py",
     "bench_hh_reward.py",
     "bench_packing.py",
@@ -141,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         ("bench_trl_ppo.py", common),
         ("bench_trl_grpo.py", [*common, "--algo", "grpo"]),
         ("bench_trl_grpo.py", [*common, "--algo", "rloo"]),
+        *([] if args.tiny else [("bench_generation.py", [])]),
         (
             "bench_ceiling.py",
             ["--no-write", "--name", "ceiling-end"],
@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["n_params"] - size["vocab"] * size["hidden"]
             )  # the input embedding is a lookup
             results.append(r)
+    for path in sorted(OUT.glob("generation-b*.json"), key=lambda p: int(p.stem.split("-b")[1])):
+        results.append(json.loads(path.read_text()))
     peak = ceiling["peak_flops"] if ceiling else None
     end = OUT / "ceiling-end.json"
     peak_end = json.loads(end.read_text())["peak_flops"] if end.exists() else None
@@ -199,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                 if peak
                 else ""
             )
-            + "PPO/GRPO have no MFU column: most of their time is sampling, one token per forward.",
+            + "PPO/GRPO/RLOO have no MFU column: much of their time is sampling, one token per forward. "
+            "Generation rows: alignflow's sampler vs `model.generate` on the same model and prompts, same "
+            "sampling settings, fixed length (`bench_generation.py`, which also times smaller models).",
             "",
             "Like-for-like (same initial weights, the same single batch each step, 3 optimizer steps):",
             *checks,
