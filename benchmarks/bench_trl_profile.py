@@ -1,7 +1,8 @@
 """Where the time goes: one benchmark run of one system under ``torch.profiler`` and ``cProfile``.
 
 Prints the top operators by self CPU time (torch.profiler) and the top Python functions by own time
-(cProfile) for one run of ``--bench`` (sft, rm, dpo, grpo, rloo) on ``--system`` (alignflow or trl), with the
+(cProfile) for one run of ``--bench`` (sft, rm, dpo, ppo, grpo, rloo) on ``--system`` (alignflow or trl; ppo:
+alignflow only, TRL 1.12 runs in its own venv), with the
 same model and data as the comparison scripts. The profile covers the whole ``run()`` / ``train()`` call,
 setup included, so read it for the shape of the step, not for absolute step times. Run:
 
@@ -55,6 +56,16 @@ def profile_once(bench: str, system: str, steps: int, tiny: bool, top: int) -> d
                 "alignflow": lambda: bench_trl_dpo.alignflow_dpo(assets, store, path, steps, batch, "prof"),
                 "trl": lambda: bench_trl_dpo.trl_dpo(assets, rows, steps, batch, "prof"),
             }
+    elif bench == "ppo":
+        import bench_trl_ppo
+
+        if system != "alignflow":
+            raise SystemExit("ppo: only --system alignflow (TRL 1.12's PPOTrainer runs in its own venv)")
+        rows, _ = bench_trl_ppo.prompt_rows(assets, batch * steps)
+        path = assets.write_jsonl("ppo-prompts.jsonl", rows)
+        fns = {
+            "alignflow": lambda: bench_trl_ppo.alignflow_ppo(assets, store, path, steps, batch, 32, 2, "prof")
+        }
     else:
         prompts = assets.prompts[: 4 * steps]
         path = assets.write_jsonl(
@@ -86,7 +97,7 @@ def profile_once(bench: str, system: str, steps: int, tiny: bool, top: int) -> d
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bench", choices=("sft", "rm", "dpo", "grpo", "rloo"), required=True)
+    ap.add_argument("--bench", choices=("sft", "rm", "dpo", "ppo", "grpo", "rloo"), required=True)
     ap.add_argument("--system", choices=("alignflow", "trl"), required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=20)
