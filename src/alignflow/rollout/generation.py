@@ -9,8 +9,10 @@ tensor, and the loop stops as soon as every row has emitted EOS. Greedy decoding
 token-for-token identical to ``generate(do_sample=False)`` (tested).
 
 For plain Llama models the forward itself is replaced by :mod:`alignflow.rollout.fast_llama` (``fast=True``, the
-default): same logits to float rounding, a fraction of the per-step Python/module overhead that dominates small
-models on CPU. Other models (PEFT/LoRA wrappers, other architectures) use the HF forward with a ``StaticCache``.
+default): same logits to float rounding with fewer, larger ops (fused QKV and gate/up weights, a preallocated
+cache, a prefill over real prompt tokens only). At small batch a decode step is then bound by reading the fp32
+weights from memory. Other models (PEFT/LoRA wrappers, other architectures) use the HF forward with a
+``StaticCache``.
 
 Tokens are drawn by inverse CDF (:func:`categorical_draw`: one uniform per row, a float64 cumulative sum and a
 binary search) rather than ``torch.multinomial``, whose exponential-race draw costs ~1 ms per step at
@@ -130,7 +132,7 @@ def sample(
     static_cache: bool = True,
     fast: bool = True,
 ) -> Rollout:
-    """Sample up to ``max_new_tokens`` tokens for each left-padded prompt with a dynamic KV cache.
+    """Sample up to ``max_new_tokens`` tokens for each left-padded prompt with a KV cache.
 
     Args:
         model: a causal LM (``transformers`` or a ``peft`` wrapper); its train/eval mode is left untouched, so
