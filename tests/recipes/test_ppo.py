@@ -208,6 +208,8 @@ def test_packed_and_padded_forwards_train_identically(cli, tiny_model, toy_data,
             train={"seed": 0, "steps": 2},
         )
         run_cli(cli, tmp_path, cfg)
+        layout = json.loads((run_dir / "summary.json").read_text())["forward_layout"]
+        assert layout == ("packed prompt trees" if packing else "padded rows")
         got[packing] = [
             {k: r[k] for k in ("reward/raw_mean", "loss/policy", "kl/seq_sum_mean") if k in r}
             for r in read_metrics(run_dir)

@@ -104,7 +104,7 @@ def test_value_forward_and_value_head_shapes(tiny_dir, tok):
 def test_packed_prompt_trees_equal_padded_forwards(tiny_dir, tok, model):
     """GRPO-style groups (2 prompts x 3 samples, ragged EOS): packed trees give the padded outputs on the response."""
     from alignflow.models import load_value_model
-    from alignflow.rollout import rollout_trees, sample, tree_response_forward, tree_value_forward
+    from alignflow.rollout import packable, rollout_trees, sample, tree_response_forward, tree_value_forward
 
     enc = tok(["hello there, how are you", "x"], return_tensors="pt", padding=True)
     ids, am = enc.input_ids.repeat_interleave(3, 0), enc.attention_mask.repeat_interleave(3, 0)
@@ -125,6 +125,8 @@ def test_packed_prompt_trees_equal_padded_forwards(tiny_dir, tok, model):
     shared = load_value_model(tiny_dir, dtype="float32", shared_trunk=True).eval()
     torch.nn.init.normal_(shared.value_head.summary.weight)
     separate = load_value_model(tiny_dir, dtype="float32", pad_token_id=tok.pad_token_id).eval()
+    assert packable(model) and packable(shared) and packable(separate, head="score")
+    assert not packable(separate)  # a value model has no LM head
     with torch.no_grad():
         packed = tree_response_forward(shared, trees, 0.7, with_entropy=True, with_values=True)
         padded = response_forward(

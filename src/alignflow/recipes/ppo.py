@@ -484,10 +484,11 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
         }
 
     # Forwards over rollout rows: packed prompt trees, or the padded (rows, P + R) layout.
-    packed = cfg.ppo.packing and all(
-        packable(m)
-        for m in (train_module, reference, value_model and value_model.base_model)
-        if m is not None
+    packed = (
+        cfg.ppo.packing
+        and packable(train_module)
+        and (reference is None or packable(reference))
+        and (value_model is None or packable(value_model, head="score"))
     )
 
     def forward(
@@ -746,7 +747,10 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     out_dir = r.run_dir / "final"
     T.export_hf(policy, tok, out_dir, merge_lora=True)
     art = r.register_checkpoint(out_dir, meta={"estimator": est, "steps": final_step, **final_metrics})
-    r.finish({"steps": final_step, "metrics": final_metrics}, outputs={"checkpoint": art})
+    layout = "packed prompt trees" if packed else "padded rows"
+    r.finish(
+        {"steps": final_step, "forward_layout": layout, "metrics": final_metrics}, outputs={"checkpoint": art}
+    )
     return {"run_id": r.run_id, "checkpoint": art, "checkpoint_dir": str(out_dir), "metrics": final_metrics}
 
 

@@ -258,11 +258,15 @@ def rollout_trees(
     return RolloutTrees(tb, row_of_target, len(rows), roll.response_ids.shape[1])
 
 
-def packable(model: nn.Module) -> bool:
-    """Whether :func:`tree_response_forward` can run ``model`` (a separable trunk and LM head)."""
+def packable(model: nn.Module, head: str = "lm_head") -> bool:
+    """Whether a packed forward can run ``model``: a separable trunk and ``head``.
+
+    ``"lm_head"`` for :func:`tree_response_forward` (a causal LM or a value-head wrapper), ``"score"`` for
+    :func:`tree_value_forward` (a sequence-classification value model).
+    """
     lm = model.lm if hasattr(model, "value_head") and hasattr(model, "lm") else model
     try:
-        decoder_and_head(lm)
+        decoder_and_head(lm, head)
     except TypeError:
         return False
     return True
@@ -301,6 +305,7 @@ def tree_response_forward(
 def tree_value_forward(value_model: nn.Module, trees: RolloutTrees) -> Tensor:
     """:func:`value_forward` on packed prompt trees: per-token values ``(n_rows, R)``, 0 off the response."""
     tb = trees.batch
-    hidden = value_model.base_model(**tb.model_inputs()).last_hidden_state
+    trunk, score = decoder_and_head(value_model, "score")
+    hidden = trunk(**tb.model_inputs(), use_cache=False).last_hidden_state
     h = hidden[tb.target_rows, tb.target_cols]
-    return trees.scatter(value_model.score(h).squeeze(-1).float())
+    return trees.scatter(score(h).squeeze(-1).float())
