@@ -40,7 +40,7 @@ from alignflow.recipes import _training as T
 from alignflow.recipes.common import Run, TruncationCounter, check_finite, set_seed, start_run
 from alignflow.recipes.reward import RewardDataSection
 from alignflow.store import Store
-from alignflow.train.logprobs import PairLogps, concatenated_forward, decoder_and_head, tree_pair_logps
+from alignflow.train.logprobs import PairLogps, concatenated_forward, splittable, tree_pair_logps
 from alignflow.train.losses import DPO_LOSS_TYPES, dpo_loss
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -107,14 +107,6 @@ def _forward(
     )
 
 
-def _splittable(model: Any) -> bool:
-    try:
-        decoder_and_head(model)
-    except TypeError:
-        return False
-    return True
-
-
 def _loss(cfg: DPOConfig, out: PairLogps, ref_c: torch.Tensor | None, ref_r: torch.Tensor | None):
     """The configured loss on one batch: ``(loss, chosen_rewards (B,), rejected_rewards (B,))``."""
     kind = cfg.loss.type
@@ -171,7 +163,7 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
         lora=lora,
     )
 
-    packed = cfg.data.packing and _splittable(policy)
+    packed = cfg.data.packing and splittable(policy)
 
     # ---------------------------------------------------------------- reference
     needs_ref = cfg.loss.type not in REFERENCE_FREE
@@ -189,6 +181,9 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
                 attn_implementation=cfg.model.attn_implementation,
             )
 
+    # A separately loaded reference may be another architecture: its own check, made once.
+    ref_packed = packed if ref_model is None else cfg.data.packing and splittable(ref_model)
+
     def reference_logps(items: Sequence[B.EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs ``(B,)`` of chosen and rejected completions, without gradients."""
         model = ref_model if ref_model is not None else policy
@@ -196,7 +191,7 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
         was_training = model.training
         model.eval()
         with torch.no_grad(), ctx:
-            out = _forward(model, items, pad_id, device, cfg.data.packing and _splittable(model))
+            out = _forward(model, items, pad_id, device, ref_packed)
         model.train(was_training)
         return out.chosen_logps.detach(), out.rejected_logps.detach()
 

@@ -40,7 +40,7 @@ from alignflow.recipes import _batching as B
 from alignflow.recipes import _training as T
 from alignflow.recipes.common import Run, TruncationCounter, check_finite, set_seed, start_run
 from alignflow.store import Store
-from alignflow.train.logprobs import decoder_and_head, tree_hidden
+from alignflow.train.logprobs import splittable, tree_hidden
 from alignflow.train.losses import bradley_terry_loss
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -199,13 +199,7 @@ def _load_pairs(r: Run, ref: str, fmt: str, role: str) -> list[B.Pair]:
 
 def can_pack(model: Any, encoder: bool) -> bool:
     """Whether pairs can go through ``model`` as prefix trees: a causal trunk with a separable ``score`` head."""
-    if encoder:
-        return False
-    try:
-        decoder_and_head(model, "score")
-    except TypeError:
-        return False
-    return True
+    return not encoder and splittable(model, "score")
 
 
 def pair_scores(

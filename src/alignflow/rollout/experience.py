@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from alignflow.data.packing import TreeBatch, pack_prefix_trees
 from alignflow.rollout.generation import Rollout, prompt_position_ids
-from alignflow.train.logprobs import decoder_and_head, selective_log_softmax
+from alignflow.train.logprobs import selective_log_softmax, splittable, tree_hidden
 from alignflow.train.losses import entropy_from_logits
 
 
@@ -264,12 +264,7 @@ def packable(model: nn.Module, head: str = "lm_head") -> bool:
     ``"lm_head"`` for :func:`tree_response_forward` (a causal LM or a value-head wrapper), ``"score"`` for
     :func:`tree_value_forward` (a sequence-classification value model).
     """
-    lm = model.lm if hasattr(model, "value_head") and hasattr(model, "lm") else model
-    try:
-        decoder_and_head(lm, head)
-    except TypeError:
-        return False
-    return True
+    return splittable(model.lm if hasattr(model, "value_head") and hasattr(model, "lm") else model, head)
 
 
 def tree_response_forward(
@@ -286,8 +281,7 @@ def tree_response_forward(
     value_head = getattr(model, "value_head", None)
     lm = model.lm if value_head is not None and hasattr(model, "lm") else model
     tb = trees.batch
-    decoder, lm_head = decoder_and_head(lm)
-    hidden = decoder(**tb.model_inputs(), use_cache=False).last_hidden_state
+    hidden, lm_head = tree_hidden(lm, tb)
     h = hidden[tb.target_rows, tb.target_cols]  # (T, H): the state before each response token
     logits = lm_head(h)  # (T, V)
     if temperature > 0 and temperature != 1.0:
@@ -305,7 +299,6 @@ def tree_response_forward(
 def tree_value_forward(value_model: nn.Module, trees: RolloutTrees) -> Tensor:
     """:func:`value_forward` on packed prompt trees: per-token values ``(n_rows, R)``, 0 off the response."""
     tb = trees.batch
-    trunk, score = decoder_and_head(value_model, "score")
-    hidden = trunk(**tb.model_inputs(), use_cache=False).last_hidden_state
+    hidden, score = tree_hidden(value_model, tb, head="score")
     h = hidden[tb.target_rows, tb.target_cols]
     return trees.scatter(score(h).squeeze(-1).float())

@@ -303,6 +303,15 @@ def decoder_and_head(model: Any, head: str = "lm_head") -> tuple[Any, Any]:
     return decoder, out
 
 
+def splittable(model: Any, head: str = "lm_head") -> bool:
+    """Whether :func:`decoder_and_head` can split ``model`` (packed forwards need it; else use padded rows)."""
+    try:
+        decoder_and_head(model, head)
+    except TypeError:
+        return False
+    return True
+
+
 def tree_hidden(model: Any, batch: Any, head: str = "lm_head") -> tuple[Tensor, Any]:
     """Last hidden states ``(R, L, H)`` of a :class:`~alignflow.data.packing.TreeBatch`, and the head module."""
     decoder, out = decoder_and_head(model, head)
