@@ -208,9 +208,9 @@ def build_assets(
 
 def encode_pairs(assets: Assets, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """alignflow's ids of each pair (``[bos] prompt reply [eos]``) plus its prompt length, for TRL's inputs."""
+    from alignflow.data.encode import SequenceEncoder
     from alignflow.data.packing import shared_prefix_length
     from alignflow.models import load_tokenizer
-    from alignflow.recipes._batching import SequenceEncoder
 
     enc = SequenceEncoder(load_tokenizer(str(assets.policy_dir)), assets.max_length)
     out = []

@@ -36,8 +36,8 @@ LR = 1e-4
 
 def _encoded(assets: Assets, rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
     """alignflow's encoding of each example: ``input_ids`` and ``labels`` (-100 on bos + prompt)."""
+    from alignflow.data.encode import SequenceEncoder
     from alignflow.models import load_tokenizer
-    from alignflow.recipes._batching import SequenceEncoder
 
     enc = SequenceEncoder(load_tokenizer(str(assets.policy_dir)), assets.max_length)
     out = []

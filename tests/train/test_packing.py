@@ -204,7 +204,7 @@ def test_sampler_rejects_oversized_example() -> None:
 
 
 def _pairs(n: int, seed: int = 1):
-    from alignflow.recipes import _batching as B
+    from alignflow.data import encode as B
 
     g = torch.Generator().manual_seed(seed)
     items = []
@@ -264,7 +264,7 @@ def test_prefix_tree_layout_by_hand() -> None:
 
 
 def test_tree_pair_logps_equal_concatenated_forward_and_branches_are_isolated() -> None:
-    from alignflow.recipes import _batching as B
+    from alignflow.data import encode as B
     from alignflow.train.logprobs import concatenated_forward, tree_pair_logps
 
     model, items = _tiny(), _pairs(6)

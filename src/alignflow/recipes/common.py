@@ -286,26 +286,6 @@ def check_finite(loss: torch.Tensor, step: int, example_ids: Iterable[Any], chec
     )
 
 
-class TruncationCounter:
-    """Counts examples cut to the maximum length so a recipe can warn once, with the number."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.count = 0
-        self.total = 0
-
-    def add(self, truncated: bool) -> None:
-        self.total += 1
-        self.count += int(truncated)
-
-    def report(self) -> None:
-        if self.count:
-            console.print(
-                f"[yellow]warning:[/] {self.count} of {self.total} {self.what} were longer than the maximum "
-                "length and were truncated (none dropped)"
-            )
-
-
 class ProgressBar:
     """A rich progress bar showing the key metrics; silent when stderr is not a terminal and CI is set."""
 

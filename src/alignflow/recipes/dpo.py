@@ -33,13 +33,15 @@ from alignflow.config import (
     TrainSection,
     register_stage,
 )
+from alignflow.data import encode as B
+from alignflow.data.encode import TruncationCounter
 from alignflow.errors import DataFormatError
 from alignflow.models import load_policy, load_reference, load_tokenizer, reference_mode
-from alignflow.recipes import _batching as B
-from alignflow.recipes import _training as T
-from alignflow.recipes.common import Run, TruncationCounter, check_finite, set_seed, start_run
+from alignflow.models.export import export_hf
+from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.recipes.reward import RewardDataSection
 from alignflow.store import Store
+from alignflow.train import optim as T
 from alignflow.train.logprobs import PairLogps, concatenated_forward, splittable, tree_pair_logps
 from alignflow.train.losses import DPO_LOSS_TYPES, dpo_loss
 
@@ -312,7 +314,8 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
                 rr_all.append(rr.float())
                 lc += float(out.chosen_logps.detach().sum())
                 lr_ += float(out.rejected_logps.detach().sum())
-            grad_norm = T.clip_and_step(policy, optimizer, scheduler, cfg.optim.max_grad_norm)
+            grad_norm = T.clip_and_step(policy, optimizer, cfg.optim.max_grad_norm)
+            scheduler.step()
             cr, rr = torch.cat(cr_all), torch.cat(rr_all)
             metrics = {
                 "loss": float(loss_sum),
@@ -353,7 +356,7 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
     final_eval = evaluate()
     if final_eval:
         r.log(total, final_eval)
-    out_dir = T.export_hf(policy, tok, r.run_dir / "final")
+    out_dir = export_hf(policy, tok, r.run_dir / "final")
     ckpt_id = r.register_checkpoint(
         out_dir, meta={"adapter_only": cfg.lora.enabled, "base_model": cfg.model.path, "loss": cfg.loss.type}
     )

@@ -53,7 +53,7 @@ from alignflow.models import (
     load_value_model,
     reference_mode,
 )
-from alignflow.recipes import _training as T
+from alignflow.models.export import export_hf
 from alignflow.recipes.common import Run, check_finite, console, set_seed, start_run
 from alignflow.rollout import (
     EnsembleScorer,
@@ -73,6 +73,7 @@ from alignflow.rollout import (
     value_forward,
 )
 from alignflow.store import Store
+from alignflow.train import optim as T
 from alignflow.train.advantages import (
     AdaptiveKLController,
     FixedKLController,
@@ -745,7 +746,7 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
 
     # ================================================================ register
     out_dir = r.run_dir / "final"
-    T.export_hf(policy, tok, out_dir, merge_lora=True)
+    export_hf(policy, tok, out_dir, merge_lora=True)
     art = r.register_checkpoint(out_dir, meta={"estimator": est, "steps": final_step, **final_metrics})
     layout = "packed prompt trees" if packed else "padded rows"
     r.finish(

@@ -34,12 +34,14 @@ from alignflow.config import (
     TrainSection,
     register_stage,
 )
+from alignflow.data import encode as B
+from alignflow.data.encode import TruncationCounter
 from alignflow.errors import ConfigError, DataFormatError
 from alignflow.models import load_reward_model, load_tokenizer
-from alignflow.recipes import _batching as B
-from alignflow.recipes import _training as T
-from alignflow.recipes.common import Run, TruncationCounter, check_finite, set_seed, start_run
+from alignflow.models.export import export_hf
+from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.store import Store
+from alignflow.train import optim as T
 from alignflow.train.logprobs import splittable, tree_hidden
 from alignflow.train.losses import bradley_terry_loss
 
@@ -351,7 +353,8 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
                         gap = (rc - rr).detach().float()
                         correct += float((gap > 0).sum())
                         margin_sum += float(gap.sum())
-                    grad_norm = T.clip_and_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+                    grad_norm = T.clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
+                    scheduler.step()
                     metrics = {
                         "loss": float(loss_sum),
                         "accuracy": correct / n_pairs,
@@ -397,7 +400,7 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
                 member_scores.append(score_pairs(model, held, pad_id, device, cfg.train.batch_size, packed))
             member_metrics.append(metrics)
             # A LoRA reward model is merged so each member is a standalone scorer (no base model needed).
-            T.export_hf(model, tok, out_root / f"member-{k}", merge_lora=True)
+            export_hf(model, tok, out_root / f"member-{k}", merge_lora=True)
             del model, optimizer
 
     # ---------------------------------------------------------------- ensemble evaluation

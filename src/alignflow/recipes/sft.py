@@ -27,13 +27,15 @@ from alignflow.config import (
     TrainSection,
     register_stage,
 )
+from alignflow.data import encode as B
+from alignflow.data.encode import TruncationCounter
 from alignflow.data.packing import pack_examples
 from alignflow.errors import DataFormatError
 from alignflow.models import load_policy, load_tokenizer
-from alignflow.recipes import _batching as B
-from alignflow.recipes import _training as T
-from alignflow.recipes.common import Run, TruncationCounter, check_finite, set_seed, start_run
+from alignflow.models.export import export_hf
+from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.store import Store
+from alignflow.train import optim as T
 from alignflow.train.accum import count_target_tokens, sum_token_nll
 from alignflow.train.losses import token_nll
 
@@ -174,7 +176,8 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
                 loss.backward()
                 loss_sum += loss.detach()
                 n_tokens += sum(len(train[i].input_ids) for i in idx)
-            grad_norm = T.clip_and_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+            grad_norm = T.clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
+            scheduler.step()
             dt = timer.lap()
             metrics = {
                 "loss": float(loss_sum),
@@ -210,7 +213,7 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
     final_eval = evaluate()
     if final_eval:
         r.log(total, final_eval)
-    out_dir = T.export_hf(model, tok, r.run_dir / "final")
+    out_dir = export_hf(model, tok, r.run_dir / "final")
     ckpt_id = r.register_checkpoint(
         out_dir, meta={"adapter_only": cfg.lora.enabled, "base_model": cfg.model.path, "steps": total}
     )

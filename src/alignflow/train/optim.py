@@ -1,13 +1,14 @@
-"""Orchestration helpers shared by the SFT, reward-model and DPO recipes (no loss arithmetic lives here).
+"""Optimizer, learning-rate schedule and the clip-and-step every recipe uses (no loss arithmetic lives here).
 
-Device resolution, optimizer and schedule construction, LoRA specs from config, the HF-format export of a
-final checkpoint, and the per-step timer behind the throughput metrics.
+Device resolution, optimizer and schedule construction, LoRA specs from config, the per-step timer behind
+the throughput metrics, and the checkpoint retention policy from config. The HF-format export of a final
+model is :mod:`alignflow.models.export`.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -77,32 +78,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, total
 
 
 def clip_and_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float | None
+    params: nn.Module | Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float | None
 ) -> float:
-    """Clip (if configured), step optimizer and schedule, zero grads; return the pre-clip gradient norm."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Clip (if configured), step the optimizer, zero grads; return the pre-clip gradient norm.
+
+    ``params`` is a model (its trainable parameters) or the parameters themselves. The learning-rate
+    schedule is NOT stepped here: a recipe steps it once per optimizer step (SFT, RM, DPO) or once per
+    rollout round (PPO, whose several minibatch updates share one schedule step), and says so in its loop.
+    """
+    if isinstance(params, nn.Module):
+        params = [p for p in params.parameters() if p.requires_grad]
+    params = list(params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
-
-
-def export_hf(model: nn.Module, tokenizer: Any, out_dir: Path, merge_lora: bool = False) -> Path:
-    """Write a Hugging Face folder: the full model, or the LoRA adapter only (``merge_lora`` folds it in first)."""
-    from peft import PeftModel
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if merge_lora and isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    return out_dir
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors by name (what resume-equality tests compare)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 class StepTimer:

@@ -1,4 +1,4 @@
-"""Tokenisation, truncation, splitting and collation shared by the SFT, reward-model and DPO recipes.
+"""Tokenisation, truncation, splitting and collation shared by the SFT, reward-model, DPO and PPO recipes.
 
 Label convention (as everywhere in alignflow): ``labels`` are aligned with ``input_ids`` (unshifted) and
 ``-100`` marks tokens that carry no loss (prompt, padding). The causal shift and token counting happen in
@@ -19,11 +19,34 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich.console import Console
 
 from alignflow.data.packing import TokenBudgetSampler, TreeBatch, pack_prefix_trees, shared_prefix_length
 from alignflow.errors import DataFormatError
-from alignflow.recipes.common import TruncationCounter
 from alignflow.train.logprobs import IGNORE_INDEX
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+class TruncationCounter:
+    """Counts examples cut to the maximum length so a recipe can warn once, with the number."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self.total = 0
+
+    def add(self, truncated: bool) -> None:
+        self.total += 1
+        self.count += int(truncated)
+
+    def report(self) -> None:
+        if self.count:
+            console.print(
+                f"[yellow]warning:[/] {self.count} of {self.total} {self.what} were longer than the maximum "
+                "length and were truncated (none dropped)"
+            )
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # splitting
