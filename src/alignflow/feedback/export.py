@@ -11,12 +11,16 @@ Artifacts written (all content-addressed, so re-exporting unchanged data returns
                         before training. Ranking projects: chosen/rejected = Borda top/bottom, `label` the ranking.
 Edges: preferences <- annotations ("annotations"), <- annotation_project ("project"), <- guideline ("guideline"),
 <- each item source artifact ("items"); annotations <- the same project and guideline artifacts.
+
+`preferences_to_pairs(rows)` turns preference rows into rows of the trainable `pairs` kind (what `alignflow rm`
+and `alignflow dpo` read), with the aggregated soft label as the pair's weight and a stated rule for ties.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -147,6 +151,49 @@ def _preference_rows(s: Session, p: Any, method: str) -> list[dict[str, Any]]:
                 ),
                 "guideline_versions": sorted({int(x) for x in votes["guideline_version"]}),
             }
+        )
+    return out
+
+
+TieRule = Literal["drop", "both"]
+TIE_RULES: tuple[str, ...] = ("drop", "both")
+
+
+def preferences_to_pairs(
+    rows: Iterable[Mapping[str, Any]], tie_rule: TieRule = "drop"
+) -> list[dict[str, Any]]:
+    """Rows of the `pairs` dataset kind from `preferences` rows (the artifact `export_project` writes).
+
+    Weight: the aggregated probability that `chosen` is the better reply, i.e. ``p_a`` when the consensus
+    label is "A" and ``1 - p_a`` when it is "B" (the soft label of the aggregation method, in [0.5, 1] for a
+    decisive consensus). Ranking rows (no ``p_a``; chosen/rejected are the Borda top and bottom) get weight 1.
+
+    Ties (consensus label "tie"), by `tie_rule`:
+        drop: left out; a tie says neither reply is better, and training on it as a win teaches noise.
+        both: kept as two pairs, A over B and B over A, each with weight 0.5: the pair then adds no net
+            preference, only pressure toward equal scores (ids ``<item>/ab`` and ``<item>/ba``).
+
+    Texts are copied as stored; `meta` is a JSON object with the item's ``n_votes`` and aggregation ``method``.
+    """
+    if tie_rule not in TIE_RULES:
+        raise ValueError(f"tie_rule must be one of {TIE_RULES}, got {tie_rule!r}")
+    out = []
+    for r in rows:
+        meta = json.dumps({"n_votes": r["n_votes"], "method": r["method"]})
+        base = {"prompt": r["prompt"], "meta": meta}
+        if r["label"] == "tie":
+            if tie_rule == "both":
+                a, b = r["chosen"], r["rejected"]  # a tie keeps candidate A as `chosen`
+                out.append({"id": f"{r['item_id']}/ab", **base, "chosen": a, "rejected": b, "weight": 0.5})
+                out.append({"id": f"{r['item_id']}/ba", **base, "chosen": b, "rejected": a, "weight": 0.5})
+            continue
+        p_a = r.get("p_a")
+        if p_a is None:
+            weight = 1.0
+        else:
+            weight = float(p_a) if r["label"] == "A" else 1.0 - float(p_a)
+        out.append(
+            {"id": r["item_id"], **base, "chosen": r["chosen"], "rejected": r["rejected"], "weight": weight}
         )
     return out
 
