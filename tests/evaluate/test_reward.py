@@ -1,11 +1,18 @@
-"""Reward-model accuracy, gold agreement and calibration (ECE) against hand cases and references."""
+"""Reward-model accuracy, gold agreement, top-label calibration (ECE) and the RM eval metrics against hand cases
+and references."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from alignflow.evaluate.reward import bt_probability, calibration, gold_agreement, preference_accuracy
+from alignflow.evaluate.reward import (
+    bt_probability,
+    calibration,
+    gold_agreement,
+    preference_accuracy,
+    preference_metrics,
+)
 
 
 def test_preference_accuracy_hand_case():
@@ -51,35 +58,42 @@ def test_bt_probability_is_a_stable_sigmoid():
 
 
 def _ece_loop(probs, outcomes, n_bins):
-    """Straightforward reference: assign each item to a bin one by one, then sum weighted gaps."""
+    """Straightforward top-label reference: each pair's confidence and correctness one by one, then bins."""
     groups: dict[int, list[tuple[float, float]]] = {}
     for p, y in zip(probs, outcomes, strict=True):
-        b = min(int(p * n_bins), n_bins - 1)
-        groups.setdefault(b, []).append((p, y))
+        conf = max(p, 1 - p)
+        correct = 0.5 if p == 0.5 else float((p > 0.5) == (y == 1))
+        b = min(int((conf - 0.5) * 2 * n_bins), n_bins - 1)
+        groups.setdefault(b, []).append((conf, correct))
     ece = 0.0
     for items in groups.values():
-        mp = sum(p for p, _ in items) / len(items)
-        fp = sum(y for _, y in items) / len(items)
-        ece += len(items) / len(probs) * abs(mp - fp)
+        mean_conf = sum(c for c, _ in items) / len(items)
+        acc = sum(a for _, a in items) / len(items)
+        ece += len(items) / len(probs) * abs(acc - mean_conf)
     return ece, {b: len(v) for b, v in groups.items()}
 
 
 def test_calibration_hand_case():
-    """Bins of width 0.5: [0.1, 0.3] with outcomes [0, 1] -> |0.2 - 0.5| = 0.3, weight 2/4;
-    [0.7, 0.9] with outcomes [1, 1] -> |0.8 - 1| = 0.2, weight 2/4. ECE = 0.25."""
+    """Top-label, 2 bins on [0.5, 1]. p = 0.1, 0.3, 0.7, 0.9 -> confidences 0.9, 0.7, 0.7, 0.9; with outcomes
+    0, 1, 1, 1 the predictions are right, wrong, right, right. Bin [0.5, 0.75): conf 0.7, acc 1/2 -> 0.2;
+    bin [0.75, 1]: conf 0.9, acc 1 -> 0.1; each weighs 2/4, so ECE = 0.15."""
     out = calibration([0.1, 0.3, 0.7, 0.9], [0, 1, 1, 1], n_bins=2)
-    assert out["ece"] == pytest.approx(0.25)
+    assert out["ece"] == pytest.approx(0.15)
     assert out["bins"] == [
-        {"lo": 0.0, "hi": 0.5, "mean_prob": pytest.approx(0.2), "frac_positive": 0.5, "count": 2},
-        {"lo": 0.5, "hi": 1.0, "mean_prob": pytest.approx(0.8), "frac_positive": 1.0, "count": 2},
+        {"lo": 0.5, "hi": 0.75, "confidence": pytest.approx(0.7), "accuracy": 0.5, "count": 2},
+        {"lo": 0.75, "hi": 1.0, "confidence": pytest.approx(0.9), "accuracy": 1.0, "count": 2},
     ]
 
 
-def test_calibration_edges_and_perfect_case():
-    # 1.0 falls in the last bin, 0.5 starts the second; outcomes equal to the probabilities' bin means.
-    out = calibration([0.0, 0.5, 1.0, 1.0], [0, 1, 1, 1], n_bins=2)
-    assert [b["count"] for b in out["bins"]] == [1, 3]
+def test_calibration_edges_ties_and_perfect_case():
+    # 1.0 and 0.0 are confidence 1 (the last bin), 0.75 starts the second bin, a tie p = 0.5 counts one half.
+    out = calibration([0.0, 0.5, 1.0, 0.75], [0, 1, 1, 1], n_bins=2)
+    assert [(b["lo"], b["count"]) for b in out["bins"]] == [(0.5, 1), (0.75, 3)]
+    assert out["bins"][0]["accuracy"] == 0.5 and out["bins"][0]["confidence"] == 0.5
     assert calibration([0.0, 0.0, 1.0], [0, 0, 1])["ece"] == 0.0
+    # Order-free: listing every pair the other way round (p -> 1 - p, outcome -> 1 - outcome) changes nothing.
+    p, y = np.array([0.1, 0.35, 0.62, 0.97]), np.array([0, 0, 1, 0])
+    assert calibration(1 - p, 1 - y, n_bins=4) == calibration(p, y, n_bins=4)
 
 
 def test_calibration_parity_with_loop_and_sklearn():
@@ -91,16 +105,44 @@ def test_calibration_parity_with_loop_and_sklearn():
     out = calibration(probs, outcomes, n_bins=15)
     ece_ref, counts_ref = _ece_loop(probs, outcomes, 15)
     assert out["ece"] == pytest.approx(ece_ref, abs=1e-12)
-    assert {int(round(b["lo"] * 15)): b["count"] for b in out["bins"]} == counts_ref
+    assert {int(round((b["lo"] - 0.5) * 30)): b["count"] for b in out["bins"]} == counts_ref
     assert out["ece"] > 0.05  # over-confidence is visible
 
+    # scikit-learn's reliability curve of the top label: correctness against confidence. Its 30 uniform bins
+    # on [0, 1] have the same upper 15 edges as ours on [0.5, 1].
     sk = pytest.importorskip("sklearn.calibration")
-    frac_pos, mean_pred = sk.calibration_curve(outcomes, probs, n_bins=15, strategy="uniform")
-    np.testing.assert_allclose([b["frac_positive"] for b in out["bins"]], frac_pos)
-    np.testing.assert_allclose([b["mean_prob"] for b in out["bins"]], mean_pred)
+    conf = np.maximum(probs, 1 - probs)
+    correct = ((probs > 0.5) == (outcomes == 1)).astype(float)
+    frac_pos, mean_pred = sk.calibration_curve(correct, conf, n_bins=30, strategy="uniform")
+    np.testing.assert_allclose([b["accuracy"] for b in out["bins"]], frac_pos)
+    np.testing.assert_allclose([b["confidence"] for b in out["bins"]], mean_pred)
 
     calibrated = (rng.random(3000) < probs).astype(float)
     assert calibration(probs, calibrated, n_bins=15)["ece"] < 0.04
+
+
+def test_preference_metrics_by_hand_and_against_the_training_loss():
+    """Gaps +2, +2, -2, 0 (pairs listed chosen-first): accuracy (1 + 1 + 0 + 1/2) / 4, margin 1/2.
+
+    Top-label with 2 bins: the tie has confidence 0.5 and counts one half (bin [0.5, 0.75), no error); the
+    three others have confidence s(2) = 0.8808 with two right: ECE = 3/4 * |2/3 - 0.8808|.
+    """
+    import torch
+
+    from alignflow.train.losses import bradley_terry_loss
+
+    chosen, rejected = [1.0, 3.0, 0.0, 0.5], [-1.0, 1.0, 2.0, 0.5]
+    m = preference_metrics(chosen, rejected, n_bins=2)
+    s2 = 1 / (1 + np.exp(-2.0))
+    assert m["accuracy"] == pytest.approx(2.5 / 4) and m["margin"] == pytest.approx(0.5)
+    assert m["ece"] == pytest.approx(0.75 * abs(2 / 3 - s2), abs=1e-12)
+    assert [b["count"] for b in m["reliability"]] == [1, 3]
+    want = bradley_terry_loss(
+        torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+    )
+    assert m["loss"] == pytest.approx(float(want), abs=1e-12)
+    big = preference_metrics([800.0], [0.0])  # no overflow in -log sigmoid(-gap) terms
+    assert big["loss"] == 0.0 and big["accuracy"] == 1.0
 
 
 def test_calibration_bad_inputs_name_the_field():

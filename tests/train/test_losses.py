@@ -19,7 +19,6 @@ from alignflow.train.losses import (
     dpo_robust_loss,
     dpo_sigmoid_loss,
     entropy_from_logits,
-    kto_loss,
     orpo_loss,
     ppo_policy_loss,
     simpo_loss,
@@ -209,20 +208,6 @@ def test_simpo_and_orpo_hand_values():
     assert close(loss, LN2) and close(rc, -2.0) and close(rr, -2.5)
     loss, rc, _ = orpo_loss(t(math.log(0.5)), t(math.log(1 / 3)), torch.tensor(1.0, dtype=D), beta=0.1)
     assert close(loss, 1 + 0.1 * math.log(1.5)) and close(rc, 0.1 * math.log(0.5))
-
-
-def test_kto_hand_values():
-    """kl = 0, log-ratios 0: every term 1 - sigmoid(0) = 1/2 -> 1/2.
-
-    beta = 1, desirable r = ln 3: 1 - sigmoid(ln 3) = 1/4; undesirable r = ln 3: 1 - sigmoid(-ln 3) = 3/4;
-    desirable weight 2: (2 * 1/4 + 3/4) / 2 = 5/8.
-    """
-    zeros = torch.zeros(2, dtype=D)
-    assert close(kto_loss(zeros, zeros, torch.tensor([True, False]), 0.0)[0], 0.5)
-    loss, rc, rr = kto_loss(
-        t(LN3, LN3), zeros, torch.tensor([True, False]), 0.0, beta=1.0, desirable_weight=2.0
-    )
-    assert close(loss, 5 / 8) and rc.shape == (1,) and rr.shape == (1,)
 
 
 def test_cdpo_matches_reference_loop():

@@ -24,14 +24,11 @@ from alignflow.train.losses import (
     bradley_terry_loss,
     dpo_loss,
     entropy_from_logits,
-    kto_kl_estimate,
-    kto_loss,
     simpo_loss,
 )
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 trl_reward = pytest.importorskip("trl.trainer.reward_trainer")
-trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
 trl_orpo = pytest.importorskip("trl.experimental.orpo")
 trl_cpo = pytest.importorskip("trl.experimental.cpo")
 trl_utils = pytest.importorskip("trl.trainer.utils")
@@ -232,65 +229,6 @@ def test_orpo_matches_trl(seed, pairs):
         ).mean()
     )
     assert abs(loss.item() - exact.item()) <= 1e-12
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("n", [2, 7, 24])
-@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
-def test_kto_matches_trl(seed, n, weights):
-    g = torch.Generator().manual_seed(seed)
-    tokens = 6
-    ids = torch.randint(0, 50, (n, tokens), generator=g)
-    kl_ids = torch.randint(0, 50, (n, tokens), generator=g)
-    completion_mask = torch.ones(n, tokens, dtype=torch.long)
-    completion_mask[:, :2] = 0
-    per_token = -torch.rand(n, tokens - 1, generator=g, dtype=torch.float64) * completion_mask[:, 1:]
-    kl_per_token = -torch.rand(n, tokens - 1, generator=g, dtype=torch.float64)
-    ref = -torch.rand(n, generator=g, dtype=torch.float64) * tokens
-    ref_kl = -torch.rand(n, generator=g, dtype=torch.float64) * tokens
-    labels = torch.arange(n) % 2 == 0  # both classes present
-    labels = labels[torch.randperm(n, generator=g)]
-
-    trainer = object.__new__(trl_kto.KTOTrainer)
-    trainer.model = _FakeLM(
-        {ids.data_ptr(): _lm_outputs(per_token), kl_ids.data_ptr(): _lm_outputs(kl_per_token)}
-    )
-    trainer.accelerator = _Accelerator()
-    trainer.calculate_KL = True
-    trainer.precompute_ref_logps = True
-    trainer.aux_loss_enabled = False
-    trainer.loss_type = "kto"
-    trainer.beta = 0.1
-    trainer.desirable_weight, trainer.undesirable_weight = weights
-    trainer._total_train_tokens = 0
-    trainer._metrics = defaultdict(lambda: defaultdict(list))
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "completion_mask": completion_mask,
-        "KL_input_ids": kl_ids,
-        "KL_attention_mask": torch.ones_like(kl_ids),
-        "KL_completion_mask": torch.ones_like(kl_ids),
-        "label": labels.long(),
-        "ref_logps": ref,
-        "ref_KL_logps": ref_kl,
-    }
-    want = trainer._compute_loss(trainer.model, batch, False)
-
-    kl = kto_kl_estimate(kl_per_token.sum(dim=1), ref_kl)
-    assert abs(kl.item() - trainer._metrics["eval"]["kl"][-1]) <= TOL
-    loss, rc, rr = kto_loss(
-        per_token.sum(dim=1),
-        ref,
-        labels,
-        kl,
-        beta=0.1,
-        desirable_weight=weights[0],
-        undesirable_weight=weights[1],
-    )
-    assert abs(loss.item() - want.item()) <= TOL
-    assert abs(rc.mean().item() - trainer._metrics["eval"]["rewards/chosen"][-1]) <= TOL
-    assert abs(rr.mean().item() - trainer._metrics["eval"]["rewards/rejected"][-1]) <= TOL
 
 
 @pytest.mark.parametrize("seed", SEEDS)

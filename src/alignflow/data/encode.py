@@ -280,16 +280,6 @@ def encode_pairs(pairs: Sequence[Pair], encoder: SequenceEncoder) -> list[Encode
     ]
 
 
-def collate_pairs(
-    items: Sequence[EncodedPair], pad_token_id: int, device: torch.device | str
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-    """(chosen batch, rejected batch, weights ``(B,)``) from encoded pairs."""
-    chosen = pad_batch([p.chosen for p in items], pad_token_id, device)
-    rejected = pad_batch([p.rejected for p in items], pad_token_id, device)
-    weights = torch.tensor([p.weight for p in items], dtype=torch.float32, device=device)
-    return chosen, rejected, weights
-
-
 def pack_pairs(items: Sequence[EncodedPair], pad_token_id: int, device: torch.device | str) -> TreeBatch:
     """Pairs as two-branch prefix trees (shared prompt once, then chosen, then rejected), packed into rows.
 

@@ -351,7 +351,7 @@ def evaluate(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
 
     # Reward model against gold preferences on fresh SFT pairs.
     if params.get("reward_model_dir"):
-        from alignflow.recipes.reward import load_reward_scorer
+        from alignflow.models.reward import load_reward_scorer
 
         scorer = load_reward_scorer(params["reward_model_dir"])
         pairs = generate(

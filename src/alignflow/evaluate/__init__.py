@@ -2,7 +2,13 @@
 and the self-contained HTML report. Pure NumPy except `report` (matplotlib, imported only when used)."""
 
 from alignflow.evaluate.hacking import detect_reward_hacking
-from alignflow.evaluate.reward import bt_probability, calibration, gold_agreement, preference_accuracy
+from alignflow.evaluate.reward import (
+    bt_probability,
+    calibration,
+    gold_agreement,
+    preference_accuracy,
+    preference_metrics,
+)
 from alignflow.evaluate.stats import bootstrap_mean_ci, paired_diff_ci, win_rate
 
 __all__ = [
@@ -13,5 +19,6 @@ __all__ = [
     "gold_agreement",
     "paired_diff_ci",
     "preference_accuracy",
+    "preference_metrics",
     "win_rate",
 ]

@@ -23,7 +23,7 @@ an unknown top-level key is an error, to catch typos):
     proxy_vs_gold:  {"steps": [...], "proxy": [...], "gold": [...], "length": [...]}
                                                           proxy and gold on twin axes; length below
                                                           ("gold" and "length" optional)
-    reliability:    {"ece": float, "bins": [{"lo", "hi", "mean_prob", "frac_positive", "count"}]}
+    reliability:    {"ece": float, "bins": [{"lo", "hi", "confidence", "accuracy", "count"}]}
                                                           reliability diagram (the output of
                                                           `alignflow.evaluate.reward.calibration`)
     annotators:     [ {"annotator", "type", "true_reliability", "estimated_skill", "gold_accuracy",
@@ -378,34 +378,34 @@ def _reliability_section(rel: Mapping[str, Any]) -> str:
     bins = _seq(_get(rel, "bins", where), f"{where}['bins']")
     fig = _fig(4.6, 4.2)
     ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], linestyle="--", color="#6b7280", linewidth=1, label="perfect calibration")
+    ax.plot([0.5, 1], [0.5, 1], linestyle="--", color="#6b7280", linewidth=1, label="perfect calibration")
     total = 0
     for i, b in enumerate(bins):
         w = f"{where}['bins'][{i}]"
         lo = _num(_get(b, "lo", w), f"{w}['lo']")
         hi = _num(_get(b, "hi", w), f"{w}['hi']")
-        mp = _num(_get(b, "mean_prob", w), f"{w}['mean_prob']")
-        fp = _num(_get(b, "frac_positive", w), f"{w}['frac_positive']")
+        conf = _num(_get(b, "confidence", w), f"{w}['confidence']")
+        acc = _num(_get(b, "accuracy", w), f"{w}['accuracy']")
         cnt = int(_num(_get(b, "count", w), f"{w}['count']") or 0)
         total += cnt
-        assert lo is not None and hi is not None and mp is not None and fp is not None
-        ax.bar(lo, fp, width=hi - lo, align="edge", color=PALETTE[0], alpha=0.25, edgecolor=PALETTE[0])
-        ax.plot([mp], [fp], "o", color=PALETTE[0], markersize=5)
-        ax.annotate(str(cnt), (lo + (hi - lo) / 2, fp), textcoords="offset points", xytext=(0, 6),
+        assert lo is not None and hi is not None and conf is not None and acc is not None
+        ax.bar(lo, acc, width=hi - lo, align="edge", color=PALETTE[0], alpha=0.25, edgecolor=PALETTE[0])
+        ax.plot([conf], [acc], "o", color=PALETTE[0], markersize=5)
+        ax.annotate(str(cnt), (lo + (hi - lo) / 2, acc), textcoords="offset points", xytext=(0, 6),
                     ha="center", fontsize=7, color="#374151")  # fmt: skip
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0.5, 1)
     ax.set_ylim(0, 1.08)
-    ax.set_xlabel("predicted P(preferred)", fontsize=9)
-    ax.set_ylabel("observed frequency", fontsize=9)
+    ax.set_xlabel("confidence in the preferred side, max(p, 1 - p)", fontsize=9)
+    ax.set_ylabel("fraction of pairs it got right", fontsize=9)
     ax.set_title(f"ECE = {ece:.3f}  (n = {total})", fontsize=10, loc="left")
-    ax.set_aspect("equal")
     _style(ax)
     return _section(
         "reliability",
         "Reward-model calibration",
         f'<div class="figure">{_img(fig, "reliability diagram")}</div>',
-        "Bars: observed fraction preferred per probability bin (count above); dots: mean predicted "
-        "probability sigmoid(score gap) in the bin. On the diagonal means calibrated.",
+        "Top-label calibration: bars are the fraction of pairs where the side the reward model preferred was "
+        "the preferred one, per confidence bin (count above); dots: mean confidence in the bin. On the "
+        "diagonal means calibrated.",
     )
 
 

@@ -4,8 +4,10 @@ A Bradley-Terry reward model r turns a pair into a preference probability
 P(chosen > rejected) = sigmoid(r(chosen) - r(rejected))  (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1).
 `preference_accuracy` asks how often the gap has the right sign on held-out human pairs, `gold_agreement`
 asks the same against a gold utility where one exists, and `calibration` asks whether the probabilities mean
-what they say (expected calibration error, Guo et al. 2017, "On Calibration of Modern Neural Networks",
-eq. 3): ECE = sum_b (|B_b| / n) * |mean_prob(B_b) - frac_positive(B_b)| over equal-width probability bins.
+what they say (top-label expected calibration error, Guo et al. 2017, "On Calibration of Modern Neural
+Networks", eq. 3): ECE = sum_b (|B_b| / n) * |acc(B_b) - conf(B_b)| over equal-width confidence bins on
+[0.5, 1]. `preference_metrics` bundles accuracy, loss, margin and calibration as the RM recipe logs them.
+This module is the only place those statistics are computed.
 """
 
 from __future__ import annotations
@@ -91,21 +93,28 @@ def gold_agreement(score_gap: ArrayLike, gold_gap: ArrayLike, tie_eps: float = 1
 
 
 def calibration(probs: ArrayLike, outcomes: ArrayLike, n_bins: int = 10) -> dict[str, Any]:
-    """Expected calibration error and the reliability-diagram bins.
+    """Top-label expected calibration error of pairwise preference probabilities, and its reliability bins.
 
-    Typical use: `probs = bt_probability(score_chosen - score_rejected)` on pairs in a random left/right
-    order, `outcomes[i] = 1` when the left item was the one humans preferred.
+    The one calibration of alignflow (the RM recipe's ``eval/ece``, the quickstart and the report). For a
+    pair the model predicts the side it prefers, with confidence ``c = max(p, 1 - p)`` in [0.5, 1]; the
+    prediction is correct when that side is the one preferred (``p > 0.5`` and outcome 1, or ``p < 0.5`` and
+    outcome 0), and a tie ``p = 0.5`` counts one half, as in :func:`preference_accuracy`. Confidences are
+    binned uniformly on [0.5, 1] and ``ECE = sum_b (|B_b| / n) |acc(B_b) - conf(B_b)|`` (Guo et al. 2017,
+    eq. 3). This top-label form is the usual one and, unlike binning ``p`` itself on [0, 1], it does not
+    depend on which side of a pair is listed first: swapping a pair maps ``p`` to ``1 - p`` and the outcome to
+    ``1 - outcome``, which leaves ``c`` and correctness unchanged. Held-out pairs listed chosen-first are
+    ``probs = bt_probability(score_chosen - score_rejected)`` with all outcomes 1.
 
     Args:
-        probs: (n,) predicted probabilities in [0, 1].
-        outcomes: (n,) observed outcomes, each 0 or 1.
-        n_bins: number of equal-width bins on [0, 1]; bin b is [b/n_bins, (b+1)/n_bins), the last one also
-            includes 1.0.
+        probs: (n,) predicted P(first item preferred), in [0, 1].
+        outcomes: (n,) 1 when the first item was the preferred one, else 0.
+        n_bins: number of equal-width confidence bins on [0.5, 1]; bin b is
+            [0.5 + b/(2 n_bins), 0.5 + (b+1)/(2 n_bins)), the last one also includes 1.0.
 
     Returns:
-        `{"ece": float, "bins": [{"lo", "hi", "mean_prob", "frac_positive", "count"}, ...]}` where ECE is
-        Guo et al. (2017) eq. 3 and `bins` lists the non-empty bins in increasing order (empty bins carry no
-        weight in the ECE and have no defined mean).
+        ``{"ece": float, "bins": [{"lo", "hi", "confidence", "accuracy", "count"}, ...]}``: ``bins`` lists
+        the non-empty bins in increasing order (empty bins carry no weight in the ECE and have no mean);
+        ``confidence`` and ``accuracy`` are the bin's mean confidence and fraction correct.
     """
     p = _as_1d(probs, "probs")
     y = _as_1d(outcomes, "outcomes")
@@ -122,25 +131,55 @@ def calibration(probs: ArrayLike, outcomes: ArrayLike, n_bins: int = 10) -> dict
         raise ValueError(f"outcomes: value at index {i} is {float(y[i])!r}; expected 0 or 1")
 
     n_bins = int(n_bins)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    conf = np.maximum(p, 1.0 - p)  # (n,) in [0.5, 1]
+    correct = np.where(p == 0.5, 0.5, ((p > 0.5) == (y == 1)).astype(np.float64))  # (n,)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
     # side="right" on the interior edges puts a value equal to an edge into the bin that starts there.
-    idx = np.searchsorted(edges[1:-1], p, side="right")  # (n,) in [0, n_bins)
+    idx = np.searchsorted(edges[1:-1], conf, side="right")  # (n,) in [0, n_bins)
     count = np.bincount(idx, minlength=n_bins)
-    sum_p = np.bincount(idx, weights=p, minlength=n_bins)
-    sum_y = np.bincount(idx, weights=y, minlength=n_bins)
+    sum_conf = np.bincount(idx, weights=conf, minlength=n_bins)
+    sum_correct = np.bincount(idx, weights=correct, minlength=n_bins)
     bins: list[dict[str, float | int]] = []
     ece = 0.0
     for b in np.flatnonzero(count):
-        mean_prob = float(sum_p[b] / count[b])
-        frac_pos = float(sum_y[b] / count[b])
-        ece += (count[b] / p.size) * abs(mean_prob - frac_pos)
+        confidence = float(sum_conf[b] / count[b])
+        accuracy = float(sum_correct[b] / count[b])
+        ece += (count[b] / p.size) * abs(accuracy - confidence)
         bins.append(
             {
                 "lo": float(edges[b]),
                 "hi": float(edges[b + 1]),
-                "mean_prob": mean_prob,
-                "frac_positive": frac_pos,
+                "confidence": confidence,
+                "accuracy": accuracy,
                 "count": int(count[b]),
             }
         )
     return {"ece": float(ece), "bins": bins}
+
+
+def preference_metrics(
+    score_chosen: ArrayLike, score_rejected: ArrayLike, n_bins: int = 10
+) -> dict[str, Any]:
+    """Held-out metrics of a reward model on pairs listed chosen-first (``docs/metrics.md#rm``).
+
+    Args:
+        score_chosen, score_rejected: (n,) rewards of each pair's chosen and rejected response.
+        n_bins: confidence bins of :func:`calibration`.
+
+    Returns:
+        ``accuracy`` (:func:`preference_accuracy`, ties one half), ``loss`` (the unweighted Bradley-Terry loss
+        ``mean(-log sigmoid(gap))``), ``margin`` (mean gap), ``ece`` and ``reliability`` (the bins) of
+        :func:`calibration` with ``probs = sigmoid(gap)`` and every outcome 1.
+    """
+    c = _as_1d(score_chosen, "score_chosen")
+    r = _as_1d(score_rejected, "score_rejected")
+    _same_length(c, r, "score_chosen", "score_rejected")
+    gap = c - r
+    cal = calibration(bt_probability(gap), np.ones_like(gap), n_bins)
+    return {
+        "accuracy": preference_accuracy(c, r),
+        "loss": float(np.mean(np.logaddexp(0.0, -gap))),  # -log sigmoid(gap), without overflow
+        "margin": float(gap.mean()),
+        "ece": cal["ece"],
+        "reliability": cal["bins"],
+    }

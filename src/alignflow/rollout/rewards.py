@@ -1,22 +1,24 @@
 """Reward sources for on-policy training: a Python function by import path, or reward model(s).
 
-Both give a callable ``(prompts: list[str], responses: list[str]) -> Tensor (B,)``. A reward-model
-ensemble returns the conservative score ``mean - k * std`` over its members (Coste et al. 2024, "Reward Model
-Ensembles Help Mitigate Overoptimization", the "uncertainty-weighted optimisation" objective), which with
-``k = 0`` is the plain mean.
+Both give a callable ``(prompts: list[str], responses: list[str]) -> Tensor (B,)``. Reward models are
+loaded and scored by :mod:`alignflow.models.reward` (:data:`RewardModelScorer` is its
+:class:`~alignflow.models.reward.RewardScorer`, ``(prompts, responses) -> (mean (B,), std (B,))``). A
+reward-model ensemble returns the conservative score ``mean - k * std`` over its members (Coste et al. 2024,
+"Reward Model Ensembles Help Mitigate Overoptimization", the "uncertainty-weighted optimisation"
+objective), which with ``k = 0`` is the plain mean.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from alignflow.errors import ConfigError
+from alignflow.models.reward import RewardScorer
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -59,52 +61,9 @@ def function_scorer(spec: str, field: str = "reward.fn") -> Callable[[list[str],
     return score
 
 
-class RewardModelScorer:
-    """Scores ``prompt + response`` with the reward model(s) in one checkpoint directory.
-
-    A folder written by ``alignflow rm`` (it holds ``ensemble.json``) is loaded with
-    ``alignflow.recipes.reward.load_reward_scorer`` (its prompt formatting; an ensemble of K members gives
-    their mean and std). Any other directory is taken as one Hugging Face sequence-classification model
-    (:func:`alignflow.models.load_reward_model`) scored on the concatenated text, std 0.
-
-    ``scorer(prompts, responses) -> (mean (B,), std (B,))``.
-    """
-
-    def __init__(self, path: str, device: str = "cpu", batch_size: int = 32, max_length: int = 1024) -> None:
-        self.path = path
-        self._external: Callable[[list[str], list[str]], Any] | None = None
-        if (Path(path) / "ensemble.json").is_file():
-            from alignflow.recipes.reward import load_reward_scorer
-
-            self._external = load_reward_scorer(path, device=device)
-            return
-        from alignflow.models import load_reward_model, load_tokenizer
-
-        self.tokenizer = load_tokenizer(path, padding_side="right")
-        self.model = load_reward_model(path, device=device, pad_token_id=self.tokenizer.pad_token_id).eval()
-        self.model.requires_grad_(False)
-        self.device = device
-        self.batch_size = batch_size
-        self.max_length = max_length
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> tuple[Tensor, Tensor]:
-        if self._external is not None:
-            mean, std = self._external(prompts, responses)
-            return mean.float().flatten(), std.float().flatten()
-        scores = []
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[i : i + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-            ).to(self.device)
-            scores.append(self.model(**enc).logits[:, 0].float().cpu())
-        mean = torch.cat(scores)
-        return mean, torch.zeros_like(mean)
+# PPO's ``reward.models`` entries are loaded by the one reward-model scorer (an ``alignflow rm`` ensemble folder
+# or a plain HF sequence-classification folder); the name stays here because PPO configures it as a reward source.
+RewardModelScorer = RewardScorer
 
 
 class EnsembleScorer:

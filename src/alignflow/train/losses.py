@@ -1,4 +1,4 @@
-"""RLHF losses as pure tensor functions: SFT token NLL, Bradley-Terry reward loss, the DPO family, KTO and PPO.
+"""RLHF losses as pure tensor functions: SFT token NLL, Bradley-Terry reward loss, the DPO family and PPO.
 
 Shapes: ``B`` batch, ``T`` tokens, ``V`` vocabulary. Sequence log-probs ``(B,)`` are sums over completion
 tokens (see :mod:`alignflow.train.logprobs`) unless a function says it wants per-token means.
@@ -6,6 +6,9 @@ tokens (see :mod:`alignflow.train.logprobs`) unless a function says it wants per
 Every preference loss returns ``(loss, chosen_rewards, rejected_rewards)`` like TRL: a scalar loss and the
 detached implicit rewards used for logging (``beta * (log pi - log pi_ref)`` for reference-based losses,
 ``beta * log pi`` for reference-free ones). A recipe picks a loss by name with :func:`dpo_loss`.
+
+KTO (Ethayarajh et al. 2024) is not here: it takes unpaired data, which no recipe reads, so its loss and
+reference-point estimate were removed rather than kept tested but unreachable.
 """
 
 from __future__ import annotations
@@ -349,7 +352,7 @@ def dpo_loss(
     ``sigmoid`` DPO (``label_smoothing`` > 0 gives cDPO); ``cdpo`` the same, requiring ``label_smoothing`` > 0;
     ``robust`` rDPO; ``ipo`` (uses ``chosen_lengths``/``rejected_lengths`` if given); ``hinge`` SLiC;
     ``simpo`` (reference-free, ``gamma``; pass per-token mean log-probs); ``orpo`` (reference-free, needs
-    ``chosen_nll``; pass per-token mean log-probs). KTO takes unpaired data: see :func:`kto_loss`.
+    ``chosen_nll``; pass per-token mean log-probs). KTO, which takes unpaired data, was removed (module docstring).
 
     Returns:
         ``(loss, chosen_rewards (B,), rejected_rewards (B,))``.
@@ -376,57 +379,6 @@ def dpo_loss(
     if loss_type == "ipo":
         return dpo_ipo_loss(*refs, beta, chosen_lengths, rejected_lengths)
     return dpo_hinge_loss(*refs, beta)
-
-
-def kto_kl_estimate(kl_policy_logps: Tensor, kl_ref_logps: Tensor) -> Tensor:
-    """KTO's reference point ``z_0`` (Ethayarajh et al. 2024, sec. 4.1): batch mean of
-    ``log pi(y'|x) - log pi_ref(y'|x)`` over mismatched pairs ``(x, y')``, clamped at 0 and detached.
-
-    Args:
-        kl_policy_logps, kl_ref_logps: ``(B,)`` summed log-probs of mismatched completions.
-
-    Returns:
-        0-dim tensor.
-    """
-    _check_pairs(kl_policy_logps=kl_policy_logps, kl_ref_logps=kl_ref_logps)
-    return (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
-
-
-def kto_loss(
-    policy_logps: Tensor,
-    ref_logps: Tensor,
-    desirable: Tensor,
-    kl: Tensor | float,
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> LossAndRewards:
-    """KTO (Ethayarajh et al. 2024, eq. 7) over unpaired completions.
-
-    With ``r = log pi(y|x) - log pi_ref(y|x)`` and reference point ``z_0 = kl``: desirable
-    ``lambda_D (1 - sigmoid(beta (r - z_0)))``, undesirable ``lambda_U (1 - sigmoid(beta (z_0 - r)))``;
-    the loss is the mean over all ``B`` completions.
-
-    Args:
-        policy_logps, ref_logps: ``(B,)`` summed completion log-probs.
-        desirable: ``(B,)`` bool, True for desirable (thumbs-up) completions.
-        kl: scalar ``z_0`` (:func:`kto_kl_estimate`, or 0).
-
-    Returns:
-        ``(loss, chosen_rewards (n_desirable,), rejected_rewards (n_undesirable,))``.
-    """
-    _check_pairs(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
-    z0 = torch.as_tensor(kl, dtype=policy_logps.dtype, device=policy_logps.device).detach()
-    logratios = policy_logps - ref_logps
-    mask = desirable.bool()
-    chosen, rejected = logratios[mask], logratios[~mask]
-    losses = torch.cat(
-        [
-            desirable_weight * (1 - torch.sigmoid(beta * (chosen - z0))),
-            undesirable_weight * (1 - torch.sigmoid(beta * (z0 - rejected))),
-        ]
-    )
-    return (losses.mean(), *_implicit_rewards(beta, chosen, rejected))
 
 
 # ------------------------------------------------------------------------------------------------ PPO
@@ -603,8 +555,6 @@ __all__: list[str] = [
     "dpo_robust_loss",
     "dpo_sigmoid_loss",
     "entropy_from_logits",
-    "kto_kl_estimate",
-    "kto_loss",
     "orpo_loss",
     "ppo_policy_loss",
     "simpo_loss",
