@@ -1,4 +1,4 @@
-"""Passwords (argon2id), browser sessions, scoped API tokens and login rate limiting.
+"""Passwords (argon2id), browser sessions, scoped API tokens; logins go through `limiter`.
 
 Secrets are never stored: sessions and tokens keep only a SHA-256 of a 256-bit random token (a fast hash is
 enough for high-entropy secrets; argon2 is for low-entropy passwords). Every lookup re-reads the user row, so
@@ -15,16 +15,15 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from alignflow.feedback import limiter
 from alignflow.feedback.journal import record
-from alignflow.feedback.models import ROLES, ApiToken, LoginAttempt, User, WebSession
+from alignflow.feedback.models import ROLES, ApiToken, User, WebSession
 
 SCOPES = ("annotate", "review", "manage", "read")
 SESSION_HOURS = 12
-LOGIN_WINDOW_S = 300
-LOGIN_MAX_FAILURES = 5
 TOKEN_PREFIX = "af_"
 
 _hasher = PasswordHasher()
@@ -68,8 +67,13 @@ def hash_password(password: str) -> str:
 def verify_password(stored_hash: str, password: str) -> bool:
     try:
         return _hasher.verify(stored_hash, password)
-    except (VerificationError, InvalidHashError):
+    except (VerificationError, InvalidHashError, UnicodeEncodeError):
+        # A lone surrogate cannot be encoded, so no stored password contains one.
         return False
+
+
+def valid_username(username: str) -> bool:
+    return 0 < len(username) <= 64 and username.replace("_", "").replace("-", "").isalnum()
 
 
 def create_user(
@@ -83,7 +87,7 @@ def create_user(
 ) -> User:
     if role not in ROLES:
         raise ValueError(f"role: must be one of {ROLES}, got {role!r}")
-    if not username or len(username) > 64 or not username.replace("_", "").replace("-", "").isalnum():
+    if not valid_username(username):
         raise ValueError(f"username: 1-64 letters, digits, '-' or '_', got {username!r}")
     if s.scalar(select(User).where(User.username == username)) is not None:
         raise ValueError(f"username: {username!r} already exists")
@@ -102,32 +106,40 @@ def set_disabled(s: Session, user: User, disabled: bool, actor_id: int | None = 
     record(s, actor_id, "user.disable" if disabled else "user.enable", "user", user.id, {})
 
 
-def _recent_failures(s: Session, username: str) -> int:
-    since = now() - timedelta(seconds=LOGIN_WINDOW_S)
-    return s.scalar(
-        select(func.count())
-        .select_from(LoginAttempt)
-        .where(LoginAttempt.username == username, LoginAttempt.at >= since)
-    )
-
-
 def login(s: Session, username: str, password: str, client: str = "") -> tuple[User, str, str]:
-    """Check a password and open a session; returns `(user, session_token, csrf_token)`.
+    """Check a password and open a session; returns `(user, session_token, csrf_token)`. Commits.
+
+    `client` is the caller's address. The attempt is counted by `limiter.reserve` (committed) before the hash,
+    which runs in one of `limiter`'s hash slots and outside any transaction; then it is settled.
 
     Raises:
-        AuthError: wrong credentials, disabled user, or more than `LOGIN_MAX_FAILURES` failures for this
-            username in the last `LOGIN_WINDOW_S` seconds (rate limited, checked before the password).
+        AuthError: wrong credentials or disabled user (401); `rate_limited` (429) when the address or the
+            account is over its limit, or no hash slot freed up in time.
     """
-    if _recent_failures(s, username) >= LOGIN_MAX_FAILURES:
-        raise AuthError(
-            f"too many failed logins; try again in {LOGIN_WINDOW_S // 60} minutes", rate_limited=True
-        )
+    if not valid_username(username):
+        # No such user can exist (`create_user` enforces the same rule), so there is nothing to guess or
+        # hash; and such a name (NUL bytes, surrogates, 65+ characters) is never written to the database.
+        raise AuthError("invalid username or password")
+    client = client[:64]
+    try:
+        attempt = limiter.reserve(s, username, client)
+    except limiter.Refused as exc:
+        raise AuthError(str(exc), rate_limited=True) from exc
     user = s.scalar(select(User).where(User.username == username))
     # Verify against a dummy hash for unknown users so response time does not reveal which usernames exist.
-    ok = verify_password(user.password_hash if user else _DUMMY_HASH, password)
+    stored = user.password_hash if user else _DUMMY_HASH
+    s.commit()  # return the connection to the pool while this request waits for a slot and hashes
+    try:
+        with limiter.hash_slot():
+            ok = verify_password(stored, password)
+    except limiter.Refused as exc:
+        limiter.drop(s, attempt)
+        raise AuthError(str(exc), rate_limited=True) from exc
     if not ok or user is None or user.disabled:
-        s.add(LoginAttempt(username=username[:64], client=client[:64]))
+        limiter.settle(s, attempt, succeeded=False)
+        s.commit()
         raise AuthError("invalid username or password")
+    limiter.settle(s, attempt, succeeded=True)
     token = secrets.token_urlsafe(32)
     csrf = secrets.token_urlsafe(24)
     s.add(
@@ -138,8 +150,8 @@ def login(s: Session, username: str, password: str, client: str = "") -> tuple[U
             expires_at=now() + timedelta(hours=SESSION_HOURS),
         )
     )
-    s.execute(delete(LoginAttempt).where(LoginAttempt.username == username))
     record(s, user.id, "session.login", "user", user.id, {"client": client})
+    s.commit()
     return user, token, csrf
 
 

@@ -70,14 +70,21 @@ class ApiToken(Base):
 
 
 class LoginAttempt(Base):
-    """Failed logins, in the database so the rate limit holds across several server workers."""
+    """Login attempts, in the database so the limits hold across several server workers (see `limiter`).
+
+    `status` is 'pending' from before the password hash until the attempt is settled, then 'failed'; the latest
+    successful login of a username from an address stays as one 'ok' row (that address is then trusted for the
+    account).
+    """
 
     __tablename__ = "fb_login_attempts"
+    __table_args__ = (Index("ix_fb_login_attempts_client_at", "client", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     username: Mapped[str] = mapped_column(String(64), index=True)
     client: Mapped[str] = mapped_column(String(64))
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[str] = mapped_column(String(8), default="failed", server_default="failed")
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
 class Project(Base):
