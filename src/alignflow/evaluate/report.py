@@ -207,6 +207,36 @@ def verdict_text(
     return f"{a_name} {rel} {b_name} on {metric}: {diff:+.3g} [{lo:.3g}, {hi:.3g}]"
 
 
+def ci_text(value: float, lo: float, hi: float, signed: bool = False, digits: int = 3) -> str:
+    """``"0.512 [0.480, 0.544]"``: a point estimate and its interval; ``signed`` writes ``+``/``-`` on all three."""
+    f = f"{'+' if signed else ''}.{digits}f"
+    return f"{value:{f}} [{lo:{f}}, {hi:{f}}]"
+
+
+def comparison_rows(
+    policies: Mapping[str, Mapping[str, Any]],
+    diffs: Mapping[str, Mapping[str, Any]],
+    win_rates: Mapping[str, Mapping[str, Any]],
+    baseline: str,
+    metric: str = "gold utility",
+) -> list[dict[str, str]]:
+    """Summary rows comparing policies with a baseline, one per policy in the order of `policies`.
+
+    `policies`: {name: {"mean", "lo", "hi"}} (`stats.bootstrap_mean_ci`); `diffs`: {name: {"mean", "lo", "hi"}},
+    the paired difference name - baseline (`stats.paired_diff_ci`); `win_rates`: {name: {"rate", "lo", "hi"}}
+    (`stats.win_rate`). The baseline (absent from `diffs`) gets only its own `metric` column.
+    """
+    rows = []
+    for name, p in policies.items():
+        row = {"policy": name, metric: ci_text(p["mean"], p["lo"], p["hi"])}
+        if name in diffs:
+            d, w = diffs[name], win_rates[name]
+            row[f"Δ vs {baseline}"] = ci_text(d["mean"], d["lo"], d["hi"], signed=True)
+            row[f"win rate vs {baseline}"] = ci_text(w["rate"], w["lo"], w["hi"], digits=2)
+        rows.append(row)
+    return rows
+
+
 def _check_policies(policies: Any) -> dict[str, dict[str, Any]]:
     """Validate `data['policies']`; returns {name: {"mean", "lo", "hi", "n"}} with float bounds."""
     if not isinstance(policies, Mapping):
