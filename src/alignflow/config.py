@@ -3,7 +3,9 @@
 - Unknown keys and type errors fail with the file, the dotted field path and (when the
   value came from the YAML file) its line number.
 - `${ENV:NAME}` in any string is replaced by the environment variable NAME at load time.
-  The record saved with a run keeps the placeholder, so secrets never reach the store.
+  The record saved with a run keeps the placeholder, so secrets never reach the store, and
+  errors never echo a value that came from the environment: they name the field and the
+  variable instead (whether the placeholder was in the file or in an `--override`).
 - Defaults live only in the models; `to_record(cfg)` gives the fully resolved config that
   every run saves.
 """
@@ -15,7 +17,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -66,6 +68,20 @@ class DataSection(StrictModel):
     )
     max_prompt_length: int | None = Field(default=None, gt=0)
     packing: bool = False
+
+
+class PreferenceDataSection(DataSection):
+    """Preference data shared by the reward-model and DPO stages: pairs or k-way rankings."""
+
+    format: Literal["pairs", "rankings"] = Field(
+        default="pairs", description="pairs, or k-way rankings expanded to all (better, worse) pairs"
+    )
+    packing: bool = Field(
+        default=True,
+        description="Causal backbones: each pair as one packed prefix tree (the prompt once, then chosen and "
+        "rejected, which never attend to each other) instead of two padded rows. Same results, fewer token "
+        "slots; encoders and models whose head cannot be split off always use padded rows.",
+    )
 
 
 class OptimSection(StrictModel):
@@ -211,7 +227,49 @@ def _yaml_lines(text: str) -> dict[str, int]:
     return lines
 
 
-def _format_validation(exc: ValidationError, source: str, lines: dict[str, int]) -> str:
+def _env_values(templates: dict[str, str]) -> list[str]:
+    """The values substituted for `${ENV:...}` placeholders, longest first (so redaction is greedy)."""
+    names = {n for t in templates.values() for n in _ENV_RE.findall(t)}
+    values = {os.environ[n] for n in names if os.environ.get(n)}
+    return sorted(values, key=len, reverse=True)
+
+
+def _redact(text: str, secrets: Sequence[str], quotes_values: bool) -> str:
+    """Replace every substituted value in an error message with `***`.
+
+    Values of 4+ characters go wherever they appear (pydantic's parser errors can quote part of an
+    input). A shorter one ("0", "yes") is replaced only as a whole token, and only in a validator's
+    own message (`quotes_values`), which may quote what it checked: elsewhere it would turn a bound
+    such as "greater than 0" into "greater than ***" without hiding anything.
+    """
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+        elif quotes_values:
+            text = re.sub(rf"(?<![\w.]){re.escape(secret)}(?![\w.])", "***", text)
+    return text
+
+
+def _env_source(dotted: str, templates: dict[str, str]) -> str | None:
+    """The placeholder(s) behind the value at `dotted` (or inside or around it), if any."""
+    hits = [
+        t
+        for path, t in templates.items()
+        if path == dotted or path.startswith(f"{dotted}.") or dotted.startswith(f"{path}.")
+    ]
+    if not hits:
+        return None
+    return ", ".join(sorted({f"${{ENV:{n}}}" for t in hits for n in _ENV_RE.findall(t)}))
+
+
+def _format_validation(
+    exc: ValidationError,
+    source: str,
+    lines: dict[str, int],
+    templates: dict[str, str] | None = None,
+) -> str:
+    templates = templates or {}
+    secrets = _env_values(templates)
     msgs = []
     for err in exc.errors():
         dotted = ".".join(str(p) for p in err["loc"])
@@ -228,8 +286,12 @@ def _format_validation(exc: ValidationError, source: str, lines: dict[str, int])
             msg = "required field is missing"
         else:
             msg = err["msg"]
-            if "input" in err and not isinstance(err["input"], dict | list):
+            env = _env_source(dotted, templates)
+            if env:
+                msg += f" (the value comes from {env} and is not shown)"
+            elif "input" in err and not isinstance(err["input"], dict | list):
                 msg += f" (got {err['input']!r})"
+        msg = _redact(msg, secrets, quotes_values=kind in ("value_error", "assertion_error"))
         msgs.append(f"{where}: {dotted}: {msg}")
     return "invalid config:\n  " + "\n  ".join(msgs)
 
@@ -243,7 +305,7 @@ def validate_config(
     try:
         cfg = schema.model_validate(resolved)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, source, lines or {})) from None
+        raise ConfigError(_format_validation(exc, source, lines or {}, templates)) from None
     cfg._env_templates = templates
     return cfg
 

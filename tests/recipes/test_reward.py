@@ -1,9 +1,10 @@
-"""Reward-model recipe through the real CLI: learning, pinned steps, rankings, ensembles, scorer, calibration."""
+"""Reward-model recipe through the real CLI: learning, pinned steps, rankings, ensembles, scorer, calibration.
+
+The calibration and accuracy arithmetic is tested by hand in ``tests/evaluate/test_reward.py``."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -16,25 +17,8 @@ from .conftest import base_config, read_metrics, train_metrics, write_config
 PINNED_RM_LOSSES = [0.6961925625801086, 0.5939514636993408, 0.43392303586006165]
 
 
-def test_calibration_by_hand() -> None:
-    """Gaps +2, +2, -2, 0: confidences s(2)=0.8808 (x3, two correct) and 0.5 (a tie, counted wrong).
-
-    With 2 bins on [0.5, 1]: bin [0.5, 0.75) holds the tie (acc 0, conf 0.5), bin [0.75, 1] holds the
-    three others (acc 2/3, conf 0.8808). ECE = 1/4 * 0.5 + 3/4 * |2/3 - 0.8808| = 0.2856.
-    """
-    from alignflow.recipes.reward import calibration, preference_metrics
-
-    ece, table = calibration(torch.tensor([2.0, 2.0, -2.0, 0.0]), bins=2)
-    s2 = 1 / (1 + math.exp(-2.0))
-    assert ece == pytest.approx(0.25 * 0.5 + 0.75 * abs(2 / 3 - s2), abs=1e-9)
-    assert [b["count"] for b in table] == [1, 3]
-    m = preference_metrics(torch.tensor([1.0, 3.0, 0.0, 0.5]), torch.tensor([-1.0, 1.0, 2.0, 0.5]), bins=2)
-    assert m["accuracy"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
-    assert m["margin"] == pytest.approx((2 + 2 - 2 + 0) / 4)
-
-
 def test_rm_learns_pairs_and_pins_first_steps(cli, tiny_model, toy_data, tmp_path: Path) -> None:
-    from alignflow.recipes.reward import load_reward_scorer
+    from alignflow.models.reward import load_reward_scorer
 
     out = tmp_path / "run"
     cfg = write_config(
@@ -62,7 +46,7 @@ def test_rm_learns_pairs_and_pins_first_steps(cli, tiny_model, toy_data, tmp_pat
 
 
 def test_rm_rankings_lora_ensemble_of_two(cli, tiny_model, toy_data, tmp_path: Path) -> None:
-    from alignflow.recipes.reward import load_reward_scorer
+    from alignflow.models.reward import load_reward_scorer
 
     out = tmp_path / "run"
     cfg = write_config(
@@ -141,7 +125,7 @@ def test_rm_nan_loss_stops_naming_step_and_ids(
 
 def test_freeze_layers_freezes_embeddings_and_bottom_blocks(tiny_model: Path) -> None:
     from alignflow.models import load_reward_model
-    from alignflow.recipes.reward import freeze_bottom
+    from alignflow.models.reward import freeze_bottom
 
     model = load_reward_model(tiny_model, dtype="float32", pad_token_id=0)
     freeze_bottom(model, 1)
@@ -161,3 +145,22 @@ def test_rm_padded_rows_give_the_packed_losses(cli, tiny_model, toy_data, tmp_pa
     res = cli("rm", cfg, "data.packing=false")
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert train_metrics(out) == pytest.approx(PINNED_RM_LOSSES, abs=1e-4)
+
+
+def test_one_scorer_loads_a_plain_hf_reward_model_and_names_a_bad_folder(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """PPO's ``reward.models`` and the quickstart load through the same scorer as ``alignflow rm`` output."""
+    from alignflow.errors import DataFormatError
+    from alignflow.models.reward import load_reward_scorer, read_ensemble
+    from alignflow.rollout import RewardModelScorer
+
+    scorer = load_reward_scorer(tiny_model, batch_size=2)
+    assert RewardModelScorer is type(scorer)
+    mean, std = scorer(["a ", "b ", "c "], ["x", "yy", "zzz"])
+    assert mean.shape == std.shape == (3,) and torch.all(std == 0) and torch.isfinite(mean).all()
+    # Batching only changes how texts are grouped (and padded), not their scores.
+    scorer.batch_size = 3
+    torch.testing.assert_close(scorer(["a ", "b ", "c "], ["x", "yy", "zzz"])[0], mean, atol=1e-5, rtol=1e-5)
+    with pytest.raises(DataFormatError, match="ensemble.json is missing"):
+        read_ensemble(tmp_path)

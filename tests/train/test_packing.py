@@ -293,7 +293,7 @@ def test_tree_pair_logps_equal_concatenated_forward_and_branches_are_isolated() 
 
 
 def test_packed_reward_scores_equal_padded_last_token_pooling() -> None:
-    from alignflow.recipes.reward import pair_scores
+    from alignflow.models.reward import pair_scores
 
     model, items = _tiny(seq_cls=True), _pairs(5, seed=4)
     with torch.no_grad():

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -26,6 +26,7 @@ from alignflow.errors import DataFormatError
 from alignflow.train.logprobs import IGNORE_INDEX
 
 console = Console(stderr=True, soft_wrap=True)
+Row = TypeVar("Row")
 
 
 class TruncationCounter:
@@ -59,12 +60,13 @@ def prompt_bucket(prompt: str) -> float:
 
 
 def split_by_prompt(
-    rows: Sequence[Mapping[str, Any]], fraction: float, prompt_of: Any = None
-) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    rows: Sequence[Row], fraction: float, prompt_of: Callable[[Row], str] | None = None
+) -> tuple[list[Row], list[Row]]:
     """Split rows into (train, eval): a row goes to eval when its prompt's hash bucket is below ``fraction``.
 
-    All rows sharing a prompt land on the same side, so eval never sees a training prompt.
-    ``prompt_of(row)`` defaults to ``row["prompt"]`` (SFT rows with ``messages`` use all but the last turn).
+    All rows sharing a prompt land on the same side, so eval never sees a training prompt. Rows are
+    mappings or objects: ``prompt_of(row)`` defaults to ``row["prompt"]`` (SFT rows with ``messages`` use
+    :func:`sft_prompt_key`, preference pairs ``lambda p: p.prompt``).
     """
     key = prompt_of or (lambda r: r["prompt"] or "")
     train, held = [], []

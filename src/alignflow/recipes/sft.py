@@ -27,17 +27,33 @@ from alignflow.config import (
     TrainSection,
     register_stage,
 )
-from alignflow.data import encode as B
-from alignflow.data.encode import TruncationCounter
+from alignflow.data.encode import (
+    SequenceEncoder,
+    TruncationCounter,
+    endless,
+    make_sampler,
+    model_kwargs,
+    pad_batch,
+    sft_prompt_key,
+    split_by_prompt,
+    steps_for,
+)
 from alignflow.data.packing import pack_examples
 from alignflow.errors import DataFormatError
 from alignflow.models import load_policy, load_tokenizer
 from alignflow.models.export import export_hf
 from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.store import Store
-from alignflow.train import optim as T
-from alignflow.train.accum import count_target_tokens, sum_token_nll
-from alignflow.train.losses import token_nll
+from alignflow.train.accum import count_target_tokens, global_token_mean_loss, sum_token_nll
+from alignflow.train.optim import (
+    StepTimer,
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    lora_spec,
+    resolve_device,
+    retention,
+)
 
 
 @register_stage("sft")
@@ -75,21 +91,21 @@ def _load_rows(r: Run, ref: str, role: str) -> list[dict[str, Any]]:
 def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
     # ---------------------------------------------------------------- setup
     set_seed(cfg.train.seed)
-    device = T.resolve_device(cfg.model)
+    device = resolve_device(cfg.model)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
 
     rows = _load_rows(r, cfg.data.train, "dataset")
     if cfg.data.eval:
         train_rows, eval_rows = rows, _load_rows(r, cfg.data.eval, "eval_dataset")
     else:
-        train_rows, eval_rows = B.split_by_prompt(rows, cfg.data.eval_fraction, B.sft_prompt_key)
+        train_rows, eval_rows = split_by_prompt(rows, cfg.data.eval_fraction, sft_prompt_key)
     if not train_rows:
         raise DataFormatError(
             f"{cfg.data.train}: no training examples left after the eval split "
             f"(data.eval_fraction={cfg.data.eval_fraction}, {len(rows)} rows)"
         )
     counter = TruncationCounter("sft examples")
-    enc = B.SequenceEncoder(tok, cfg.data.max_length, cfg.data.max_prompt_length, counter=counter)
+    enc = SequenceEncoder(tok, cfg.data.max_length, cfg.data.max_prompt_length, counter=counter)
     train = [enc.encode_sft_row(x) for x in train_rows]
     held = [enc.encode_sft_row(x) for x in eval_rows]
     counter.report()
@@ -102,26 +118,26 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
         device=str(device),
         attn_implementation=cfg.model.attn_implementation,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
-        lora=T.lora_spec(cfg.lora),
+        lora=lora_spec(cfg.lora),
     )
-    sampler = B.make_sampler(
+    sampler = make_sampler(
         [len(e.input_ids) for e in train],
         cfg.train.batch_size,
         cfg.data.max_length,
         cfg.train.seed,
         packed=cfg.data.packing,
     )
-    total = B.steps_for(sampler, cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps)
-    optimizer = T.build_optimizer(model, cfg.optim)
-    scheduler = T.build_scheduler(optimizer, cfg.optim, total)
+    total = steps_for(sampler, cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
 
-    ckpt = r.checkpoints(retention=T.retention(cfg.checkpoint))
+    ckpt = r.checkpoints(retention=retention(cfg.checkpoint))
     start = 0
     resumed = ckpt.load_latest()
     if resumed is not None:
         sampler.load_state_dict(resumed.restore(model, optimizer, scheduler)["sampler"])
         start = resumed.step
-    batches = B.endless(sampler)
+    batches = endless(sampler)
 
     def collate(idx: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Model inputs and labels ``(B, T)`` of one micro-batch, packed into rows or right-padded."""
@@ -136,8 +152,8 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
             if cfg.model.attn_implementation == "eager":  # eager adds the mask instead of selecting with it
                 inputs["attention_mask"] = pb.additive_mask(next(model.parameters()).dtype)
             return {k: v.to(device) for k, v in inputs.items()}, pb.labels.to(device)
-        batch = B.pad_batch(items, tok.pad_token_id, device)
-        return B.model_kwargs(batch), batch["labels"]
+        batch = pad_batch(items, tok.pad_token_id, device)
+        return model_kwargs(batch), batch["labels"]
 
     def evaluate() -> dict[str, float]:
         """Held-out mean token NLL over every eval target token, and its perplexity."""
@@ -147,8 +163,8 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
         nll, n = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(held), cfg.train.batch_size):
-                batch = B.pad_batch(held[i : i + cfg.train.batch_size], tok.pad_token_id, device)
-                logits = model(**B.model_kwargs(batch), use_cache=False).logits
+                batch = pad_batch(held[i : i + cfg.train.batch_size], tok.pad_token_id, device)
+                logits = model(**model_kwargs(batch), use_cache=False).logits
                 nll += float(sum_token_nll(logits, batch["labels"]))
                 n += count_target_tokens(batch["labels"])
         model.train()
@@ -157,7 +173,7 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- loop
     metrics: dict[str, float] = {}
-    timer = T.StepTimer()
+    timer = StepTimer()
     with ckpt, r.stopper() as stop, r.progress(total, ("loss", "tokens_per_sec"), completed=start) as bar:
         for step in range(start + 1, total + 1):
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
@@ -171,13 +187,13 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
             n_tokens = 0
             for idx, (inputs, labels) in zip(micro, collated, strict=True):
                 logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-                loss = token_nll(logits, labels, num_items_in_batch=n_target)
+                loss = global_token_mean_loss(logits, labels, n_target)
                 check_finite(loss, step, [train_ids[i] for i in idx], ckpt)
                 loss.backward()
                 loss_sum += loss.detach()
                 n_tokens += sum(len(train[i].input_ids) for i in idx)
-            grad_norm = T.clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
-            scheduler.step()
+            grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
+            scheduler.step()  # once per optimizer step
             dt = timer.lap()
             metrics = {
                 "loss": float(loss_sum),
