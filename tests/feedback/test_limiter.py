@@ -9,7 +9,10 @@ so that parallel requests really overlap while hashing.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -254,3 +257,14 @@ def test_migration_0003_keeps_old_attempts_as_failures(db_url):
     with eng.connect() as conn:
         assert conn.execute(text("SELECT status FROM fb_login_attempts")).scalars().all() == ["failed"]
     eng.dispose()
+
+
+def test_hash_slots_come_from_the_environment():
+    def slots(value: str) -> subprocess.CompletedProcess:
+        code = "from alignflow.feedback import limiter; print(limiter.policy().hash_slots)"
+        env = {**os.environ, limiter.HASH_SLOTS_ENV: value}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+    assert slots("3").stdout.strip() == "3"
+    bad = slots("0")
+    assert bad.returncode != 0 and "ALIGNFLOW_LOGIN_HASH_SLOTS: a whole number >= 1, got '0'" in bad.stderr

@@ -73,6 +73,7 @@ def verify_password(stored_hash: str, password: str) -> bool:
 
 
 def valid_username(username: str) -> bool:
+    """1-64 letters, digits, '-' or '_' (the rule `create_user` enforces)."""
     return 0 < len(username) <= 64 and username.replace("_", "").replace("-", "").isalnum()
 
 

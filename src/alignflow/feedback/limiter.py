@@ -54,9 +54,20 @@ ACCOUNT_FREE_FAILURES = 5
 BACKOFF_BASE_S = 10.0
 BACKOFF_MAX_S = 600.0
 TRUST_S = 30 * 86400.0
-HASH_SLOTS = int(os.environ.get("ALIGNFLOW_LOGIN_HASH_SLOTS", "2"))
 HASH_WAIT_S = 2.0
+HASH_SLOTS_ENV = "ALIGNFLOW_LOGIN_HASH_SLOTS"
 
+
+def _hash_slots_from_env(default: int = 2) -> int:
+    raw = os.environ.get(HASH_SLOTS_ENV, "")
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{HASH_SLOTS_ENV}: a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
+HASH_SLOTS = _hash_slots_from_env()
 COUNTED = ("pending", "failed")
 # Any fixed 64-bit number: the PostgreSQL advisory lock that every limiter transaction takes.
 _PG_LOCK_KEY = 0x616C69676E666C6F
