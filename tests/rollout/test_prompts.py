@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignflow.data.encode import SequenceEncoder
+from alignflow.data.encode import SequenceEncoder, sft_prompt_key
 from alignflow.data.prompts import (
     Prompt,
     PromptStream,
@@ -28,7 +28,11 @@ def test_prompts_from_rows_renders_messages_dedups_and_keeps_order(tok):
     templated = tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
-    assert got == [Prompt("What is 2+2? "), Prompt(templated, templated=True)]
+    assert [(p.text, p.templated) for p in got] == [("What is 2+2? ", False), (templated, True)]
+    # The split key is SFT's for the same row, so both stages hold out the same prompts.
+    assert [p.key for p in got] == [sft_prompt_key(rows[0]), sft_prompt_key(rows[1])]
+    one_turn = prompts_from_rows([{"id": "u", "messages": rows[3]["messages"]}], "sft", tok, "s")[0]
+    assert one_turn.key != sft_prompt_key(rows[3])  # SFT's key would drop the only turn: every such row alike
     # kind "pairs" reads only the prompt column
     assert prompts_from_rows(
         [{"id": "p", "prompt": "x", "messages": rows[1]["messages"]}], "pairs", tok, "s"

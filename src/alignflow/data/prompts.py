@@ -11,6 +11,7 @@ encoder's truncation rule does.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +25,17 @@ from alignflow.errors import DataFormatError
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt's text, and whether a chat template rendered it (then it carries its own special tokens)."""
+    """One prompt: its text, whether a chat template rendered it (then it carries its own special tokens),
+    and ``key``, what :func:`alignflow.data.encode.split_by_prompt` hashes (SFT's key for the same row, so a
+    prompt SFT held out is held out here too); ``key`` defaults to the text."""
 
     text: str
     templated: bool = False
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.text)
 
 
 def bos_prefix(tok: Any, templated: bool = False) -> list[int]:
@@ -42,7 +50,8 @@ def prompts_from_rows(rows: Sequence[Mapping[str, Any]], kind: str, tok: Any, so
 
     ``kind="sft"``: a row's ``messages`` minus a final assistant turn, rendered with the tokenizer's chat
     template (generation prompt added), or else its ``prompt``; ``kind="pairs"``: the ``prompt``.
-    ``source`` names the dataset in error messages.
+    ``source`` names the dataset in error messages. A ``messages`` prompt's ``key`` is its turns as JSON,
+    SFT's split key (:func:`alignflow.data.encode.sft_prompt_key`) when the row ends with the assistant turn.
     """
     out: dict[str, Prompt] = {}
     for i, row in enumerate(rows):
@@ -51,11 +60,12 @@ def prompts_from_rows(rows: Sequence[Mapping[str, Any]], kind: str, tok: Any, so
                 raise DataFormatError(
                     f"{source}: row {i} (id {row.get('id')}): field 'messages' needs a tokenizer chat_template"
                 )
-            msgs = [dict(m) for m in row["messages"]]
-            if msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
+            turns = list(row["messages"])
+            if turns[-1]["role"] == "assistant":
+                turns = turns[:-1]  # the reply to learn; the policy writes its own
+            msgs = [dict(m) for m in turns]
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            out.setdefault(text, Prompt(text, templated=True))
+            out.setdefault(text, Prompt(text, templated=True, key=json.dumps(turns, sort_keys=True)))
         else:
             text = row.get("prompt")
             if not text:

@@ -1,9 +1,11 @@
 """On-policy RLHF: PPO with a critic (GAE), or critic-free RLOO / GRPO, over prompts from a dataset artifact.
 
-Reads top to bottom: setup (run, prompts, policy, reference, value model, reward source, optimizer, resume)
-→ loop (rollout → score → experience → several epochs of minibatch updates → KL controller → metrics →
-graceful stop) → checkpoint → evaluate (monitor on held-out prompts) → register the final policy with
-lineage. Metric names are documented in ``docs/metrics.md#ppo``.
+Reads top to bottom: setup (run, prompts, policy, reference, critic, reward source, optimizer, resume) → loop,
+one step in named phases (``sample → score → make_experience → ppo_update → log → end_step``) → evaluate
+(monitor on held-out prompts) → register the final policy with lineage. Metric names are documented in
+``docs/metrics.md#ppo``. The components are library code: prompts and their stream in
+:mod:`alignflow.data.prompts`, the forwards (packed or padded) in :mod:`alignflow.rollout.forward`, the
+experience in :mod:`alignflow.rollout.experience`, the arithmetic in :mod:`alignflow.train`.
 
 One step (Ouyang et al. 2022, "Training language models to follow instructions with human feedback", sec. 3.5;
 Ziegler et al. 2019):
@@ -20,7 +22,8 @@ Ziegler et al. 2019):
    baseline (Ahmadian et al. 2024); ``grpo`` — group-normalised scores, with ``beta * KL`` (k3) as a loss
    term instead of a reward term (Shao et al. 2024, eq. 3).
 6. ``ppo.epochs`` passes over shuffled minibatches with the clipped surrogate (and the clipped value loss for
-   ``gae``); an epoch stops early when the approximate KL to ``pi_old`` exceeds ``ppo.target_kl``.
+   ``gae``); an epoch stops early when the approximate KL to ``pi_old`` exceeds ``ppo.target_kl``. The
+   learning-rate schedule steps once per step (rollout round), not once per minibatch.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Literal
 
 import numpy as np
@@ -44,6 +49,8 @@ from alignflow.config import (
     StrictModel,
     register_stage,
 )
+from alignflow.data.encode import split_by_prompt
+from alignflow.data.prompts import Prompt, PromptStream, encode_prompt, left_pad, prompts_from_rows
 from alignflow.errors import ConfigError, DataFormatError
 from alignflow.models import (
     CausalLMWithValueHead,
@@ -51,41 +58,29 @@ from alignflow.models import (
     load_reference,
     load_tokenizer,
     load_value_model,
-    reference_mode,
 )
 from alignflow.models.export import export_hf
 from alignflow.recipes.common import Run, check_finite, console, set_seed, start_run
 from alignflow.rollout import (
+    AdvantageSpec,
     EnsembleScorer,
+    Experience,
+    Forwarder,
+    ForwardOut,
     RewardModelScorer,
     Rollout,
-    RolloutTrees,
+    RolloutRows,
     RunningMoments,
     ShapingConfig,
+    explained_variance,
     function_scorer,
-    packable,
-    response_forward,
-    rollout_trees,
+    make_experience,
     sample,
     shape_scores,
-    tree_response_forward,
-    tree_value_forward,
-    value_forward,
 )
 from alignflow.store import Store
 from alignflow.train import optim as T
-from alignflow.train.advantages import (
-    AdaptiveKLController,
-    FixedKLController,
-    gae,
-    grpo_advantages,
-    kl_penalty,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    per_token_rewards,
-    rloo_advantages,
-)
+from alignflow.train.advantages import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
 from alignflow.train.losses import ppo_policy_loss, value_loss
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -244,115 +239,13 @@ class PPOConfig(StageConfig):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# helpers (orchestration only; the arithmetic is in alignflow.train and alignflow.rollout)
-
-
-def _prompt_texts(rows: list[dict[str, Any]], kind: str, tok: Any, source: str) -> list[str]:
-    out = []
-    for i, row in enumerate(rows):
-        if kind == "sft" and row.get("messages"):
-            if tok.chat_template is None:
-                raise DataFormatError(
-                    f"{source}: row {i} (id {row.get('id')}): field 'messages' needs a tokenizer chat_template"
-                )
-            msgs = [dict(m) for m in row["messages"]]
-            if msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-            out.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-        else:
-            prompt = row.get("prompt")
-            if not prompt:
-                raise DataFormatError(f"{source}: row {i} (id {row.get('id')}): field 'prompt' is empty")
-            out.append(prompt)
-    return list(dict.fromkeys(out))  # unique, order kept
-
-
-def _encode_prompt(tok: Any, text: str, max_len: int) -> list[int]:
-    # Chat-templated prompts carry their special tokens in the text; plain prompts get bos like SFT's encoder.
-    templated = tok.bos_token is not None and text.startswith(tok.bos_token)
-    ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    if not templated and tok.bos_token_id is not None:
-        ids = [tok.bos_token_id, *ids]
-    return ids[-max_len:]
-
-
-def _left_pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _held_out(prompts: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    import hashlib
-
-    def bucket(p: str) -> float:
-        return int(hashlib.sha1(p.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-    return [p for p in prompts if bucket(p) >= fraction], [p for p in prompts if bucket(p) < fraction]
-
-
-class PromptStream:
-    """Seeded epoch-wise shuffling of prompts; ``state_dict`` is the exact data position for resume."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
-        self._perm = self._permutation()
-
-    def _permutation(self) -> np.ndarray:
-        return np.random.RandomState((self.seed + 7919 * self.epoch) % 2**32).permutation(self.n)
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._perm = self._permutation()
-            out.append(int(self._perm[self.pos]))
-            self.pos += 1
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._perm = self._permutation()
-
-
-def _decode(tok: Any, ids: Tensor, mask: Tensor) -> list[str]:
-    rows = [r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu(), strict=True)]
-    return tok.batch_decode(rows, skip_special_tokens=True)
-
-
-class _StepRows:
-    """One step's rollout as the scoring and update forwards see it: padded rows or packed prompt trees."""
-
-    def __init__(self, roll: Rollout, groups: Tensor) -> None:
-        self.roll, self.groups = roll, groups
-        self.seq, self.seq_mask = roll.sequences()  # (B, P + R), the padded layout
-        self.response_len = roll.response_ids.shape[1]
-
-    def trees(self, rows: list[int]) -> RolloutTrees:
-        return rollout_trees(self.roll, rows, self.groups)
-
-
-def _chunked(fn: Callable[[_StepRows, list[int]], Tensor], cur: _StepRows, chunk: int) -> Tensor:
-    """``fn(cur, rows)`` without grad over row chunks of ``chunk`` (bounds activation memory), concatenated."""
-    n = cur.seq.shape[0]
-    with torch.no_grad():
-        return torch.cat([fn(cur, list(range(i, min(i + chunk, n)))) for i in range(0, n, chunk)])
-
-
-def _p95(x: Tensor) -> float:
-    return float(torch.quantile(x.float(), 0.95))
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # recipe
+
+PROGRESS_KEYS = (
+    "reward/raw_mean",
+    "kl/seq_sum_mean",
+    "response/len_mean",
+)  # also the final summary's metrics
 
 
 def run(cfg: PPOConfig, store: Store | None = None) -> dict[str, Any]:
@@ -371,66 +264,16 @@ def run(cfg: PPOConfig, store: Store | None = None) -> dict[str, Any]:
 
 
 def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
-    # ================================================================ setup
+    # ================================================================ setup (this order: models draw from the RNG)
     set_seed(cfg.train.seed)
     device = T.resolve_device(cfg.model)
-    est = cfg.advantage.estimator
     k = cfg.rollout.num_generations
-    temp = cfg.rollout.temperature
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, padding_side="left")
-
-    # prompts
-    aid = r.dataset(cfg.data.train, cfg.data.kind, role="prompts")
-    train_prompts = _prompt_texts(r.store.read_dataset(aid).to_pylist(), cfg.data.kind, tok, cfg.data.train)
-    held: list[str] = []
-    if cfg.monitor.every > 0:
-        if cfg.data.eval:
-            eid = r.dataset(cfg.data.eval, cfg.data.kind, role="eval_prompts")
-            held = _prompt_texts(r.store.read_dataset(eid).to_pylist(), cfg.data.kind, tok, cfg.data.eval)
-        else:
-            train_prompts, held = _held_out(train_prompts, cfg.data.eval_fraction)
-        held = held[: cfg.monitor.num_prompts]
-        if not held:
-            raise ConfigError(
-                "monitor.every > 0 but there are no held-out prompts; set data.eval or data.eval_fraction"
-            )
-    if not train_prompts:
-        raise DataFormatError(f"{cfg.data.train}: no training prompts")
-    encoded = [_encode_prompt(tok, p, cfg.data.max_prompt_length) for p in train_prompts]
+    train_prompts, held = _load_prompts(cfg, r, tok)
+    train_ids = [encode_prompt(tok, p.text, cfg.data.max_prompt_length, p.templated) for p in train_prompts]
     stream = PromptStream(len(train_prompts), cfg.train.seed)
-
-    # models
-    r.model_dir(cfg.model.path, role="base_model")
-    lora = T.lora_spec(cfg.lora)
-    common = {
-        "dtype": cfg.model.dtype,
-        "device": str(device),
-        "attn_implementation": cfg.model.attn_implementation,
-    }
-    policy = load_policy(
-        cfg.model.path, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=lora, **common
-    )
-    reference = None if lora is not None else load_reference(cfg.model.path, **common)
-    value_model: nn.Module | None = None
-    policy_vh: CausalLMWithValueHead | None = None
-    if est == "gae" and cfg.value.shared_trunk:
-        policy_vh = CausalLMWithValueHead(policy).to(device)
-    elif est == "gae":
-        value_model = load_value_model(
-            cfg.value.path or cfg.model.path, pad_token_id=tok.pad_token_id, shared_trunk=False, **common
-        )
-    train_module: nn.Module = policy_vh if policy_vh is not None else policy  # the module the PPO loss runs
-
-    # reward source
-    scorer: Callable[[list[str], list[str]], Tensor]
-    if cfg.reward.fn:
-        scorer = function_scorer(cfg.reward.fn, "reward.fn")
-    else:
-        for path in cfg.reward.models:
-            r.model_dir(path, role="reward_model")
-        scorer = EnsembleScorer(
-            [RewardModelScorer(p, device=str(device)) for p in cfg.reward.models], cfg.reward.ensemble_k
-        )
+    forwarder = _load_models(cfg, r, tok, device)
+    scorer = _reward_source(cfg, r, device)
     monitor_fn = function_scorer(cfg.monitor.score_fn, "monitor.score_fn") if cfg.monitor.score_fn else None
     shaping = ShapingConfig(
         missing_eos_penalty=cfg.reward.missing_eos_penalty,
@@ -444,27 +287,21 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
         if cfg.kl.adaptive
         else FixedKLController(cfg.kl.coef)
     )
-
-    # optimizer: one AdamW, the value parameters in their own group (own learning rate)
-    policy_params = [p for p in policy.parameters() if p.requires_grad]
-    value_params: list[nn.Parameter] = []
-    if value_model is not None:
-        value_params = [p for p in value_model.parameters() if p.requires_grad]
-    elif policy_vh is not None:
-        value_params = list(policy_vh.value_head.parameters())
-    groups = [{"params": policy_params, "lr": cfg.optim.lr}]
-    if value_params:
-        groups.append({"params": value_params, "lr": cfg.value.lr or cfg.optim.lr})
-    optimizer = T.adamw(
-        groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+    spec = AdvantageSpec(
+        estimator=cfg.advantage.estimator,
+        group_size=k,
+        kl_estimator=cfg.kl.estimator,
+        gamma=cfg.advantage.gamma,
+        lam=cfg.advantage.lam,
+        whiten=cfg.advantage.whiten,
+        grpo_scale=cfg.advantage.grpo_scale,
+        recompute_logprobs=cfg.rollout.recompute_logprobs,
     )
+    optimizer, params = _optimizer(cfg, forwarder)
     scheduler = T.build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    all_params = policy_params + value_params
 
     # what a checkpoint holds: a LoRA policy alone saves only its adapter
-    ckpt_module: nn.Module = (
-        nn.ModuleDict({"policy": policy, "value": value_model}) if value_model is not None else train_module
-    )
+    ckpt_module = _checkpoint_module(forwarder)
     ckpt = r.checkpoints(T.retention(cfg.checkpoint))
     start = 0
     loaded = ckpt.load_latest()
@@ -476,291 +313,349 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
         kl_ctl.value = float(state["kl_coef"])
         console.print(f"resumed from {loaded.path} (step {start})")
 
-    def data_state(step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "stream": stream.state_dict(),
-            "moments": moments.state_dict(),
-            "kl_coef": kl_ctl.value,
-        }
-
-    # Forwards over rollout rows: packed prompt trees, or the padded (rows, P + R) layout.
-    packed = (
-        cfg.ppo.packing
-        and packable(train_module)
-        and (reference is None or packable(reference))
-        and (value_model is None or packable(value_model, head="score"))
-    )
-
-    def forward(
-        model: nn.Module, cur: _StepRows, rows: list[int], trees: RolloutTrees | None = None, **kw: bool
-    ) -> Any:
-        if packed:
-            return tree_response_forward(model, trees or cur.trees(rows), temp, **kw)
-        return response_forward(model, cur.seq[rows], cur.seq_mask[rows], cur.response_len, temp, **kw)
-
-    def value_of(cur: _StepRows, rows: list[int], trees: RolloutTrees | None = None) -> Tensor:
-        if packed:
-            return tree_value_forward(value_model, trees or cur.trees(rows))  # type: ignore[arg-type]
-        return value_forward(value_model, cur.seq[rows], cur.seq_mask[rows], cur.response_len)  # type: ignore[arg-type]
-
-    def ref_logprobs(cur: _StepRows, rows: list[int]) -> Tensor:
-        if reference is not None:
-            return forward(reference, cur, rows).logprobs
-        with reference_mode(policy):
-            return forward(policy, cur, rows).logprobs
-
-    def values_of(cur: _StepRows, rows: list[int]) -> Tensor:
-        if policy_vh is not None:
-            return forward(policy_vh, cur, rows, with_values=True).values
-        return value_of(cur, rows)
-
-    def monitor(step: int) -> dict[str, float]:
-        """Proxy reward, reference score and length on held-out prompts; sampling with its own generator."""
-        gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1_000_003)
-        ids, am = _left_pad(
-            [_encode_prompt(tok, p, cfg.data.max_prompt_length) for p in held], tok.pad_token_id, device
-        )
-        policy.eval()
-        roll = sample(
-            policy,
-            ids,
-            am,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            temperature=temp,
-            top_p=cfg.rollout.top_p,
-            generator=gen,
-        )
-        texts = _decode(tok, roll.response_ids, roll.response_mask)
-        out = {
-            "monitor/proxy_reward": float(scorer(held, texts).mean()),
-            "monitor/response_len": float(roll.lengths.float().mean()),
-        }
-        if monitor_fn is not None:
-            out["monitor/score"] = float(monitor_fn(held, texts).mean())
-        return out
-
     # ================================================================ loop
-    last: dict[str, float] = {}
-    keys = ("reward/raw_mean", "kl/seq_sum_mean", "response/len_mean")
-    with r.stopper() as stop, r.progress(cfg.train.steps, keys, completed=start) as bar:
+    metrics: dict[str, float] = {}
+    with ckpt, r.stopper() as stop, r.progress(cfg.train.steps, PROGRESS_KEYS, completed=start) as bar:
         for step in range(start + 1, cfg.train.steps + 1):
             t_step = time.perf_counter()
-            # ---- rollout
-            idx = [i for i in stream.take(cfg.rollout.batch_size) for _ in range(k)]  # grouped per prompt
-            prompts = [train_prompts[i] for i in idx]
-            ids, am = _left_pad([encoded[i] for i in idx], tok.pad_token_id, device)
-            policy.eval()
-            if policy_vh is not None:
-                policy_vh.eval()
-            if value_model is not None:
-                value_model.eval()
-            roll = sample(
-                policy,
-                ids,
-                am,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                temperature=temp,
-                top_p=cfg.rollout.top_p,
-            )
-            t_gen = roll.seconds
-            # ---- score
-            t0 = time.perf_counter()
-            responses = _decode(tok, roll.response_ids, roll.response_mask)
-            raw = scorer(prompts, responses).to(device)
-            scores = shape_scores(raw, roll.finished, roll.lengths, shaping, moments)
-            t_score = time.perf_counter() - t0
-            # ---- experience
-            t0 = time.perf_counter()
-            cur = _StepRows(roll, torch.arange(len(idx)) // k)  # rows are grouped per prompt
-            mask = roll.response_mask.float()
-            chunk = cfg.rollout.scoring_batch_size
-            n_rows = len(idx)
-            if cfg.rollout.recompute_logprobs:
-                old_logps = _chunked(lambda c, rows: forward(policy, c, rows).logprobs, cur, chunk)
-            else:
-                old_logps = roll.logprobs
-            ref_logps = _chunked(ref_logprobs, cur, chunk)
-            kl = kl_penalty(old_logps, ref_logps, cfg.kl.estimator) * mask  # (B, R)
-            kl_seq = kl.sum(dim=1)  # (B,)
-            beta = kl_ctl.value
-            old_values = returns = None
-            if est == "gae":
-                old_values = _chunked(values_of, cur, chunk)
-                rewards, _, _ = per_token_rewards(scores, old_logps, ref_logps, mask, beta, cfg.kl.estimator)
-                advantages, returns = gae(rewards, old_values, mask, cfg.advantage.gamma, cfg.advantage.lam)
-                if cfg.advantage.whiten:
-                    advantages = masked_whiten(advantages, mask)
-            elif est == "rloo":
-                advantages = rloo_advantages(scores - beta * kl_seq, k, normalize=cfg.advantage.whiten)
-            else:
-                advantages = grpo_advantages(scores, k, scale_rewards=cfg.advantage.grpo_scale)
-            # ---- update
-            train_module.train()
-            if value_model is not None:
-                value_model.train()
-            stats: dict[str, list[float]] = defaultdict(list)
-            updates, early = 0, False
-            for _epoch in range(cfg.ppo.epochs):
-                order = torch.randperm(n_rows).tolist()
-                for s in range(0, n_rows, cfg.ppo.minibatch_size):
-                    rows = order[s : s + cfg.ppo.minibatch_size]
-                    mb = torch.tensor(rows, device=device)
-                    trees = cur.trees(rows) if packed else None  # one packing for policy and value
-                    fo = forward(
-                        train_module, cur, rows, trees, with_entropy=True, with_values=policy_vh is not None
-                    )
-                    m = mask[mb]
-                    pl, pst = ppo_policy_loss(
-                        fo.logprobs,
-                        old_logps[mb],
-                        advantages[mb],
-                        m,
-                        cfg.ppo.clip_range,
-                        aggregation=cfg.ppo.aggregation,
-                    )
-                    entropy = masked_mean(fo.entropy, m)  # type: ignore[arg-type]
-                    loss = pl - cfg.ppo.entropy_coef * entropy
-                    if est == "grpo" and beta > 0:
-                        kl_term = masked_mean(kl_penalty(fo.logprobs, ref_logps[mb], "k3"), m)
-                        loss = loss + beta * kl_term
-                        stats["loss/kl"].append(float(kl_term.detach()))
-                    if est == "gae":
-                        v = fo.values if policy_vh is not None else value_of(cur, rows, trees)
-                        vl, vst = value_loss(
-                            v,
-                            old_values[mb],
-                            returns[mb],
-                            m,
-                            cfg.value.clip_range,
-                            aggregation=cfg.ppo.aggregation,
-                        )  # type: ignore[index]
-                        loss = loss + cfg.value.coef * vl
-                        stats["value/loss"].append(float(vl.detach()))
-                        stats["value/clip_frac"].append(float(vst["clip_frac"]))
-                    check_finite(loss, step, [prompts[i] for i in mb.tolist()][:5], ckpt)
-                    loss.backward()
-                    norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.optim.max_grad_norm or float("inf"))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    updates += 1
-                    stats["loss/policy"].append(float(pl.detach()))
-                    stats["loss/total"].append(float(loss.detach()))
-                    stats["policy/entropy"].append(float(entropy.detach()))
-                    stats["policy/clip_frac"].append(float(pst["clip_frac"]))
-                    stats["policy/approx_kl"].append(float(pst["approx_kl"]))
-                    stats["policy/ratio_mean"].append(float(pst["ratio_mean"]))
-                    stats["optim/grad_norm"].append(float(norm))
-                    if cfg.ppo.target_kl is not None and float(pst["approx_kl"]) > cfg.ppo.target_kl:
-                        early = True
-                        break
-                if early:
-                    break
+            # ---- sample: batch_size prompts, each k times (rows grouped per prompt)
+            batch = [i for i in stream.take(cfg.rollout.batch_size) for _ in range(k)]
+            forwarder.eval()
+            rollout = _sample(forwarder.policy, [train_ids[i] for i in batch], tok, cfg.rollout, device)
+            # ---- score: reward source, then shaping
+            t_scoring = time.perf_counter()
+            prompts = [train_prompts[i].text for i in batch]
+            raw_scores = scorer(prompts, _decode(tok, rollout)).to(device)
+            scores = shape_scores(raw_scores, rollout.finished, rollout.lengths, shaping, moments)
+            # ---- make_experience: old/reference log-probs, KL, values, advantages
+            t_training = time.perf_counter()
+            rows = RolloutRows(rollout, group_size=k)
+            experience = make_experience(forwarder, rows, prompts, raw_scores, scores, kl_ctl.value, spec)
+            # ---- ppo_update: ppo.epochs passes over shuffled minibatches
+            updates = _ppo_update(experience, forwarder, optimizer, params, cfg, step, ckpt)
+            # The schedule steps once per rollout round: the round's minibatch updates share a learning rate.
             scheduler.step()
-            kl_ctl.update(float(kl_seq.mean()), n_rows)
-            t_train = time.perf_counter() - t0
-            # ---- metrics
-            dt = time.perf_counter() - t_step
-            lengths = roll.lengths.float()
-            metrics = {k_: float(np.mean(v_)) for k_, v_ in stats.items()}
-            metrics.update(
-                {
-                    "reward/raw_mean": float(raw.mean()),
-                    "reward/raw_std": float(raw.std()) if raw.numel() > 1 else 0.0,
-                    "reward/shaped_mean": float(scores.mean()),
-                    "reward/total_mean": float((scores - beta * kl_seq).mean()),
-                    "kl/token_mean": float(masked_mean(kl, mask)),
-                    "kl/seq_sum_mean": float(kl_seq.mean()),
-                    "kl/coef": beta,
-                    "response/len_mean": float(lengths.mean()),
-                    "response/len_p95": _p95(lengths),
-                    "response/eos_rate": float(roll.finished.float().mean()),
-                    "ppo/updates": float(updates),
-                    "ppo/early_stopped": float(early),
-                    "optim/lr": float(scheduler.get_last_lr()[0]),
-                    "time/generation": t_gen,
-                    "time/scoring": t_score,
-                    "time/training": t_train,
-                    "time/step": dt,
-                    "throughput/gen_tokens_per_s": roll.new_tokens / max(t_gen, 1e-9),
-                    "throughput/episodes_per_s": n_rows / max(dt, 1e-9),
-                }
-            )
-            if est == "gae":
-                metrics["value/explained_var"] = _explained_variance(old_values, returns, mask)  # type: ignore[arg-type]
+            kl_ctl.update(float(experience.kl_seq.mean()), len(experience))
+            # ---- log
+            times = {
+                "time/generation": rollout.seconds,
+                "time/scoring": t_training - t_scoring,
+                "time/training": time.perf_counter() - t_training,
+            }
+            metrics = _step_metrics(experience, updates, scheduler, times, time.perf_counter() - t_step)
             if cfg.monitor.every and step % cfg.monitor.every == 0:
-                metrics.update(monitor(step))
+                metrics.update(_monitor(forwarder.policy, tok, held, scorer, monitor_fn, cfg, device))
             r.log(step, metrics)
             bar.update(step, metrics)
-            last = metrics
-            if stop.requested:
-                ckpt.save(
-                    step,
-                    ckpt_module,
-                    optimizer,
-                    scheduler,
-                    data_state=data_state(step),
-                    config=r.config,
-                    blocking=True,
-                )
-                ckpt.close()
-                r.stop(step, stop.signal_name)
+            # ---- end_step: the periodic, stop-requested and final checkpoints
+            state = _data_state(step, stream, moments, kl_ctl)
+            if r.end_step(
+                ckpt,
+                stop,
+                step,
+                cfg.train.steps,
+                ckpt_module,
+                optimizer,
+                scheduler,
+                state,
+                metrics,
+                cfg.train.save_every,
+                cfg.checkpoint.async_save,
+            ):
                 return {"stopped": True, "step": step, "run_id": r.run_id, "run_dir": str(r.run_dir)}
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.steps:
-                ckpt.save(
-                    step,
-                    ckpt_module,
-                    optimizer,
-                    scheduler,
-                    data_state=data_state(step),
-                    config=r.config,
-                    blocking=False,
-                )
 
-    # ================================================================ checkpoint
+    # ================================================================ evaluate and register
     final_step = cfg.train.steps
-    if start < final_step:
-        ckpt.save(
-            final_step,
-            ckpt_module,
-            optimizer,
-            scheduler,
-            data_state=data_state(final_step),
-            config=r.config,
-            blocking=True,
-        )
-    ckpt.close()
-
-    # ================================================================ evaluate
-    final_metrics = {
-        k_: last[k_] for k_ in ("reward/raw_mean", "kl/seq_sum_mean", "response/len_mean") if k_ in last
-    }
+    final_metrics = {key: metrics[key] for key in PROGRESS_KEYS if key in metrics}
     if held:
-        final_metrics.update(monitor(final_step))
+        final_metrics.update(_monitor(forwarder.policy, tok, held, scorer, monitor_fn, cfg, device))
     if loaded is not None and start >= final_step:
         console.print(f"run already complete at step {start}; re-exporting the final policy")
-
-    # ================================================================ register
     out_dir = r.run_dir / "final"
-    export_hf(policy, tok, out_dir, merge_lora=True)
-    art = r.register_checkpoint(out_dir, meta={"estimator": est, "steps": final_step, **final_metrics})
-    layout = "packed prompt trees" if packed else "padded rows"
-    r.finish(
-        {"steps": final_step, "forward_layout": layout, "metrics": final_metrics}, outputs={"checkpoint": art}
-    )
+    export_hf(forwarder.policy, tok, out_dir, merge_lora=True)
+    meta = {"estimator": cfg.advantage.estimator, "steps": final_step, **final_metrics}
+    art = r.register_checkpoint(out_dir, meta=meta)
+    summary = {"steps": final_step, "forward_layout": forwarder.layout, "metrics": final_metrics}
+    r.finish(summary, outputs={"checkpoint": art})
     return {"run_id": r.run_id, "checkpoint": art, "checkpoint_dir": str(out_dir), "metrics": final_metrics}
 
 
-def _explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
-    """``1 - Var[R - V] / Var[R]`` over response tokens: 1 is a perfect critic, <= 0 no better than a constant."""
-    var_r = masked_var(returns, mask)
-    if float(var_r) == 0.0 or int(mask.sum()) < 2:
-        return float("nan")
-    return float(1.0 - masked_var(returns - values, mask) / var_r)
+# --------------------------------------------------------------------------------------------------------------------
+# setup
+
+
+def _load_prompts(cfg: PPOConfig, r: Run, tok: Any) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts for the monitor); held-out ones only when the monitor is on."""
+    aid = r.dataset(cfg.data.train, cfg.data.kind, role="prompts")
+    train = prompts_from_rows(r.store.read_dataset(aid).to_pylist(), cfg.data.kind, tok, cfg.data.train)
+    held: list[Prompt] = []
+    if cfg.monitor.every > 0:
+        if cfg.data.eval:
+            eid = r.dataset(cfg.data.eval, cfg.data.kind, role="eval_prompts")
+            held = prompts_from_rows(r.store.read_dataset(eid).to_pylist(), cfg.data.kind, tok, cfg.data.eval)
+        else:  # the split every stage uses, by the prompt's key (SFT's for the same row)
+            train, held = split_by_prompt(train, cfg.data.eval_fraction, attrgetter("key"))
+        held = held[: cfg.monitor.num_prompts]
+        if not held:
+            raise ConfigError(
+                "monitor.every > 0 but there are no held-out prompts; set data.eval or data.eval_fraction"
+            )
+    if not train:
+        raise DataFormatError(f"{cfg.data.train}: no training prompts")
+    return train, held
+
+
+def _load_models(cfg: PPOConfig, r: Run, tok: Any, device: torch.device) -> Forwarder:
+    """Policy, reference (none for LoRA: adapters off) and critic, behind the forwarder that runs them."""
+    r.model_dir(cfg.model.path, role="base_model")
+    lora = T.lora_spec(cfg.lora)
+    common = {
+        "dtype": cfg.model.dtype,
+        "device": str(device),
+        "attn_implementation": cfg.model.attn_implementation,
+    }
+    policy = load_policy(
+        cfg.model.path, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=lora, **common
+    )
+    reference = None if lora is not None else load_reference(cfg.model.path, **common)
+    critic: nn.Module | None = None
+    policy_with_value: CausalLMWithValueHead | None = None
+    if cfg.advantage.estimator == "gae" and cfg.value.shared_trunk:
+        policy_with_value = CausalLMWithValueHead(policy).to(device)
+    elif cfg.advantage.estimator == "gae":
+        critic = load_value_model(
+            cfg.value.path or cfg.model.path, pad_token_id=tok.pad_token_id, shared_trunk=False, **common
+        )
+    return Forwarder(
+        policy,
+        reference,
+        critic,
+        policy_with_value,
+        temperature=cfg.rollout.temperature,
+        packing=cfg.ppo.packing,
+        chunk_size=cfg.rollout.scoring_batch_size,
+    )
+
+
+def _reward_source(cfg: PPOConfig, r: Run, device: torch.device) -> Callable[[list[str], list[str]], Tensor]:
+    """``(prompts, responses) -> (B,)`` scores: a function by import path, or a reward-model ensemble."""
+    if cfg.reward.fn:
+        return function_scorer(cfg.reward.fn, "reward.fn")
+    for path in cfg.reward.models:
+        r.model_dir(path, role="reward_model")
+    members = [RewardModelScorer(p, device=str(device)) for p in cfg.reward.models]
+    return EnsembleScorer(members, cfg.reward.ensemble_k)
+
+
+def _optimizer(cfg: PPOConfig, forwarder: Forwarder) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """One AdamW, the critic's parameters in their own group (own learning rate); returns it and all params."""
+    policy_params = [p for p in forwarder.policy.parameters() if p.requires_grad]
+    value_params: list[nn.Parameter] = []
+    if forwarder.critic is not None:
+        value_params = [p for p in forwarder.critic.parameters() if p.requires_grad]
+    elif forwarder.policy_with_value is not None:
+        value_params = list(forwarder.policy_with_value.value_head.parameters())
+    groups = [{"params": policy_params, "lr": cfg.optim.lr}]
+    if value_params:
+        groups.append({"params": value_params, "lr": cfg.value.lr or cfg.optim.lr})
+    optimizer = T.adamw(
+        groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+    )
+    return optimizer, policy_params + value_params
+
+
+def _checkpoint_module(forwarder: Forwarder) -> nn.Module:
+    """The trained modules as one: the policy (with its value head if shared), plus a separate critic."""
+    if forwarder.critic is not None:
+        return nn.ModuleDict({"policy": forwarder.policy, "value": forwarder.critic})
+    return forwarder.trained
+
+
+def _data_state(
+    step: int, stream: PromptStream, moments: RunningMoments, kl_ctl: FixedKLController | AdaptiveKLController
+) -> dict[str, Any]:
+    """Everything besides weights, optimizer and RNG that an exact resume needs."""
+    return {
+        "step": step,
+        "stream": stream.state_dict(),
+        "moments": moments.state_dict(),
+        "kl_coef": kl_ctl.value,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the phases of a step
+
+
+def _sample(
+    policy: nn.Module,
+    prompt_ids: list[list[int]],
+    tok: Any,
+    settings: RolloutSection,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Left-pad the prompts and sample a response for each with the KV-cache sampler."""
+    ids, mask = left_pad(prompt_ids, tok.pad_token_id, device)
+    return sample(
+        policy,
+        ids,
+        mask,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        generator=generator,
+    )
+
+
+def _decode(tok: Any, rollout: Rollout) -> list[str]:
+    rows = [
+        r[m.bool()].tolist()
+        for r, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu(), strict=True)
+    ]
+    return tok.batch_decode(rows, skip_special_tokens=True)
+
+
+@dataclass
+class _Updates:
+    """One round of PPO updates: per-minibatch statistics by metric name, optimizer steps, early stop."""
+
+    stats: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    count: int = 0
+    early_stopped: bool = False
+
+
+def _ppo_update(
+    experience: Experience,
+    forwarder: Forwarder,
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    cfg: PPOConfig,
+    step: int,
+    ckpt: Any,
+) -> _Updates:
+    """``ppo.epochs`` passes over shuffled minibatches, one optimizer step each; stops the round early once the
+    approximate KL to ``pi_old`` exceeds ``ppo.target_kl``."""
+    forwarder.train()
+    updates = _Updates()
+    for _epoch in range(cfg.ppo.epochs):
+        order = torch.randperm(len(experience)).tolist()
+        for first in range(0, len(experience), cfg.ppo.minibatch_size):
+            idx = order[first : first + cfg.ppo.minibatch_size]
+            loss, stats = _minibatch_loss(experience, forwarder.train_forward(experience.rows, idx), idx, cfg)
+            check_finite(loss, step, [experience.prompts[i] for i in idx][:5], ckpt)
+            loss.backward()
+            stats["optim/grad_norm"] = T.clip_and_step(params, optimizer, cfg.optim.max_grad_norm)
+            updates.count += 1
+            for name, value in stats.items():
+                updates.stats[name].append(value)
+            if cfg.ppo.target_kl is not None and stats["policy/approx_kl"] > cfg.ppo.target_kl:
+                updates.early_stopped = True
+                return updates
+    return updates
+
+
+def _minibatch_loss(
+    experience: Experience, out: ForwardOut, idx: list[int], cfg: PPOConfig
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped surrogate minus the entropy bonus, plus GRPO's KL term or the (clipped) value loss."""
+    mask = experience.mask[idx]
+    policy_loss, policy_stats = ppo_policy_loss(
+        out.logprobs,
+        experience.old_logprobs[idx],
+        experience.advantages[idx],
+        mask,
+        cfg.ppo.clip_range,
+        aggregation=cfg.ppo.aggregation,
+    )
+    entropy = masked_mean(out.entropy, mask)  # type: ignore[arg-type]
+    loss = policy_loss - cfg.ppo.entropy_coef * entropy
+    stats: dict[str, float] = {}
+    # GRPO's KL is a loss term, not a reward term (Shao et al. 2024, eq. 3).
+    if cfg.advantage.estimator == "grpo" and experience.beta > 0:
+        kl_term = masked_mean(kl_penalty(out.logprobs, experience.ref_logprobs[idx], "k3"), mask)
+        loss = loss + experience.beta * kl_term
+        stats["loss/kl"] = float(kl_term.detach())
+    if experience.values is not None and experience.returns is not None:
+        critic_loss, critic_stats = value_loss(
+            out.values,  # type: ignore[arg-type]
+            experience.values[idx],
+            experience.returns[idx],
+            mask,
+            cfg.value.clip_range,
+            aggregation=cfg.ppo.aggregation,
+        )
+        loss = loss + cfg.value.coef * critic_loss
+        stats["value/loss"] = float(critic_loss.detach())
+        stats["value/clip_frac"] = float(critic_stats["clip_frac"])
+    stats["loss/policy"] = float(policy_loss.detach())
+    stats["loss/total"] = float(loss.detach())
+    stats["policy/entropy"] = float(entropy.detach())
+    for name in ("clip_frac", "approx_kl", "ratio_mean"):
+        stats[f"policy/{name}"] = float(policy_stats[name])
+    return loss, stats
+
+
+def _step_metrics(
+    experience: Experience, updates: _Updates, scheduler: Any, times: dict[str, float], step_seconds: float
+) -> dict[str, float]:
+    """The step's metrics (names in ``docs/metrics.md#ppo``): update means, rewards, KL, lengths, timings."""
+    rollout = experience.rows.rollout
+    lengths = rollout.lengths.float()
+    raw = experience.raw_scores
+    metrics = {name: float(np.mean(values)) for name, values in updates.stats.items()}
+    metrics.update(
+        {
+            "reward/raw_mean": float(raw.mean()),
+            "reward/raw_std": float(raw.std()) if raw.numel() > 1 else 0.0,
+            "reward/shaped_mean": float(experience.scores.mean()),
+            "reward/total_mean": float((experience.scores - experience.beta * experience.kl_seq).mean()),
+            "kl/token_mean": float(masked_mean(experience.kl, experience.mask)),
+            "kl/seq_sum_mean": float(experience.kl_seq.mean()),
+            "kl/coef": experience.beta,
+            "response/len_mean": float(lengths.mean()),
+            "response/len_p95": float(torch.quantile(lengths, 0.95)),
+            "response/eos_rate": float(rollout.finished.float().mean()),
+            "ppo/updates": float(updates.count),
+            "ppo/early_stopped": float(updates.early_stopped),
+            "optim/lr": float(scheduler.get_last_lr()[0]),
+            **times,
+            "time/step": step_seconds,
+            "throughput/gen_tokens_per_s": rollout.new_tokens / max(rollout.seconds, 1e-9),
+            "throughput/episodes_per_s": len(experience) / max(step_seconds, 1e-9),
+        }
+    )
+    if experience.values is not None and experience.returns is not None:
+        metrics["value/explained_var"] = explained_variance(
+            experience.values, experience.returns, experience.mask
+        )
+    return metrics
+
+
+def _monitor(
+    policy: nn.Module,
+    tok: Any,
+    held: list[Prompt],
+    scorer: Callable[[list[str], list[str]], Tensor],
+    monitor_fn: Callable[[list[str], list[str]], Tensor] | None,
+    cfg: PPOConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Proxy reward, reference score and length on held-out prompts; sampling with its own generator."""
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed + 1_000_003)
+    ids = [encode_prompt(tok, p.text, cfg.data.max_prompt_length, p.templated) for p in held]
+    policy.eval()
+    rollout = _sample(policy, ids, tok, cfg.rollout, device, generator)
+    texts, responses = [p.text for p in held], _decode(tok, rollout)
+    out = {
+        "monitor/proxy_reward": float(scorer(texts, responses).mean()),
+        "monitor/response_len": float(rollout.lengths.float().mean()),
+    }
+    if monitor_fn is not None:
+        out["monitor/score"] = float(monitor_fn(texts, responses).mean())
+    return out
 
 
 __all__ = ["PPOConfig", "run"]

@@ -1,28 +1,30 @@
-"""Experience assembly for PPO / RLOO / GRPO: forward passes over rollouts, reward shaping, running stats.
+"""Experience for PPO / RLOO / GRPO: reward shaping and running statistics, then the step's tensors.
 
-Layout: every scoring forward runs on ``prompt + response`` as one left-padded batch ``(B, P + R)``; the
-response occupies the last ``R`` columns (right-padded inside that block). The log-prob of response token
-``t`` comes from the logits at column ``P + t - 1`` (next-token shift), so a forward returns ``(B, R)``
-tensors aligned with ``Rollout.response_ids``.
-
-The arithmetic (KL, per-token rewards, GAE, whitening, advantages) lives in
-:mod:`alignflow.train.advantages` and the log-softmax gather in :mod:`alignflow.train.logprobs`; this module
-only feeds them.
+:func:`make_experience` turns a scored rollout into an :class:`Experience` — old and reference log-probs, the
+per-token KL, the critic's values, advantages and returns — through one :class:`~alignflow.rollout.forward.Forwarder`
+(which owns the packed/padded layout). The arithmetic (KL estimators, per-token rewards, GAE, whitening, RLOO and
+GRPO advantages) lives in :mod:`alignflow.train.advantages`; this module only feeds it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from alignflow.data.packing import TreeBatch, pack_prefix_trees
-from alignflow.rollout.generation import Rollout, prompt_position_ids
-from alignflow.train.logprobs import selective_log_softmax, splittable, tree_hidden
-from alignflow.train.losses import entropy_from_logits
+from alignflow.rollout.forward import Forwarder, RolloutRows
+from alignflow.train.advantages import (
+    gae,
+    grpo_advantages,
+    kl_penalty,
+    masked_var,
+    masked_whiten,
+    per_token_rewards,
+    rloo_advantages,
+)
 
 
 class RunningMoments:
@@ -115,190 +117,120 @@ def shape_scores(
     return out
 
 
-@dataclass
-class ForwardOut:
-    """Per-response-token outputs of :func:`response_forward`, all ``(B, R)``."""
-
-    logprobs: Tensor
-    entropy: Tensor | None = None
-    values: Tensor | None = None
-
-
-def _inputs(input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": prompt_position_ids(attention_mask),
-    }
-
-
-def response_forward(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    response_len: int,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    with_values: bool = False,
-) -> ForwardOut:
-    """One forward of a causal LM (or :class:`~alignflow.models.CausalLMWithValueHead`) over prompt+response.
-
-    Args:
-        model: returns ``.logits`` (HF) or ``(logits, values)`` (value-head wrapper, needs ``with_values``).
-        input_ids, attention_mask: ``(B, P + R)`` from :meth:`Rollout.sequences`.
-        response_len: ``R``.
-        temperature: logits are divided by it (the sampling temperature; 0 is treated as 1).
-
-    Returns:
-        :class:`ForwardOut` with ``logprobs`` ``(B, R)`` of the response tokens; ``entropy`` ``(B, R)`` if asked;
-        ``values`` ``(B, R)`` (the value of the state *before* each response token) for a value-head model.
-    """
-    # The LM head only where a response token is predicted (the prompt's logits are never used).
-    out = model(**_inputs(input_ids, attention_mask), logits_to_keep=response_len + 1)
-    if isinstance(out, tuple):
-        logits, values = out
-    else:
-        logits, values = out.logits, None
-    # Next-token shift: the token at column P + t is predicted by the logits at column P + t - 1.
-    logits = logits[:, -response_len - 1 : -1, :]
-    if temperature > 0 and temperature != 1.0:
-        # Upcast first: dividing bf16 logits rounds them (~4e-3 relative), which the sampler (fp32) never saw.
-        logits = logits.float() / temperature
-    targets = input_ids[:, -response_len:]
-    res = ForwardOut(logprobs=selective_log_softmax(logits, targets))
-    if with_entropy:
-        res.entropy = entropy_from_logits(logits)
-    if with_values:
-        if values is None:
-            raise TypeError(
-                f"{type(model).__name__} returned no values; with_values needs a value-head model"
-            )
-        res.values = values[:, -response_len - 1 : -1].float()
-    return res
-
-
-def value_forward(
-    value_model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_len: int
-) -> Tensor:
-    """Per-token values ``(B, R)`` from a separate sequence-classification value model (trunk + ``score``).
-
-    ``AutoModelForSequenceClassification`` pools one position; PPO needs every position, so we run its trunk
-    (``base_model``) and apply the ``score`` head to all hidden states.
-    """
-    trunk = value_model.base_model
-    hidden = trunk(**_inputs(input_ids, attention_mask)).last_hidden_state  # (B, P+R, H)
-    hidden = hidden[:, -response_len - 1 : -1, :]
-    return value_model.score(hidden).squeeze(-1).float()  # (B, R)
-
-
-@torch.no_grad()
-def batched(fn: Any, n: int, chunk: int, *tensors: Tensor) -> list[Any]:
-    """Call ``fn(*slices)`` over row chunks of ``tensors`` (``chunk`` rows at a time) to bound memory."""
-    return [fn(*(t[i : i + chunk] for t in tensors)) for i in range(0, n, chunk)]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# packed layout: prompt trees
+# the step's tensors
+
+
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """How a scored rollout becomes advantages.
+
+    Attributes:
+        estimator: ``gae`` (per-token reward ``-beta * KL_t`` plus the score at the last token, GAE over the
+            critic's values), ``rloo`` (sequence reward ``score - beta * sum_t KL_t``, leave-one-out baseline)
+            or ``grpo`` (group-normalised scores; its KL is a loss term, not a reward term).
+        group_size: ``k``, samples per prompt (rows grouped contiguously per prompt).
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (:func:`alignflow.train.advantages.kl_penalty`).
+        gamma, lam: GAE discount and trace parameters.
+        whiten: ``gae``: whiten the advantages over the batch; ``rloo``: normalise them.
+        grpo_scale: GRPO's std scaling: ``group``, ``batch`` or ``none``.
+        recompute_logprobs: old log-probs from a forward in the training layout instead of the sampler's.
+    """
+
+    estimator: Literal["gae", "rloo", "grpo"] = "gae"
+    group_size: int = 1
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    grpo_scale: Literal["group", "batch", "none"] = "group"
+    recompute_logprobs: bool = False
 
 
 @dataclass
-class RolloutTrees:
-    """Rows of a rollout as packed prompt trees (:class:`~alignflow.data.packing.TreeBatch`).
+class Experience:
+    """One rollout round, ready for the PPO update. ``B`` rows (grouped per prompt), ``R`` response columns.
 
-    Rows that share a prompt (a GRPO/RLOO group) become one tree: the prompt once, each response a branch
-    that never attends to its siblings. No left padding, the prompt computed once per group instead of once
-    per row, and heads run only at the ``T`` response positions. ``row_of_target (T,)`` and ``target_index
-    (T,)`` place each target back in the ``(n_rows, R)`` layout of :func:`response_forward`.
+    Attributes:
+        rows: the rollout as the forwards see it (:class:`~alignflow.rollout.forward.RolloutRows`).
+        prompts: the ``B`` prompt texts (row ``i``'s prompt; repeated within a group).
+        raw_scores: ``(B,)`` reward-source scores before shaping.
+        scores: ``(B,)`` shaped scores (:func:`shape_scores`).
+        mask: ``(B, R)`` float, 1 on response tokens (EOS included).
+        old_logprobs: ``(B, R)`` ``log pi_old`` of the sampled tokens.
+        ref_logprobs: ``(B, R)`` reference log-probs of the sampled tokens.
+        kl: ``(B, R)`` per-token KL estimate ``old`` vs ``ref``, 0 off the response.
+        kl_seq: ``(B,)`` ``kl`` summed over the response.
+        beta: the KL coefficient this round used.
+        advantages: ``(B, R)`` for ``gae``; ``(B,)`` for ``rloo`` / ``grpo`` (the loss broadcasts it over tokens).
+        values: ``(B, R)`` the critic's values at rollout time (``gae`` only, else ``None``).
+        returns: ``(B, R)`` GAE value targets (``gae`` only, else ``None``).
     """
 
-    batch: TreeBatch
-    row_of_target: Tensor
-    n_rows: int
-    response_len: int
+    rows: RolloutRows
+    prompts: list[str]
+    raw_scores: Tensor
+    scores: Tensor
+    mask: Tensor
+    old_logprobs: Tensor
+    ref_logprobs: Tensor
+    kl: Tensor
+    kl_seq: Tensor
+    beta: float
+    advantages: Tensor
+    values: Tensor | None = None
+    returns: Tensor | None = None
 
-    def scatter(self, values: Tensor) -> Tensor:
-        """``(T,)`` per-target values → ``(n_rows, R)``, 0 where a row has no response token (differentiable)."""
-        out = values.new_zeros(self.n_rows, self.response_len)
-        return out.index_put((self.row_of_target, self.batch.target_index), values)
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
-def rollout_trees(
-    roll: Rollout, rows: Tensor | list[int], groups: Tensor | list[int] | None = None
-) -> RolloutTrees:
-    """Pack ``rows`` of ``roll`` (prompt + its response tokens up to EOS) as prompt trees.
+def make_experience(
+    forwarder: Forwarder,
+    rows: RolloutRows,
+    prompts: list[str],
+    raw_scores: Tensor,
+    scores: Tensor,
+    beta: float,
+    spec: AdvantageSpec,
+) -> Experience:
+    """Old and reference log-probs, KL, values (``gae``), advantages and returns of a scored rollout.
 
     Args:
-        roll: the rollout.
-        rows: row indices, in the order the output layout uses.
-        groups: per-row group id of the whole rollout (rows with the same id share the prompt); ``None``
-            makes every row its own tree.
+        forwarder: runs the no-grad scoring forwards, in the run's layout.
+        rows: the rollout, ``B`` rows grouped per prompt in groups of ``spec.group_size``.
+        prompts: ``B`` prompt texts.
+        raw_scores, scores: ``(B,)`` scores before and after shaping.
+        beta: the KL coefficient (from the KL controller).
     """
-    rows = [int(r) for r in rows]
-    device = roll.prompt_ids.device
-    lengths = roll.response_mask.sum(dim=1).tolist()
-    prompts = roll.prompt_ids.cpu()
-    pmask = roll.prompt_mask.cpu().bool()
-    responses = roll.response_ids.cpu()
-    by_group: dict[Any, list[int]] = {}
-    for pos, r in enumerate(rows):
-        key = int(groups[r]) if groups is not None else ("row", r)
-        by_group.setdefault(key, []).append(pos)
-    trees, row_of_branch = [], []
-    for members in by_group.values():
-        first = rows[members[0]]
-        prefix = prompts[first][pmask[first]].tolist()
-        branches = []
-        for pos in members:
-            ids = responses[rows[pos]][: int(lengths[rows[pos]])].tolist()
-            branches.append((ids, ids))
-            row_of_branch.append(pos)
-        trees.append((prefix, branches))
-    tb = pack_prefix_trees(trees, pad_token_id=0).to(device)
-    row_of_target = torch.tensor(row_of_branch, dtype=torch.long, device=device)[tb.target_branch]
-    return RolloutTrees(tb, row_of_target, len(rows), roll.response_ids.shape[1])
+    mask = rows.rollout.response_mask.float()
+    old = forwarder.policy_logprobs(rows) if spec.recompute_logprobs else rows.rollout.logprobs
+    ref = forwarder.reference_logprobs(rows)
+    kl = kl_penalty(old, ref, spec.kl_estimator) * mask  # (B, R)
+    kl_seq = kl.sum(dim=1)  # (B,)
+    values = returns = None
+    k = spec.group_size
+    if spec.estimator == "gae":
+        values = forwarder.values(rows)
+        rewards, _, _ = per_token_rewards(scores, old, ref, mask, beta, spec.kl_estimator)
+        advantages, returns = gae(rewards, values, mask, spec.gamma, spec.lam)
+        if spec.whiten:
+            advantages = masked_whiten(advantages, mask)
+    elif spec.estimator == "rloo":
+        advantages = rloo_advantages(scores - beta * kl_seq, k, normalize=spec.whiten)
+    elif spec.estimator == "grpo":
+        advantages = grpo_advantages(scores, k, scale_rewards=spec.grpo_scale)
+    else:
+        raise ValueError(f"unknown advantage estimator {spec.estimator!r}; valid: 'gae', 'rloo', 'grpo'")
+    return Experience(
+        rows, prompts, raw_scores, scores, mask, old, ref, kl, kl_seq, beta, advantages, values, returns
+    )
 
 
-def packable(model: nn.Module, head: str = "lm_head") -> bool:
-    """Whether a packed forward can run ``model``: a separable trunk and ``head``.
-
-    ``"lm_head"`` for :func:`tree_response_forward` (a causal LM or a value-head wrapper), ``"score"`` for
-    :func:`tree_value_forward` (a sequence-classification value model).
-    """
-    return splittable(model.lm if hasattr(model, "value_head") and hasattr(model, "lm") else model, head)
-
-
-def tree_response_forward(
-    model: nn.Module,
-    trees: RolloutTrees,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    with_values: bool = False,
-) -> ForwardOut:
-    """:func:`response_forward` on packed prompt trees: the same ``(n_rows, R)`` outputs, 0 off the response.
-
-    ``model`` is a causal LM or a :class:`~alignflow.models.CausalLMWithValueHead` (for ``with_values``).
-    """
-    value_head = getattr(model, "value_head", None)
-    lm = model.lm if value_head is not None and hasattr(model, "lm") else model
-    tb = trees.batch
-    hidden, lm_head = tree_hidden(lm, tb)
-    h = hidden[tb.target_rows, tb.target_cols]  # (T, H): the state before each response token
-    logits = lm_head(h)  # (T, V)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits.float() / temperature
-    res = ForwardOut(logprobs=trees.scatter(selective_log_softmax(logits, tb.target_ids)))
-    if with_entropy:
-        res.entropy = trees.scatter(entropy_from_logits(logits))
-    if with_values:
-        if value_head is None:
-            raise TypeError(f"{type(model).__name__} has no value head; with_values needs a value-head model")
-        res.values = trees.scatter(value_head(h.to(value_head.summary.weight.dtype)).float())
-    return res
-
-
-def tree_value_forward(value_model: nn.Module, trees: RolloutTrees) -> Tensor:
-    """:func:`value_forward` on packed prompt trees: per-token values ``(n_rows, R)``, 0 off the response."""
-    tb = trees.batch
-    hidden, score = tree_hidden(value_model, tb, head="score")
-    h = hidden[tb.target_rows, tb.target_cols]
-    return trees.scatter(score(h).squeeze(-1).float())
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """``1 - Var[R - V] / Var[R]`` over response tokens of ``(B, R)`` values and returns: 1 is a perfect
+    critic, <= 0 no better than a constant; NaN when the returns do not vary or fewer than 2 tokens count."""
+    var_r = masked_var(returns, mask)
+    if float(var_r) == 0.0 or int(mask.sum()) < 2:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask) / var_r)
