@@ -142,9 +142,11 @@ def test_response_visibility(app):
     _, mine = _do_task(ann1)
     rid = mine["response_id"]
     assert ann1.get(f"/api/v1/responses/{rid}").status_code == 200
-    assert ann2.get(f"/api/v1/responses/{rid}").status_code == 403  # another annotator's answer
+    # Another annotator's answer reads as missing (404, like an id that does not exist), so ids cannot be probed.
+    assert ann2.get(f"/api/v1/responses/{rid}").status_code == 404
+    assert ann2.get(f"/api/v1/responses/{rid + 1000}").status_code == 404
     assert lead.get(f"/api/v1/responses/{rid}").status_code == 200  # the lead of ann1's pod
-    assert rev.get(f"/api/v1/responses/{rid}").status_code == 403  # not (yet) a QA task of this reviewer
+    assert rev.get(f"/api/v1/responses/{rid}").status_code == 404  # not (yet) a QA task of this reviewer
     assert admin.get(f"/api/v1/responses/{rid}").status_code == 200
     rt = rev.post("/api/v1/projects/p1/next").json()
     assert rt["kind"] == "review" and rt["original"]["response_id"] == rid  # reviewers get QA items only
@@ -168,11 +170,11 @@ def test_monitoring_qc_and_journal(app):
     assert q["submitted"] == 2 and q["items"] == 3
     assert [r["annotator"] for r in lead.get("/api/v1/projects/p1/throughput").json()] == ["ann1"]  # own pod
     assert len(admin.get("/api/v1/projects/p1/throughput").json()) == 2
+    # Quality, like throughput, names only the lead's own pod (issue 18: it used to list ann2 of pod2).
     quality = lead.get("/api/v1/projects/p1/quality").json()
-    assert quality["n_judgments"] == 2 and {a["annotator_id"] for a in quality["annotators"]} == {
-        "ann1",
-        "ann2",
-    }
+    assert quality["n_judgments"] == 2 and [a["annotator_id"] for a in quality["annotators"]] == ["ann1"]
+    everyone = admin.get("/api/v1/projects/p1/quality").json()["annotators"]
+    assert {a["annotator_id"] for a in everyone} == {"ann1", "ann2"}
     assert lead.post("/api/v1/projects/p1/qc/evaluate").status_code == 200
     assert lead.post("/api/v1/users/ann2/qc", json={"action": "suspend"}).status_code == 403  # other pod
     act = lead.post("/api/v1/users/ann1/qc", json={"action": "suspend", "reason": "test"}).json()

@@ -7,10 +7,8 @@ import sys
 
 import typer
 from rich.table import Table
-from sqlalchemy import select
 
 from alignflow.cli.common import console
-from alignflow.errors import AlignflowError
 
 app = typer.Typer(help="Manage annotation platform users (admin, lead, reviewer, annotator) and API tokens.")
 
@@ -22,15 +20,6 @@ def _sessions(home: str | None):
     from alignflow.workspace import Workspace
 
     return connect(Workspace.from_env(home))
-
-
-def _get(s, username: str):
-    from alignflow.feedback.models import User
-
-    u = s.scalar(select(User).where(User.username == username))
-    if u is None:
-        raise AlignflowError(f"no user {username!r}")
-    return u
 
 
 @app.command("add")
@@ -49,7 +38,7 @@ def add(
     home: str | None = HOME,
 ) -> None:
     """Create a user. The password comes from --password-stdin, $ALIGNFLOW_PASSWORD, or a hidden prompt."""
-    from alignflow.feedback import auth
+    from alignflow.feedback import services
 
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -58,22 +47,18 @@ def add(
             "password", hide_input=True, confirmation_prompt=True
         )
     with _sessions(home)() as s:
-        try:
-            u = auth.create_user(s, username, password, role, pod=pod, tier=tier)
-        except ValueError as exc:
-            raise AlignflowError(str(exc)) from exc
-        s.commit()
+        u = services.add_user(s, username, password, role, pod=pod, tier=tier)
         console.print(f"created {u.role} [bold]{u.username}[/] (id {u.id})")
 
 
 @app.command("list")
 def list_(home: str | None = HOME) -> None:
     """List users with role, pod, tier, QC state and whether disabled."""
-    from alignflow.feedback.models import User
+    from alignflow.feedback import services
 
     table = Table("id", "username", "role", "pod", "tier", "qc", "disabled")
     with _sessions(home)() as s:
-        for u in s.scalars(select(User).order_by(User.id)):
+        for u in services.list_users(s):
             table.add_row(
                 str(u.id), u.username, u.role, u.pod or "", u.tier, u.qc_state, "yes" if u.disabled else ""
             )
@@ -85,12 +70,10 @@ def disable(
     username: str = typer.Argument(..., help="The user to disable."), home: str | None = HOME
 ) -> None:
     """Disable a user: their sessions end and their tokens stop working at once."""
-    from alignflow.feedback import auth, engine
+    from alignflow.feedback import services
 
     with _sessions(home)() as s:
-        engine.begin_write(s)
-        auth.set_disabled(s, _get(s, username), True)
-        s.commit()
+        services.set_disabled(s, username, True)
     console.print(f"disabled {username}")
 
 
@@ -99,12 +82,10 @@ def enable(
     username: str = typer.Argument(..., help="The user to enable again."), home: str | None = HOME
 ) -> None:
     """Enable a disabled user (their old sessions stay ended)."""
-    from alignflow.feedback import auth, engine
+    from alignflow.feedback import services
 
     with _sessions(home)() as s:
-        engine.begin_write(s)
-        auth.set_disabled(s, _get(s, username), False)
-        s.commit()
+        services.set_disabled(s, username, False)
     console.print(f"enabled {username}")
 
 
@@ -118,15 +99,10 @@ def token(
     home: str | None = HOME,
 ) -> None:
     """Issue an API token and print it once (only its hash is stored)."""
-    from alignflow.feedback import auth, engine
+    from alignflow.feedback import services
 
     with _sessions(home)() as s:
-        engine.begin_write(s)
-        try:
-            row, raw = auth.create_token(s, _get(s, username), name, list(scope))
-        except ValueError as exc:
-            raise AlignflowError(str(exc)) from exc
-        s.commit()
+        row, raw = services.create_token(s, None, username, name, list(scope))
     console.print(f"token id {row.id} for {username} (scopes {', '.join(row.scopes)}):")
     print(raw)
 
@@ -137,13 +113,8 @@ def revoke_token(
     home: str | None = HOME,
 ) -> None:
     """Revoke an API token; it stops working at once."""
-    from alignflow.feedback import auth, engine
+    from alignflow.feedback import services
 
     with _sessions(home)() as s:
-        engine.begin_write(s)
-        try:
-            auth.revoke_token(s, token_id)
-        except ValueError as exc:
-            raise AlignflowError(str(exc)) from exc
-        s.commit()
+        services.revoke_token(s, None, token_id)
     console.print(f"revoked token {token_id}")

@@ -1,11 +1,12 @@
 """The annotation platform behind `alignflow serve`.
 
 Modules (import direction top to bottom; nothing below `app` imports FastAPI):
-    app       FastAPI app factory, security middleware (CSP, body limit), authentication dependencies
+    app       FastAPI app factory: settings, security middleware (CSP, HSTS, body limit), error mapping
     api       JSON routes under /api/v1 (OpenAPI at /api/v1/openapi.json)
     pages     server-rendered Jinja2 pages (annotate, review, lead/admin) with htmx polling and keyboard JS
-    services  the library entry points the routes, the CLI and the quickstart share: create_project,
-              import_items, next_task, submit, skip, queue_state, throughput, load_judgments
+    deps      request dependencies both route modules share: DB session, principal, `require`, cookies
+    services  (a package) the library entry points the routes, the CLI and the quickstart share, every
+              write included: projects, items, tasks, users/tokens/QC (with `can_manage`), views
     engine    the assignment engine: leases, overlap, gold mixing, QA routing, tiers, QC enforcement
     auth      argon2 passwords, sessions, scoped API tokens, login rate limiting
     schema    versioned question schemas and answer validation (display order -> canonical labels)

@@ -8,12 +8,19 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from alignflow.feedback import auth, engine, services
-from alignflow.feedback.app import DB, SESSION_COOKIE, HTTPProblem, Who, require
-from alignflow.feedback.models import ApiToken, Item, JournalEntry, Project, QcAction, User
+from alignflow.feedback import auth, qc, services
+from alignflow.feedback.deps import (
+    DB,
+    MANAGERS,
+    SESSION_COOKIE,
+    HTTPProblem,
+    Who,
+    require,
+    set_session_cookie,
+)
+from alignflow.feedback.models import User
 
 router = APIRouter()
-MANAGERS = ("admin", "lead")
 
 
 class Strict(BaseModel):
@@ -93,19 +100,6 @@ def _user_json(u: User) -> dict[str, Any]:
     }
 
 
-def _may_manage_user(p: auth.Principal, target: User) -> None:
-    if p.user.role == "admin":
-        return
-    if (
-        p.user.role == "lead"
-        and p.user.pod is not None
-        and target.pod == p.user.pod
-        and target.role == "annotator"
-    ):
-        return
-    raise HTTPProblem(403, f"you may not manage user {target.username!r}")
-
-
 # ------------------------------------------------------------------------------------------------ session
 
 
@@ -127,14 +121,7 @@ def login(body: LoginBody, request: Request, response: Response, s: DB) -> dict[
     except auth.AuthError as exc:
         s.commit()  # keep the failed-attempt record for the rate limit
         raise HTTPProblem(429 if exc.rate_limited else 401, str(exc)) from exc
-    response.set_cookie(
-        SESSION_COOKIE,
-        token,
-        httponly=True,
-        samesite="lax",
-        secure=request.app.state.settings.secure_cookies,
-        max_age=auth.SESSION_HOURS * 3600,
-    )
+    set_session_cookie(request, response, token)
     return {"user": _user_json(user), "csrf_token": csrf}
 
 
@@ -142,8 +129,7 @@ def login(body: LoginBody, request: Request, response: Response, s: DB) -> dict[
 def logout(request: Request, response: Response, p: Who, s: DB) -> dict[str, str]:
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        auth.logout(s, cookie)
-        s.commit()
+        services.end_session(s, cookie)
     response.delete_cookie(SESSION_COOKIE)
     return {"status": "logged out"}
 
@@ -166,7 +152,7 @@ def list_projects(p: Who, s: DB) -> list[dict[str, Any]]:
             "guideline_version": x.guideline_version,
             "schema_version": x.schema_version,
         }
-        for x in s.scalars(select(Project).order_by(Project.id))
+        for x in services.list_projects(s)
     ]
 
 
@@ -235,10 +221,7 @@ def import_items(name: str, body: ItemsBody, p: Who, s: DB) -> dict[str, int]:
 def gold_answer(name: str, item_id: str, p: Who, s: DB) -> dict[str, Any]:
     """The known answer of a gold item: leads and admins only."""
     require(p, roles=MANAGERS, scope="manage")
-    proj = services.get_project(s, name)
-    item = s.scalar(select(Item).where(Item.project_id == proj.id, Item.external_id == item_id))
-    if item is None:
-        raise services.NotFound(f"no item {item_id!r} in project {name!r}")
+    item = services.gold_answer(s, name, item_id)
     return {"item_id": item_id, "is_gold": item.is_gold, "gold_label": item.gold_label}
 
 
@@ -258,25 +241,18 @@ def queue(name: str, p: Who, s: DB) -> dict[str, Any]:
 @router.get("/projects/{name}/throughput", tags=["monitoring"])
 def throughput(name: str, p: Who, s: DB) -> list[dict[str, Any]]:
     require(p, roles=MANAGERS, scope="read")
-    rows = services.throughput(s, name)
-    if p.user.role == "lead":
-        rows = [r for r in rows if r["pod"] == p.user.pod]
-    return rows
+    return services.throughput(s, name, viewer=p.user)
 
 
 @router.get("/projects/{name}/quality", tags=["monitoring"])
 def quality(name: str, p: Who, s: DB) -> dict[str, Any]:
     require(p, roles=MANAGERS, scope="read")
-    from alignflow.feedback import qc
-
-    return qc.quality_report(s, name)
+    return qc.quality_report(s, name, viewer=p.user)
 
 
 @router.post("/projects/{name}/qc/evaluate", tags=["qc"])
 def qc_evaluate(name: str, p: Who, s: DB) -> list[dict[str, Any]]:
     require(p, roles=MANAGERS, scope="manage")
-    from alignflow.feedback import qc
-
     return qc.evaluate_and_apply(s, name, p.user.id)
 
 
@@ -342,113 +318,52 @@ def get_response(response_id: int, p: Who, s: DB) -> dict[str, Any]:
 
 @router.get("/users", tags=["users"])
 def list_users(p: Who, s: DB) -> list[dict[str, Any]]:
+    """Admins see everyone; a lead sees themselves and the annotators they manage."""
     require(p, roles=MANAGERS, scope="read")
-    q = select(User).order_by(User.id)
-    if p.user.role == "lead":
-        q = q.where(User.pod == p.user.pod)
-    return [_user_json(u) for u in s.scalars(q)]
+    return [_user_json(u) for u in services.list_users(s, p.user)]
 
 
 @router.post("/users", status_code=201, tags=["users"])
 def add_user(body: UserBody, p: Who, s: DB) -> dict[str, Any]:
     require(p, roles=("admin",), scope="manage")
-    engine.begin_write(s)
-    try:
-        u = auth.create_user(
-            s, body.username, body.password, body.role, body.pod, body.tier, actor_id=p.user.id
-        )
-    except ValueError as exc:
-        s.rollback()
-        raise services.Invalid(str(exc)) from exc
-    s.commit()
+    u = services.add_user(s, body.username, body.password, body.role, body.pod, body.tier, actor=p.user.id)
     return _user_json(u)
-
-
-def _target(s: DB, username: str) -> User:
-    u = s.scalar(select(User).where(User.username == username))
-    if u is None:
-        raise services.NotFound(f"no user {username!r}")
-    return u
 
 
 @router.post("/users/{username}/disable", tags=["users"])
 def disable_user(username: str, p: Who, s: DB, disabled: bool = True) -> dict[str, Any]:
     require(p, roles=("admin",), scope="manage")
-    engine.begin_write(s)
-    u = _target(s, username)
-    auth.set_disabled(s, u, disabled, actor_id=p.user.id)
-    s.commit()
-    return _user_json(u)
+    return _user_json(services.set_disabled(s, username, disabled, actor=p.user.id))
 
 
 @router.post("/users/{username}/tokens", status_code=201, tags=["users"])
 def create_token(username: str, body: TokenBody, p: Who, s: DB) -> dict[str, Any]:
     """Issue an API token (shown once). Admins for anyone; everyone else for themselves, within their role."""
-    engine.begin_write(s)
-    u = _target(s, username)
-    if p.user.role != "admin" and u.id != p.user.id:
-        raise HTTPProblem(403, "you may only create tokens for yourself")
-    if p.user.role != "admin" and "manage" in body.scopes and u.role not in MANAGERS:
-        raise HTTPProblem(403, "the 'manage' scope is for leads and admins")
-    try:
-        row, raw = auth.create_token(s, u, body.name, body.scopes, actor_id=p.user.id)
-    except ValueError as exc:
-        s.rollback()
-        raise services.Invalid(str(exc), "scopes") from exc
-    s.commit()
+    row, raw = services.create_token(s, p.user, username, body.name, body.scopes)
     return {"id": row.id, "token": raw, "scopes": row.scopes}
 
 
 @router.delete("/tokens/{token_id}", tags=["users"])
 def revoke_token(token_id: int, p: Who, s: DB) -> dict[str, str]:
-    engine.begin_write(s)
-    row = s.get(ApiToken, token_id)
-    if row is None or (p.user.role != "admin" and row.user_id != p.user.id):
-        raise services.NotFound(f"no token {token_id} of yours")
-    auth.revoke_token(s, token_id, actor_id=p.user.id)
-    s.commit()
+    services.revoke_token(s, p.user, token_id)
     return {"status": "revoked"}
 
 
 @router.post("/users/{username}/qc", status_code=201, tags=["qc"])
 def qc_action(username: str, body: QcBody, p: Who, s: DB) -> dict[str, Any]:
     require(p, roles=MANAGERS, scope="manage")
-    engine.begin_write(s)
-    u = _target(s, username)
-    _may_manage_user(p, u)
-    row = engine.apply_qc_action(s, u, body.action, body.reason, p.user.id)
-    s.commit()
+    row = services.apply_qc(s, p.user, username, body.action, body.reason)
     return {"id": row.id, "user": username, "action": row.action}
 
 
 @router.post("/qc/{action_id}/revert", tags=["qc"])
 def qc_revert(action_id: int, p: Who, s: DB) -> dict[str, Any]:
     require(p, roles=MANAGERS, scope="manage")
-    engine.begin_write(s)
-    row = s.get(QcAction, action_id)
-    if row is None:
-        raise services.NotFound(f"no QC action {action_id}")
-    _may_manage_user(p, s.get(User, row.user_id))
-    engine.revert_qc_action(s, action_id, p.user.id)
-    s.commit()
-    return {"id": action_id, "user_qc_state": s.get(User, row.user_id).qc_state}
+    target = services.revert_qc(s, p.user, action_id)
+    return {"id": action_id, "user_qc_state": target.qc_state}
 
 
 @router.get("/journal", tags=["admin"])
 def journal(p: Who, s: DB, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
     require(p, roles=("admin",), scope="read")
-    q = select(JournalEntry).order_by(JournalEntry.id.desc()).limit(min(limit, 1000))
-    if action:
-        q = q.where(JournalEntry.action == action)
-    return [
-        {
-            "id": j.id,
-            "at": auth.aware(j.at).isoformat(),
-            "actor_id": j.actor_id,
-            "action": j.action,
-            "entity": j.entity,
-            "entity_id": j.entity_id,
-            "data": j.data,
-        }
-        for j in s.scalars(q)
-    ]
+    return services.journal(s, limit, action)

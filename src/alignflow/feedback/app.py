@@ -1,32 +1,30 @@
-"""The FastAPI application: settings, security middleware, authentication dependencies, error mapping.
+"""The FastAPI application: settings, security middleware, error mapping; it only assembles the app.
 
 Routes live in `api.py` (JSON under /api/v1) and `pages.py` (server-rendered HTML); both are thin shells over
-`services`. Security defaults: session cookies are HttpOnly and SameSite=Lax; every state-changing request made
-with a session cookie must carry the session's CSRF token; a Content-Security-Policy without 'unsafe-inline'
-means even an escaping mistake could not run injected script; request bodies are capped.
+`services` and take their dependencies from `deps.py`. Security defaults: session cookies are HttpOnly and
+SameSite=Lax (and Secure, with HSTS, when `secure_cookies` is set); every state-changing request made with a
+session cookie must carry the session's CSRF token; a Content-Security-Policy without 'unsafe-inline' means
+even an escaping mistake could not run injected script; request bodies are capped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from sqlalchemy.orm import Session, sessionmaker
 
-from alignflow.feedback import auth, services
+from alignflow.feedback import api, pages, services
+from alignflow.feedback.deps import HTTPProblem
 from alignflow.workspace import Workspace
 
 HERE = Path(__file__).parent
-SESSION_COOKIE = "af_session"
-CSRF_HEADER = "x-csrf-token"
-UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; object-src 'none'; "
     "base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
@@ -88,19 +86,8 @@ class _TooLarge(Exception):
     pass
 
 
-class HTTPProblem(Exception):
-    """Raised by dependencies; mapped to JSON for the API and to a page or redirect for HTML routes."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
 def create_app(workspace: Workspace | None = None, settings: Settings | None = None) -> FastAPI:
     """Build the app on the workspace database (SQLite by default, PostgreSQL via `ALIGNFLOW_DB_URL`)."""
-    from alignflow.feedback import api, pages
-
     settings = settings or Settings()
     ws = workspace or Workspace.from_env()
     app = FastAPI(
@@ -153,56 +140,6 @@ def create_app(workspace: Workspace | None = None, settings: Settings | None = N
     app.include_router(api.router, prefix="/api/v1")
     app.include_router(pages.router)
     return app
-
-
-# ------------------------------------------------------------------------------------------ dependencies
-
-
-def get_db(request: Request) -> Iterator[Session]:
-    factory: sessionmaker[Session] = request.app.state.sessions
-    with factory() as s:
-        yield s
-
-
-DB = Annotated[Session, Depends(get_db)]
-
-
-def authenticate(request: Request, s: Session) -> auth.Principal:
-    """Authenticate by `Authorization: Bearer <token>` or by the session cookie (401 otherwise)."""
-    header = request.headers.get("authorization", "")
-    p: auth.Principal | None = None
-    if header.lower().startswith("bearer "):
-        p = auth.token_principal(s, header[7:].strip())
-        if p is None:
-            raise HTTPProblem(401, "invalid, revoked or disabled API token")
-    else:
-        cookie = request.cookies.get(SESSION_COOKIE)
-        if cookie:
-            p = auth.session_principal(s, cookie)
-        if p is None:
-            raise HTTPProblem(401, "not logged in")
-    # No rollback here: the loaded user stays in the session for the route (one query fewer). SQLite reads
-    # open no transaction in pysqlite, so `engine.begin_write` can still take the write lock; on PostgreSQL
-    # the request simply continues in the same READ COMMITTED transaction.
-    return p
-
-
-def principal(request: Request, s: DB) -> auth.Principal:
-    """API authentication; a cookie-authenticated write must echo the CSRF token in `X-CSRF-Token`."""
-    p = authenticate(request, s)
-    if request.method in UNSAFE_METHODS and not auth.csrf_ok(p, request.headers.get(CSRF_HEADER)):
-        raise HTTPProblem(403, "missing or wrong CSRF token (send the X-CSRF-Token header)")
-    return p
-
-
-Who = Annotated[auth.Principal, Depends(principal)]
-
-
-def require(p: auth.Principal, *, roles: tuple[str, ...] | None = None, scope: str | None = None) -> None:
-    if scope is not None and scope not in p.scopes:
-        raise HTTPProblem(403, f"this token lacks the '{scope}' scope")
-    if roles is not None and p.user.role not in roles:
-        raise HTTPProblem(403, f"role '{p.user.role}' may not do this (needs one of {', '.join(roles)})")
 
 
 def app_from_env() -> FastAPI:

@@ -12,16 +12,21 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
-from sqlalchemy import select
 from starlette.datastructures import FormData, UploadFile
 
-from alignflow.feedback import auth, engine, services
-from alignflow.feedback.app import DB, SESSION_COOKIE, HTTPProblem, authenticate
-from alignflow.feedback.models import Project, QcAction, User
+from alignflow.feedback import auth, qc, services
+from alignflow.feedback.deps import (
+    DB,
+    LOGIN_CSRF_COOKIE,
+    MANAGERS,
+    SESSION_COOKIE,
+    HTTPProblem,
+    page_user,
+    secure_cookies,
+    set_session_cookie,
+)
 
 router = APIRouter(include_in_schema=False)
-LOGIN_CSRF_COOKIE = "af_login_csrf"
-MANAGERS = ("admin", "lead")
 
 
 def render(request: Request, template: str, status: int = 200, **ctx: Any) -> HTMLResponse:
@@ -39,15 +44,6 @@ async def _form(request: Request, p: auth.Principal) -> FormData:
     return form
 
 
-def _page_user(request: Request, s: DB, roles: tuple[str, ...] | None = None) -> auth.Principal:
-    p = authenticate(request, s)
-    if p.via != "session":
-        raise HTTPProblem(403, "pages need a browser session; use the API with tokens")
-    if roles is not None and p.user.role not in roles:
-        raise HTTPProblem(403, f"role '{p.user.role}' may not open this page")
-    return p
-
-
 # --------------------------------------------------------------------------------------------------- login
 
 
@@ -55,7 +51,9 @@ def _page_user(request: Request, s: DB, roles: tuple[str, ...] | None = None) ->
 def login_page(request: Request, error: str = "") -> HTMLResponse:
     token = secrets.token_urlsafe(16)
     resp = render(request, "login.html", login_csrf=token, error=error, user=None)
-    resp.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict")
+    resp.set_cookie(
+        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies(request)
+    )
     return resp
 
 
@@ -84,24 +82,16 @@ async def login_submit(request: Request, s: DB) -> Any:
             user=None,
         )
     resp = RedirectResponse("/", status_code=303)
-    resp.set_cookie(
-        SESSION_COOKIE,
-        token,
-        httponly=True,
-        samesite="lax",
-        secure=request.app.state.settings.secure_cookies,
-        max_age=auth.SESSION_HOURS * 3600,
-    )
+    set_session_cookie(request, resp, token)
     resp.delete_cookie(LOGIN_CSRF_COOKIE)
     return resp
 
 
 @router.post("/logout")
 async def logout(request: Request, s: DB) -> Any:
-    p = _page_user(request, s)
+    p = page_user(request, s)
     await _form(request, p)
-    auth.logout(s, request.cookies.get(SESSION_COOKIE, ""))
-    s.commit()
+    services.end_session(s, request.cookies.get(SESSION_COOKIE, ""))
     resp = RedirectResponse("/login", status_code=303)
     resp.delete_cookie(SESSION_COOKIE)
     return resp
@@ -109,7 +99,7 @@ async def logout(request: Request, s: DB) -> Any:
 
 @router.get("/")
 def home(request: Request, s: DB) -> Any:
-    p = _page_user(request, s)
+    p = page_user(request, s)
     target = {"reviewer": "/review", "annotator": "/annotate"}.get(p.user.role, "/admin")
     return RedirectResponse(target, status_code=303)
 
@@ -117,26 +107,32 @@ def home(request: Request, s: DB) -> Any:
 # ------------------------------------------------------------------------------------------------ annotate
 
 
-def _projects(s: DB) -> list[Project]:
-    return list(s.scalars(select(Project).order_by(Project.id)))
-
-
 @router.get("/annotate", response_class=HTMLResponse)
 def annotate_page(request: Request, s: DB, project: str = "", error: str = "") -> Any:
-    p = _page_user(request, s)
+    p = page_user(request, s)
     if not project:
         return render(
-            request, "projects.html", user=p.user, csrf=p.csrf_token, projects=_projects(s), mode="annotate"
+            request,
+            "projects.html",
+            user=p.user,
+            csrf=p.csrf_token,
+            projects=services.list_projects(s),
+            mode="annotate",
         )
     return _task_page(request, s, p, project, "annotate.html", error)
 
 
 @router.get("/review", response_class=HTMLResponse)
 def review_page(request: Request, s: DB, project: str = "", error: str = "") -> Any:
-    p = _page_user(request, s, roles=("reviewer", "lead", "admin"))
+    p = page_user(request, s, roles=("reviewer", "lead", "admin"))
     if not project:
         return render(
-            request, "projects.html", user=p.user, csrf=p.csrf_token, projects=_projects(s), mode="review"
+            request,
+            "projects.html",
+            user=p.user,
+            csrf=p.csrf_token,
+            projects=services.list_projects(s),
+            mode="review",
         )
     return _task_page(request, s, p, project, "review.html", error)
 
@@ -193,7 +189,7 @@ def _answer_from_form(form: FormData, schema_version: int) -> dict[str, Any]:
 
 @router.post("/tasks/{assignment_id}/submit")
 async def submit_form(assignment_id: str, request: Request, s: DB) -> Any:
-    p = _page_user(request, s)
+    p = page_user(request, s)
     form = await _form(request, p)
     page = "/review" if form.get("mode") == "review" else "/annotate"
     project = str(form.get("project") or "")
@@ -212,7 +208,7 @@ async def submit_form(assignment_id: str, request: Request, s: DB) -> Any:
 
 @router.post("/tasks/{assignment_id}/skip")
 async def skip_form(assignment_id: str, request: Request, s: DB) -> Any:
-    p = _page_user(request, s)
+    p = page_user(request, s)
     form = await _form(request, p)
     page = "/review" if form.get("mode") == "review" else "/annotate"
     project = str(form.get("project") or "")
@@ -234,8 +230,8 @@ def _q(text: str) -> str:
 
 @router.get("/admin", response_class=HTMLResponse)
 def admin_page(request: Request, s: DB, error: str = "", notice: str = "") -> HTMLResponse:
-    p = _page_user(request, s, roles=MANAGERS)
-    summaries = [services.queue_state(s, proj) for proj in _projects(s)]
+    p = page_user(request, s, roles=MANAGERS)
+    summaries = [services.queue_state(s, proj) for proj in services.list_projects(s)]
     return render(
         request, "admin.html", user=p.user, csrf=p.csrf_token, summaries=summaries, error=error, notice=notice
     )
@@ -243,7 +239,7 @@ def admin_page(request: Request, s: DB, error: str = "", notice: str = "") -> HT
 
 @router.post("/admin/projects")
 async def create_project_form(request: Request, s: DB) -> Any:
-    p = _page_user(request, s, roles=("admin",))
+    p = page_user(request, s, roles=("admin",))
     form = await _form(request, p)
     try:
         spec: dict[str, Any] = {"kind": str(form.get("kind") or "pairwise")}
@@ -271,22 +267,15 @@ async def create_project_form(request: Request, s: DB) -> Any:
 
 @router.get("/admin/projects/{name}", response_class=HTMLResponse)
 def project_page(name: str, request: Request, s: DB, error: str = "", notice: str = "") -> HTMLResponse:
-    p = _page_user(request, s, roles=MANAGERS)
-    from alignflow.feedback import qc
-
+    p = page_user(request, s, roles=MANAGERS)
     proj = services.get_project(s, name)
-    rows = services.throughput(s, proj)
-    if p.user.role == "lead":
-        rows = [r for r in rows if r["pod"] == p.user.pod]
+    rows = services.throughput(s, proj, viewer=p.user)
     try:
-        report = qc.quality_report(s, proj)
+        report = qc.quality_report(s, proj, viewer=p.user)
         quality_error = ""
     except Exception as exc:  # noqa: BLE001 - the page still shows the queue when a figure cannot be computed
         report, quality_error = {"annotators": [], "agreement": {}}, f"quality figures unavailable: {exc}"
-    q = select(QcAction, User.username).join(User, User.id == QcAction.user_id).order_by(QcAction.id.desc())
-    if p.user.role == "lead":
-        q = q.where(User.pod == p.user.pod)
-    actions = s.execute(q.limit(100)).all()
+    actions = services.qc_actions(s, p.user)
     return render(
         request,
         "project.html",
@@ -306,13 +295,13 @@ def project_page(name: str, request: Request, s: DB, error: str = "", notice: st
 
 @router.get("/admin/projects/{name}/queue", response_class=HTMLResponse)
 def queue_partial(name: str, request: Request, s: DB) -> HTMLResponse:
-    _page_user(request, s, roles=MANAGERS)
+    page_user(request, s, roles=MANAGERS)
     return render(request, "_queue.html", queue=services.queue_state(s, name))
 
 
 @router.post("/admin/projects/{name}/items")
 async def import_items_form(name: str, request: Request, s: DB) -> Any:
-    p = _page_user(request, s, roles=MANAGERS)
+    p = page_user(request, s, roles=MANAGERS)
     form = await _form(request, p)
     text = str(form.get("jsonl") or "")
     upload = form.get("file")
@@ -340,10 +329,8 @@ async def import_items_form(name: str, request: Request, s: DB) -> Any:
 
 @router.post("/admin/projects/{name}/qc-evaluate")
 async def qc_evaluate_form(name: str, request: Request, s: DB) -> Any:
-    p = _page_user(request, s, roles=MANAGERS)
+    p = page_user(request, s, roles=MANAGERS)
     await _form(request, p)
-    from alignflow.feedback import qc
-
     applied = qc.evaluate_and_apply(s, name, p.user.id)
     return RedirectResponse(
         f"/admin/projects/{name}?notice={_q(f'{len(applied)} QC action(s) applied')}", status_code=303
@@ -352,16 +339,8 @@ async def qc_evaluate_form(name: str, request: Request, s: DB) -> Any:
 
 @router.post("/admin/qc/{action_id}/revert")
 async def qc_revert_form(action_id: int, request: Request, s: DB) -> Any:
-    p = _page_user(request, s, roles=MANAGERS)
+    p = page_user(request, s, roles=MANAGERS)
     form = await _form(request, p)
-    engine.begin_write(s)
-    row = s.get(QcAction, action_id)
-    if row is None:
-        raise services.NotFound(f"no QC action {action_id}")
-    target = s.get(User, row.user_id)
-    if p.user.role == "lead" and target.pod != p.user.pod:
-        raise HTTPProblem(403, "this annotator is not in your pod")
-    engine.revert_qc_action(s, action_id, p.user.id)
-    s.commit()
+    services.revert_qc(s, p.user, action_id)
     back = str(form.get("back") or "/admin")
     return RedirectResponse(back if back.startswith("/admin") else "/admin", status_code=303)

@@ -36,9 +36,13 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def quality_report(s: Session, project: Any) -> dict[str, Any]:
+def quality_report(s: Session, project: Any, viewer: User | None = None) -> dict[str, Any]:
     """Per-annotator gold accuracy, agreement, position bias and reviewer discrepancy, plus project agreement
-    and how many items the consensus (majority vote) decides."""
+    and how many items the consensus (majority vote) decides.
+
+    The per-annotator rows are those `viewer` may see (`services.can_see`: a lead, their own pod's
+    annotators); the project-wide figures are aggregates over everyone and name no one.
+    """
     from alignflow.quality import aggregate, agreement, annotators
 
     df = validated_overall(s, project)
@@ -63,11 +67,15 @@ def quality_report(s: Session, project: Any) -> dict[str, Any]:
         )
         if c in table.columns
     ]
+    visible = services.visible_usernames(s, viewer)
+    rows = [
+        {k: _clean(v) for k, v in row.items()}
+        for row in table[keep].to_dict(orient="records")
+        if visible is None or row["annotator_id"] in visible
+    ]
     return {
         "n_judgments": len(df),
-        "annotators": [
-            {k: _clean(v) for k, v in row.items()} for row in table[keep].to_dict(orient="records")
-        ],
+        "annotators": rows,
         "agreement": {k: _clean(v) for k, v in summary.items()},
         "aggregated_items": len(agg),
     }
@@ -78,7 +86,8 @@ def evaluate_and_apply(
 ) -> list[dict]:
     """Run `alignflow.quality.policy.evaluate_policy` and persist new actions; returns the actions applied.
 
-    An action is skipped when the annotator's current QC state already equals it, so re-running is harmless.
+    An action is skipped when the annotator's current QC state already equals it, so re-running is harmless,
+    and when `actor` may not manage the annotator (`services.can_manage`: a lead acts on their own pod only).
     Commits.
     """
     from alignflow.quality.policy import evaluate_policy
@@ -89,13 +98,15 @@ def evaluate_and_apply(
     actions = evaluate_policy(df, policy)
     engine.begin_write(s)
     try:
-        actor_id = services._user(s, actor).id if actor is not None else None
+        viewer = services.get_user(s, actor) if actor is not None else None
         applied = []
         for act in actions:
             user = s.scalar(select(User).where(User.username == act.annotator_id))
-            if user is None or user.qc_state == act.action:
+            if user is None or user.qc_state == act.action or not services.can_manage(viewer, user):
                 continue
-            row = engine.apply_qc_action(s, user, act.action, f"{act.rule}: {act.reason}", actor_id)
+            row = engine.apply_qc_action(
+                s, user, act.action, f"{act.rule}: {act.reason}", viewer.id if viewer else None
+            )
             applied.append(
                 {"id": row.id, "annotator": user.username, "action": act.action, "reason": row.reason}
             )

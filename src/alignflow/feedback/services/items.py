@@ -1,0 +1,200 @@
+"""Items: normalising and importing rows, the JSONL reader, generation datasets as items, expert routing."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from alignflow.feedback import engine
+from alignflow.feedback.journal import record
+from alignflow.feedback.models import Item, Project, User
+from alignflow.feedback.schema import SchemaSpec
+from alignflow.feedback.services.errors import Conflict, Invalid, NotFound
+from alignflow.feedback.services.projects import get_project, schema_spec
+from alignflow.feedback.services.users import get_user
+
+MAX_CANDIDATE_CHARS = 100_000
+
+
+def _normalise_item(raw: Any, where: str, spec: SchemaSpec) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise Invalid(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    allowed = {"id", "prompt", "candidates", "priority", "gold_label", "ambiguous"}
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise Invalid(f"{where}: unknown field(s) {extra}; allowed {sorted(allowed)}")
+    for key in ("id", "prompt"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise Invalid(f"{where}: field '{key}' must be a non-empty string")
+    cands = raw.get("candidates")
+    if not isinstance(cands, list) or not 2 <= len(cands) <= spec.max_candidates:
+        raise Invalid(f"{where}: field 'candidates' must be a list of 2..{spec.max_candidates} responses")
+    out = []
+    for j, c in enumerate(cands):
+        if isinstance(c, str):
+            c = {"text": c}
+        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+            raise Invalid(f"{where}: candidates[{j}] must be a string or an object with a 'text' string")
+        if len(c["text"]) > MAX_CANDIDATE_CHARS:
+            raise Invalid(f"{where}: candidates[{j}].text longer than {MAX_CANDIDATE_CHARS} characters")
+        out.append(
+            {
+                "id": str(c.get("id") or f"c{j}"),
+                "text": c["text"],
+                "model": c.get("model"),
+                "version": c.get("version"),
+                "sampling": c.get("sampling") or {},
+            }
+        )
+    if len({c["id"] for c in out}) != len(out):
+        raise Invalid(f"{where}: candidate ids repeat")
+    gold = raw.get("gold_label")
+    if gold is not None:
+        ok = (
+            gold in ("A", "B", "tie")
+            if spec.kind == "pairwise"
+            else sorted(map(str, gold)) == sorted(c["id"] for c in out)
+        )
+        if not ok:
+            expect = "'A', 'B' or 'tie'" if spec.kind == "pairwise" else "a ranking of all candidate ids"
+            raise Invalid(f"{where}: field 'gold_label' must be {expect}, got {gold!r}")
+    priority = raw.get("priority", 0)
+    if not isinstance(priority, int):
+        raise Invalid(f"{where}: field 'priority' must be an integer")
+    return {
+        "external_id": raw["id"],
+        "prompt": raw["prompt"],
+        "candidates": out,
+        "priority": priority,
+        "is_gold": gold is not None,
+        "gold_label": gold,
+        "tier": "expert" if raw.get("ambiguous") else "standard",
+    }
+
+
+def import_items(
+    s: Session,
+    project: Project | str,
+    rows: Iterable[Any],
+    source: str = "",
+    actor: User | int | str | None = None,
+) -> int:
+    """Add items; every row is checked before anything is written. Returns how many were added. Commits.
+
+    A row: `{"id", "prompt", "candidates": [{"id", "text", "model", "version", "sampling"}, ...],
+    "priority"?, "gold_label"? ("A"/"B"/"tie" or a ranking), "ambiguous"?}`. Candidates may be plain strings.
+    """
+    p = get_project(s, project)
+    spec = schema_spec(s, p)
+    # Validate before taking the write lock, so a large import does not stall annotators while it is checked.
+    items = [_normalise_item(r, f"{source or 'items'} row {i + 1}", spec) for i, r in enumerate(rows)]
+    ids = [it["external_id"] for it in items]
+    dup = sorted(x for x, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise Invalid(f"{source or 'items'}: item id(s) repeat: {dup[:5]}")
+    s.rollback()
+    engine.begin_write(s)
+    try:
+        existing: set[str] = set()
+        for start in range(0, len(ids), 500):  # bounded IN lists (SQLite caps bound parameters)
+            chunk = ids[start : start + 500]
+            existing |= set(
+                s.scalars(
+                    select(Item.external_id).where(Item.project_id == p.id, Item.external_id.in_(chunk))
+                )
+            )
+        if existing:
+            raise Conflict(
+                f"{source or 'items'}: item id(s) already in project {p.name!r}: {sorted(existing)[:5]}"
+            )
+        for it in items:
+            s.add(Item(project_id=p.id, source=source[:128] or None, **it))
+        actor_id = get_user(s, actor).id if actor is not None else None
+        record(s, actor_id, "items.import", "project", p.id, {"count": len(items), "source": source})
+        s.commit()
+        return len(items)
+    except Exception:
+        s.rollback()
+        raise
+
+
+def read_items_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read an items JSONL file; errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise Invalid(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+    return rows
+
+
+def items_from_generation(table: Any) -> list[dict[str, Any]]:
+    """Turn a generation dataset (pyarrow/pandas; one row per prompt x response) into item rows.
+
+    Columns: `prompt`, `response` (or `completion`), optional `prompt_id`, `model`, `model_version`, `sampling`
+    (dict or JSON string). Rows are grouped by prompt in first-seen order.
+    """
+    df = table.to_pandas() if hasattr(table, "to_pandas") else pd.DataFrame(table)
+    text_col = (
+        "response" if "response" in df.columns else "completion" if "completion" in df.columns else None
+    )
+    if "prompt" not in df.columns or text_col is None:
+        raise Invalid(f"generation dataset: needs columns 'prompt' and 'response'; has {list(df.columns)}")
+    groups: dict[str, dict[str, Any]] = {}
+    for r in df.to_dict(orient="records"):
+        key = str(r.get("prompt_id") or r["prompt"])
+        g = groups.setdefault(
+            key,
+            {"id": key if "prompt_id" in r else f"p{len(groups)}", "prompt": r["prompt"], "candidates": []},
+        )
+        sampling = r.get("sampling")
+        if isinstance(sampling, str):
+            sampling = json.loads(sampling)
+        g["candidates"].append(
+            {
+                "id": f"c{len(g['candidates'])}",
+                "text": r[text_col],
+                "model": r.get("model"),
+                "version": r.get("model_version"),
+                "sampling": sampling or {},
+            }
+        )
+    return list(groups.values())
+
+
+def gold_answer(s: Session, project: Project | str, item_id: str) -> Item:
+    """The item `item_id` of `project` (its `is_gold` and `gold_label`, for leads and admins)."""
+    p = get_project(s, project)
+    item = s.scalar(select(Item).where(Item.project_id == p.id, Item.external_id == item_id))
+    if item is None:
+        raise NotFound(f"no item {item_id!r} in project {p.name!r}")
+    return item
+
+
+def mark_ambiguous(s: Session, item_id: int, actor: User | int | str, ambiguous: bool = True) -> None:
+    """Route an item to expert-tier annotators only (or back). Commits."""
+    engine.begin_write(s)
+    try:
+        item = s.get(Item, item_id)
+        if item is None:
+            raise NotFound(f"no item {item_id}")
+        item.tier = "expert" if ambiguous else "standard"
+        record(s, get_user(s, actor).id, "item.tier", "item", item_id, {"tier": item.tier})
+        s.commit()
+    except Exception:
+        s.rollback()
+        raise

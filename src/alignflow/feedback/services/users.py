@@ -1,0 +1,188 @@
+"""Users, API tokens and QC actions, and the one rule of who may manage whom (`can_manage`).
+
+A `viewer` of `None` is the operator at the command line: whoever can run `alignflow users ...` already holds
+the database, so the CLI acts with an admin's reach.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from alignflow.feedback import auth, engine
+from alignflow.feedback.models import ApiToken, QcAction, User
+from alignflow.feedback.services.errors import Conflict, Forbidden, Invalid, NotFound
+
+MANAGERS = ("admin", "lead")
+
+
+def can_manage(viewer: User | None, target: User) -> bool:
+    """Whether `viewer` may act on `target` (QC actions and their reverts, reading their answers and figures).
+
+    An admin (or the CLI operator, `viewer=None`) manages everyone. A lead manages only the annotators of
+    their own pod: not reviewers, other leads or admins, and a lead without a pod manages no one (a missing
+    pod must never match the other pod-less accounts).
+    """
+    if viewer is None or viewer.role == "admin":
+        return True
+    return (
+        viewer.role == "lead"
+        and viewer.pod is not None
+        and target.role == "annotator"
+        and target.pod == viewer.pod
+    )
+
+
+def can_see(viewer: User | None, target: User) -> bool:
+    """Whether `viewer` may see `target` in listings and reports: themselves, or anyone they manage."""
+    return viewer is None or viewer.id == target.id or can_manage(viewer, target)
+
+
+def get_user(s: Session, user: User | int | str) -> User:
+    """The user row for a row, an id or a username (NotFound otherwise)."""
+    if isinstance(user, User):
+        row = s.get(User, user.id)
+    elif isinstance(user, int):
+        row = s.get(User, user)
+    else:
+        row = s.scalar(select(User).where(User.username == user))
+    if row is None:
+        raise NotFound(f"no user {user!r}")
+    return row
+
+
+_user = get_user  # the name the QC and export modules and older callers use
+
+
+def _actor_id(s: Session, actor: User | int | str | None) -> int | None:
+    return get_user(s, actor).id if actor is not None else None
+
+
+def list_users(s: Session, viewer: User | None = None) -> list[User]:
+    """Every user `viewer` may see (`can_see`), by id."""
+    return [u for u in s.scalars(select(User).order_by(User.id)) if can_see(viewer, u)]
+
+
+def add_user(
+    s: Session,
+    username: str,
+    password: str,
+    role: str,
+    pod: str | None = None,
+    tier: str = "standard",
+    actor: User | int | str | None = None,
+) -> User:
+    """Create a user (argon2-hashed password). Commits.
+
+    Raises:
+        Invalid: bad role, username or password; Conflict: the username exists.
+    """
+    engine.begin_write(s)
+    try:
+        user = auth.create_user(s, username, password, role, pod=pod, tier=tier, actor_id=_actor_id(s, actor))
+        s.commit()
+        return user
+    except ValueError as exc:
+        s.rollback()
+        raise (Conflict if "already exists" in str(exc) else Invalid)(str(exc)) from exc
+    except Exception:
+        s.rollback()
+        raise
+
+
+def set_disabled(
+    s: Session, username: str, disabled: bool = True, actor: User | int | str | None = None
+) -> User:
+    """Disable (or enable) a user: a disabled user's sessions end and their tokens stop at once. Commits."""
+    engine.begin_write(s)
+    try:
+        u = get_user(s, username)
+        auth.set_disabled(s, u, disabled, actor_id=_actor_id(s, actor))
+        s.commit()
+        return u
+    except Exception:
+        s.rollback()
+        raise
+
+
+def create_token(
+    s: Session, viewer: User | None, username: str, name: str, scopes: list[str]
+) -> tuple[ApiToken, str]:
+    """Issue an API token for `username`; returns the row and the raw token (shown once). Commits.
+
+    Admins (and the CLI) issue tokens for anyone; everyone else only for themselves, and the 'manage' scope
+    only to leads and admins.
+    """
+    engine.begin_write(s)
+    try:
+        u = get_user(s, username)
+        if viewer is not None and viewer.role != "admin":
+            if u.id != viewer.id:
+                raise Forbidden("you may only create tokens for yourself")
+            if "manage" in scopes and u.role not in MANAGERS:
+                raise Forbidden("the 'manage' scope is for leads and admins", "scopes")
+        try:
+            row, raw = auth.create_token(s, u, name, scopes, actor_id=viewer.id if viewer else None)
+        except ValueError as exc:
+            raise Invalid(str(exc), "scopes") from exc
+        s.commit()
+        return row, raw
+    except Exception:
+        s.rollback()
+        raise
+
+
+def revoke_token(s: Session, viewer: User | None, token_id: int) -> None:
+    """Revoke a token: one's own, or anyone's for an admin or the CLI. Commits."""
+    engine.begin_write(s)
+    try:
+        row = s.get(ApiToken, token_id)
+        if row is None or (viewer is not None and viewer.role != "admin" and row.user_id != viewer.id):
+            raise NotFound(f"no token {token_id} of yours" if viewer else f"no token with id {token_id}")
+        auth.revoke_token(s, token_id, actor_id=viewer.id if viewer else None)
+        s.commit()
+    except Exception:
+        s.rollback()
+        raise
+
+
+def apply_qc(s: Session, viewer: User | None, username: str, action: str, reason: str = "") -> QcAction:
+    """Apply a QC action (coach, restrict, recertify, suspend) to a user `viewer` manages. Commits."""
+    engine.begin_write(s)
+    try:
+        u = get_user(s, username)
+        if not can_manage(viewer, u):
+            raise Forbidden(f"you may not manage user {u.username!r}")
+        try:
+            row = engine.apply_qc_action(s, u, action, reason, viewer.id if viewer else None)
+        except ValueError as exc:
+            raise Invalid(str(exc), "action") from exc
+        s.commit()
+        return row
+    except Exception:
+        s.rollback()
+        raise
+
+
+def revert_qc(s: Session, viewer: User | None, action_id: int) -> User:
+    """Revert a QC action on a user `viewer` manages; returns that user (with their new `qc_state`). Commits."""
+    engine.begin_write(s)
+    try:
+        row = s.get(QcAction, action_id)
+        if row is None:
+            raise NotFound(f"no QC action {action_id}")
+        target = s.get(User, row.user_id)
+        if not can_manage(viewer, target):
+            raise Forbidden(f"you may not manage user {target.username!r}")
+        engine.revert_qc_action(s, action_id, viewer.id if viewer else None)
+        s.commit()
+        return target
+    except Exception:
+        s.rollback()
+        raise
+
+
+def end_session(s: Session, session_token: str) -> None:
+    """Log a browser session out. Commits."""
+    auth.logout(s, session_token)
+    s.commit()
