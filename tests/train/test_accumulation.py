@@ -88,3 +88,31 @@ def test_count_target_tokens_counts_after_shift() -> None:
     labels = torch.tensor([[5, 6, IGNORE_INDEX, 7], [IGNORE_INDEX, IGNORE_INDEX, 1, 2]])
     assert count_target_tokens(labels) == 4  # the first column is never predicted
     assert count_target_tokens([labels, labels[:1]]) == 6
+
+
+def test_example_mean_shares_sum_to_the_weighted_mean_of_the_whole_step() -> None:
+    """RM/DPO normalisation: micro-batches of 1, 3 and 2 weighted examples; each contributes its own weighted
+    mean times W_m / W, and the shares add up to sum(w * l) / sum(w) over all six (any split gives the same)."""
+    from alignflow.train.accum import example_mean_share, step_weight
+
+    losses = torch.tensor([0.5, 2.0, 1.0, 4.0, 3.0, 0.25], dtype=torch.float64)
+    weights = [1.0, 2.0, 0.5, 1.5, 1.0, 3.0]
+    splits = [[0], [1, 2, 3], [4, 5]]
+    micro_weights = [[weights[i] for i in s] for s in splits]
+    total = step_weight(micro_weights)
+    assert total == 9.0
+    step_loss = sum(
+        example_mean_share((losses[s] * torch.tensor(w, dtype=torch.float64)).sum() / sum(w), sum(w), total)
+        for s, w in zip(splits, micro_weights, strict=True)
+    )
+    want = float((losses * torch.tensor(weights, dtype=torch.float64)).sum()) / 9.0
+    assert abs(float(step_loss) - want) < 1e-12
+    # Unweighted (all 1): shares are micro-batch size / step size, the DPO case.
+    assert float(example_mean_share(torch.tensor(2.0), 3, 6)) == 1.0
+    for bad in ([[0.0, 0.0]], []):
+        try:
+            step_weight(bad)
+        except ValueError as exc:
+            assert "positive" in str(exc)
+        else:
+            raise AssertionError(f"step_weight({bad}) should fail")

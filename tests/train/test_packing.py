@@ -204,7 +204,7 @@ def test_sampler_rejects_oversized_example() -> None:
 
 
 def _pairs(n: int, seed: int = 1):
-    from alignflow.data import encode as B
+    from alignflow.data.encode import Encoded, EncodedPair
 
     g = torch.Generator().manual_seed(seed)
     items = []
@@ -216,10 +216,10 @@ def _pairs(n: int, seed: int = 1):
     for i in range(n):
         prompt, c, r = [1] + tokens(2, 14), tokens(1, 9) + [2], tokens(1, 9) + [2]
         items.append(
-            B.EncodedPair(
+            EncodedPair(
                 str(i),
-                B.Encoded(prompt + c, [IGNORE_INDEX] * len(prompt) + c),
-                B.Encoded(prompt + r, [IGNORE_INDEX] * len(prompt) + r),
+                Encoded(prompt + c, [IGNORE_INDEX] * len(prompt) + c),
+                Encoded(prompt + r, [IGNORE_INDEX] * len(prompt) + r),
                 1.0,
             )
         )
@@ -264,13 +264,13 @@ def test_prefix_tree_layout_by_hand() -> None:
 
 
 def test_tree_pair_logps_equal_concatenated_forward_and_branches_are_isolated() -> None:
-    from alignflow.data import encode as B
+    from alignflow.data.encode import pack_pairs, pad_batch
     from alignflow.train.logprobs import concatenated_forward, tree_pair_logps
 
     model, items = _tiny(), _pairs(6)
-    tree = tree_pair_logps(model, B.pack_pairs(items, 0, "cpu"))
-    c = B.pad_batch([p.chosen for p in items], 0, "cpu")
-    r = B.pad_batch([p.rejected for p in items], 0, "cpu")
+    tree = tree_pair_logps(model, pack_pairs(items, 0, "cpu"))
+    c = pad_batch([p.chosen for p in items], 0, "cpu")
+    r = pad_batch([p.rejected for p in items], 0, "cpu")
     ref = concatenated_forward(
         model,
         c["input_ids"],
@@ -287,7 +287,7 @@ def test_tree_pair_logps_equal_concatenated_forward_and_branches_are_isolated() 
     # Rejected comes after chosen in the row but never attends to it: change chosen, rejected stays put.
     for p in items:
         p.chosen.input_ids[-1] = 3 if p.chosen.input_ids[-1] != 3 else 4
-    again = tree_pair_logps(model, B.pack_pairs(items, 0, "cpu"))
+    again = tree_pair_logps(model, pack_pairs(items, 0, "cpu"))
     torch.testing.assert_close(again.rejected_logps, tree.rejected_logps, atol=1e-6, rtol=0)
     assert not torch.allclose(again.chosen_logps, tree.chosen_logps)
 

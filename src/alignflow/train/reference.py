@@ -67,7 +67,9 @@ class ReferenceLogps:
     before, every batch is computed on demand.
     """
 
-    def __init__(self, compute: Callable[[Sequence[Any]], tuple[Tensor, Tensor]], device: torch.device) -> None:
+    def __init__(
+        self, compute: Callable[[Sequence[Any]], tuple[Tensor, Tensor]], device: torch.device
+    ) -> None:
         self._compute = compute
         self._device = device
         self._table: dict[str, tuple[float, float]] = {}
@@ -99,5 +101,7 @@ class ReferenceLogps:
         missing = [it.id for it in items if it.id not in self._table]
         if missing:
             raise KeyError(f"no cached reference log-probs for pairs {missing[:5]}")
-        vals = torch.tensor([self._table[it.id] for it in items], dtype=torch.float32, device=self._device)  # (B, 2)
+        vals = torch.tensor(
+            [self._table[it.id] for it in items], dtype=torch.float32, device=self._device
+        )  # (B, 2)
         return vals[:, 0], vals[:, 1]
