@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 
 from alignflow.data.packing import TokenBudgetSampler, TreeBatch, pack_prefix_trees, shared_prefix_length
+from alignflow.data.prompts import bos_prefix
 from alignflow.errors import DataFormatError
 from alignflow.train.logprobs import IGNORE_INDEX
 
@@ -156,8 +157,7 @@ class SequenceEncoder:
 
     def encode(self, prompt: str, completion: str) -> Encoded:
         """Plain prompt/completion formatting (the text is used as is; no chat template)."""
-        bos = self.tok.bos_token_id
-        prefix = [bos] if bos is not None and not self.encoder else []
+        prefix = [] if self.encoder else bos_prefix(self.tok)  # the one BOS rule (data/prompts.py)
         suffix = [] if self.encoder else [self.tok.eos_token_id]
         return self._finish(_ids(self.tok, prompt), _ids(self.tok, completion), prefix, suffix)
 
