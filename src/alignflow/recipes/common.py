@@ -6,12 +6,13 @@ A recipe reads top to bottom:
     ...setup model, data, optimizer...
     ckpt = run.checkpoints()                    # CheckpointManager in <run_dir>/checkpoints
     resumed = ckpt.load_latest()                # continue where a stopped run left off
-    with run.stopper() as stop, run.progress(total) as bar:
+    with ckpt, run.stopper() as stop, run.progress(total) as bar:
         for step in ...:
             ...
             check_finite(loss, step, batch_ids, ckpt)
             run.log(step, metrics); bar.update(step, metrics)
-            if stop.requested: save; run.stop(); return
+            if run.end_step(ckpt, stop, step, total, ...):  # the one save path: periodic, stop, final
+                return {"stopped": True, ...}
     run.finish(summary, outputs)                # artifacts registered with lineage edges
 
 The run folder is `<workspace>/runs/<run id>` or `output_dir`; re-running with the same
