@@ -160,7 +160,7 @@ def test_one_address_spraying_many_usernames_is_limited(server, meter, s):
 
 
 def test_a_stranger_cannot_lock_the_owner_out(server, meter, policy, s):
-    backoff = 2.0
+    backoff = 3.0
     policy(backoff_base_s=backoff, backoff_max_s=backoff)
     assert login(server, "owner", PASSWORD, OWNER_HOME) == 200  # the owner's usual address is now trusted
     codes = in_parallel([lambda: login(server, "owner", WRONG, STRANGER)] * 20)
@@ -185,7 +185,7 @@ def test_a_stranger_cannot_lock_the_owner_out(server, meter, policy, s):
 
 def test_hash_slots_cap_concurrent_hashes(server, meter, policy, s):
     policy(hash_slots=2, hash_wait_s=0.3)
-    meter.seconds = 0.2
+    meter.seconds = 0.3
     names = [f"user{k:02d}" for k in range(20)]
     make_users(s, {name: "annotator" for name in names})
     codes = in_parallel(
