@@ -16,9 +16,10 @@ The policy (every number is a constant below; `configure` installs other numbers
    (10 s, 20 s, 40 s, ... up to 10 minutes). Refused attempts do not count, so hammering does not lengthen it.
 4. Trusted addresses: from an address where the account logged in successfully within `TRUST_S`, n counts only
    that address's own failures on the account. A successful login forgets that address's failures on it.
-5. Hash slots: at most `HASH_SLOTS` password hashes run at once per process (each costs 64 MiB and ~0.1 s of a
-   core with argon2-cffi's defaults; `ALIGNFLOW_LOGIN_HASH_SLOTS` sets it); a login that gets no slot within
-   `HASH_WAIT_S` is refused (429) and its pending row dropped, so a flood never queues unbounded work.
+5. Hash slots: at most `HASH_SLOTS` password hashes run at once per server process (each takes 64 MiB and a
+   good part of a CPU-second with argon2-cffi's defaults; `ALIGNFLOW_LOGIN_HASH_SLOTS` sets the number); a login
+   that gets no slot within `HASH_WAIT_S` is refused (429) and its pending row dropped, so a flood never queues
+   unbounded work. With W workers at most W * HASH_SLOTS hashes run.
 
 Why guessing stays slow: one address gets `ADDR_MAX_FAILURES` guesses per `ADDR_WINDOW_S` over all accounts; one
 account, from any number of untrusted addresses together, gets `ACCOUNT_FREE_FAILURES` guesses, then one per
@@ -30,6 +31,9 @@ and it ends at most `BACKOFF_MAX_S` after the stranger's last counted guess; the
 do not see the stranger's failures at all; rule 2 refuses only the address that failed. What a persistent
 stranger can still do is compete, at the capped rate, for the account's attempts from addresses the owner never
 logged in from: a new address of the owner's waits for the next free step.
+
+The client address is the TCP peer the route passes in; behind a reverse proxy, uvicorn must be told to trust its
+forwarding headers (`--proxy-headers --forwarded-allow-ips`), or all clients share the proxy's address for rule 2.
 """
 
 from __future__ import annotations
