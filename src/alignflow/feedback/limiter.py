@@ -32,8 +32,9 @@ do not see the stranger's failures at all; rule 2 refuses only the address that 
 stranger can still do is compete, at the capped rate, for the account's attempts from addresses the owner never
 logged in from: a new address of the owner's waits for the next free step.
 
-The client address is the TCP peer the route passes in; behind a reverse proxy, uvicorn must be told to trust its
-forwarding headers (`--proxy-headers --forwarded-allow-ips`), or all clients share the proxy's address for rule 2.
+The client address is the one the route passes in (`request.client.host`). uvicorn takes it from
+`X-Forwarded-For` only when the peer is in `FORWARDED_ALLOW_IPS` (default: localhost); a reverse proxy on another
+host must be listed there, or all its clients share its address for rule 2.
 """
 
 from __future__ import annotations
