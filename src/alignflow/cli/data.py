@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from alignflow.cli.common import console, human_bytes, open_store
@@ -17,11 +18,14 @@ app = typer.Typer(help="Import, list, inspect and export versioned datasets.")
 
 @app.command("import")
 def import_(
-    file: Path = typer.Argument(..., help="A JSONL or Parquet file."),
+    # readable=False: the library says why a file cannot be read, in the file:line form of every error.
+    file: Path = typer.Argument(..., help="A JSONL or Parquet file.", readable=False),
     kind: str = typer.Option(..., "--kind", help=f"Dataset kind: {' | '.join(KINDS)}."),
     name: str | None = typer.Option(None, "--name", help="A name to find it by (default: the file name)."),
     tag: list[str] = typer.Option([], "--tag", help="Tag to attach (repeatable)."),
-    max_line_bytes: int = typer.Option(DEFAULT_MAX_LINE_BYTES, help="Reject JSONL lines longer than this."),
+    max_line_bytes: int = typer.Option(
+        DEFAULT_MAX_LINE_BYTES, min=1, help="Reject JSONL lines longer than this many bytes."
+    ),
     home: str | None = typer.Option(None, "--home", help="Workspace folder."),
 ) -> None:
     """Validate FILE completely and store it as a content-addressed dataset artifact.
@@ -32,7 +36,9 @@ def import_(
     store = open_store(home)
     aid = import_dataset(store, file, kind, name=name, tags=tag, max_line_bytes=max_line_bytes)
     info = store.get(aid)
-    console.print(f"imported {info.meta.get('num_rows')} {kind} rows from {file} -> [bold]{aid}[/]")
+    console.print(
+        f"imported {info.meta.get('num_rows')} {kind} rows from {escape(str(file))} -> [bold]{aid}[/]"
+    )
 
 
 @app.command("ls")

@@ -1,4 +1,4 @@
-"""`alignflow workspace init|info|upgrade`."""
+"""`alignflow workspace init|info|upgrade|gc`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from alignflow.cli.common import console, human_bytes
 from alignflow.store import Store, db
 from alignflow.store.models import Artifact, LineageEdge, Run
-from alignflow.workspace import Workspace
+from alignflow.workspace import TMP_MAX_AGE_S, Workspace
 
 app = typer.Typer(help="Create, inspect and migrate the workspace (metadata database + artifact root).")
 
@@ -57,6 +57,38 @@ def upgrade(home: str | None = HomeOpt) -> None:
     before = db.current_revision(engine)
     db.upgrade(engine)
     console.print(f"schema {before or '(empty)'} -> {db.current_revision(engine)}")
+
+
+@app.command("gc")
+def gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    older_than: float = typer.Option(
+        TMP_MAX_AGE_S,
+        "--older-than",
+        min=0,
+        help="Seconds unchanged after which a staging file with no live writer on this host "
+        "(written from another host, or by an older alignflow) counts as orphaned.",
+    ),
+    home: str | None = HomeOpt,
+) -> None:
+    """Remove orphaned staging files under artifacts/tmp/ (left by killed imports and saves).
+
+    A file whose writer process has exited on this host goes at once; one whose writer is still
+    running is always kept; any other goes once unchanged for --older-than seconds. Stored
+    artifacts and the database are never touched.
+    """
+    ws = Workspace.from_env(home)  # not Store.open: opening a store collects orphans itself
+    entries = ws.scan_tmp(older_than)
+    removed = ws.collect_tmp(older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for e in removed:
+        console.print(f"{verb} {e.path} ({human_bytes(e.bytes)}): {e.reason}", highlight=False)
+    gone = {e.path for e in removed}
+    for e in entries:
+        if not e.orphan and e.path not in gone:
+            console.print(f"kept {e.path} ({human_bytes(e.bytes)}): {e.reason}", highlight=False)
+    total = sum(e.bytes for e in removed)
+    console.print(f"{verb} {len(removed)} orphaned staging file(s), {human_bytes(total)}, from {ws.tmp_dir}")
 
 
 def _safe_url(url: str) -> str:

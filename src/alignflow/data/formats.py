@@ -9,13 +9,18 @@ Normalised rows by kind (every row also has `id` and `meta`, a JSON object of ex
 | `rankings` | `prompt` + `completions` + (`ranking` best-first indices, or `scores`, higher is better) | prompt, completions, ranking, scores |
 
 A file is validated completely before anything is stored: an error names the file, the line
-(or Parquet row) and the field, and nothing is written.
+(or Parquet row) and the field, and nothing is written. Strict JSON: duplicate keys, NaN/Infinity,
+lone surrogates and numbers too large for a float are errors, not silently resolved or coerced;
+indices must be integers (not `true` or `1.0`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,14 @@ KINDS = ("sft", "pairs", "rankings")
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 HH_ASSISTANT = "\n\nAssistant:"
 _MAX_REPORTED = 10
+_MAX_DEPTH = 64  # nesting deeper than this is not a dataset row (and would strain json.dumps later)
+# File signatures that explain an undecodable "JSONL" file better than "invalid UTF-8 at byte 0".
+_SIGNATURES = (
+    (b"PAR1", "is a Parquet file; give it a .parquet suffix"),
+    (b"\x1f\x8b", "is gzip-compressed; decompress it first"),
+    (b"\xff\xfe", "is UTF-16 encoded; re-encode it as UTF-8"),
+    (b"\xfe\xff", "is UTF-16 encoded; re-encode it as UTF-8"),
+)
 
 _FIELDS = {
     "sft": {"id", "prompt", "completion", "messages"},
@@ -75,6 +88,61 @@ class _RowError(Exception):
         self.msg = msg
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A short repr for messages: a 4,000-digit integer or a 1 MB string is not worth echoing."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_readable(path: Path) -> os.stat_result:
+    """Stat `path` and say precisely why it cannot be read (a directory is not "file not found")."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DataFormatError(
+                f"{path}: broken symbolic link (it points to {os.readlink(path)!r}, which does not exist)"
+            ) from None
+        raise DataFormatError(f"{path}: file not found") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataFormatError(f"{path}: symbolic link loop (the link never reaches a file)") from None
+        if exc.errno == errno.EACCES:
+            raise DataFormatError(f"{path}: permission denied (a parent folder is not searchable)") from None
+        raise DataFormatError(f"{path}: cannot read: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataFormatError(f"{path}: is a directory; expected a .jsonl or .parquet file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataFormatError(f"{path}: not a regular file (a pipe, socket or device); expected a file")
+    if not os.access(path, os.R_OK):
+        raise DataFormatError(f"{path}: permission denied (the file is not readable by this user)")
+    return st
+
+
+def _parse_line(line: str) -> Any:
+    """json.loads, strict: duplicate keys raise _DuplicateKey; NaN/Infinity stay floats for _scan."""
+    return json.loads(line, object_pairs_hook=_no_duplicate_keys)
+
+
 def iter_records(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[str, Any]]:
     """Yield (location, record) from a JSONL or Parquet file; location is `line N` or `row N`.
 
@@ -85,21 +153,49 @@ def iter_records(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            names = pq.read_schema(path).names
+            dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if dup is None:
+                table = pq.read_table(path)
         except Exception as exc:  # pyarrow raises several types for a broken file
             raise DataFormatError(f"{path}: not a readable Parquet file: {exc}") from None
+        if dup is not None:  # to_pylist would keep the last silently (read_table refuses some cases)
+            raise DataFormatError(f"{path}: column {dup!r} appears more than once in the Parquet schema")
         for i, rec in enumerate(table.to_pylist(), start=1):
             yield f"row {i}", rec
         return
     if suffix not in (".jsonl", ".json", ".ndjson"):
         raise DataFormatError(f"{path}: unsupported file type {suffix!r}; expected .jsonl or .parquet")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if len(raw) > max_line_bytes:
-                raise DataFormatError(
-                    f"{path}:{lineno}: line is {len(raw):,} bytes, over the {max_line_bytes:,}-byte limit "
-                    "(raise it with --max-line-bytes if this is intended)"
-                )
+    try:
+        f = open(path, "rb")
+    except PermissionError:
+        raise DataFormatError(f"{path}: permission denied (the file is not readable by this user)") from None
+    except OSError as exc:
+        raise DataFormatError(f"{path}: cannot read: {exc.strerror}") from None
+    with f:
+        head = f.read(4)
+        for magic, problem in _SIGNATURES:
+            if head.startswith(magic):
+                raise DataFormatError(f"{path}: not JSON Lines: the file {problem}")
+        f.seek(0)
+        lineno = 0
+        while True:
+            try:
+                # At most one byte past the limit: a 10 GB line is measured, never held in memory.
+                raw = f.readline(max_line_bytes + 1)
+                if not raw:
+                    return
+                lineno += 1
+                if len(raw) > max_line_bytes:
+                    size = len(raw)
+                    while not raw.endswith(b"\n") and (raw := f.readline(1 << 20)):
+                        size += len(raw)
+                    raise DataFormatError(
+                        f"{path}:{lineno}: line is {size:,} bytes, over the {max_line_bytes:,}-byte limit "
+                        "(raise it with --max-line-bytes if this is intended)"
+                    )
+            except OSError as exc:
+                raise DataFormatError(f"{path}:{lineno + 1}: read error: {exc.strerror}") from None
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -111,12 +207,58 @@ def iter_records(path: Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = _parse_line(line)
             except json.JSONDecodeError as exc:
                 raise DataFormatError(
                     f"{path}:{lineno}: invalid JSON at column {exc.colno}: {exc.msg}"
                 ) from None
+            except _DuplicateKey as exc:
+                raise DataFormatError(
+                    f"{path}:{lineno}: field {exc.key!r}: the key appears twice in one JSON object"
+                ) from None
+            except RecursionError:
+                raise DataFormatError(f"{path}:{lineno}: JSON nested too deeply to be a record") from None
+            except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+                raise DataFormatError(f"{path}:{lineno}: invalid JSON: {exc}") from None
             yield f"line {lineno}", rec
+
+
+def _scan(rec: dict[str, Any]) -> None:
+    """Reject what JSON cannot carry faithfully, anywhere in a record, naming the field path.
+
+    Lone surrogates (`"\\ud800"`) are not Unicode text: they fail later when hashed or written.
+    NaN/Infinity (and 1e400, which parses as inf) are not JSON numbers.
+    """
+    for key in rec:
+        _check_text(key, key)
+    stack: list[tuple[str, Any, int]] = [(k, v, 1) for k, v in rec.items()]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            top = where.split(".", 1)[0].split("[", 1)[0]
+            raise _RowError(top, f"nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(value, str):
+            _check_text(where, value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _RowError(where, f"{value} is not a finite number (NaN and Infinity are not JSON numbers)")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(f"{where}.{k}", k)
+                stack.append((f"{where}.{k}", v, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
+
+
+def _check_text(where: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        raise _RowError(
+            where.encode("utf-8", "backslashreplace").decode(),
+            f"contains a lone surrogate (\\u{ord(bad):04x} at character {exc.start}), which is not valid "
+            "Unicode; write the character itself or a proper surrogate pair",
+        ) from None
 
 
 def _text(rec: dict[str, Any], key: str, allow_empty: bool = False) -> str:
@@ -124,10 +266,38 @@ def _text(rec: dict[str, Any], key: str, allow_empty: bool = False) -> str:
         raise _RowError(key, f"missing field '{key}'")
     val = rec[key]
     if not isinstance(val, str):
-        raise _RowError(key, f"field '{key}' must be a string, got {type(val).__name__}")
+        raise _RowError(key, f"field '{key}' must be a string, got {_type_name(val)}")
     if not allow_empty and not val.strip():
         raise _RowError(key, f"field '{key}' is empty")
     return val
+
+
+def _number(val: Any, field: str, what: str) -> float:
+    """A JSON number as a finite float; bools, strings and ints beyond float range are errors."""
+    if isinstance(val, bool) or not isinstance(val, int | float):
+        raise _RowError(field, f"{what}, got {_type_name(val)} {_show(val)}")
+    try:
+        out = float(val)
+    except OverflowError:
+        raise _RowError(
+            field, f"{what}, got an integer too large for a float ({len(str(val))} digits)"
+        ) from None
+    if not math.isfinite(out):
+        raise _RowError(field, f"{what}, got {_show(val)}")
+    return out
+
+
+def _record_id(rec: dict[str, Any], default_id: str) -> str:
+    rid = rec.get("id")
+    if rid is None:
+        return default_id
+    if isinstance(rid, bool) or not isinstance(rid, str | int):
+        raise _RowError(
+            "id", f"field 'id' must be a string or an integer, got {_type_name(rid)} {_show(rid)}"
+        )
+    if isinstance(rid, str) and not rid.strip():
+        raise _RowError("id", "field 'id' is empty")
+    return str(rid)
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -152,7 +322,10 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 def _messages(val: Any) -> list[dict[str, str]]:
     if not isinstance(val, list) or not val:
-        raise _RowError("messages", "field 'messages' must be a non-empty list of {role, content}")
+        got = "an empty list" if val == [] else _type_name(val)
+        raise _RowError(
+            "messages", f"field 'messages' must be a non-empty list of {{role, content}}, got {got}"
+        )
     out = []
     for i, m in enumerate(val):
         if (
@@ -166,6 +339,8 @@ def _messages(val: Any) -> list[dict[str, str]]:
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] != "assistant":
         raise _RowError("messages", "the last message must be the assistant's (the completion to learn)")
+    if not out[-1]["content"].strip():
+        raise _RowError(f"messages[{len(out) - 1}].content", "the last (assistant) message is empty")
     return out
 
 
@@ -176,86 +351,142 @@ def _meta(rec: dict[str, Any], kind: str) -> str:
 
 def normalize_record(kind: str, rec: Any, default_id: str) -> dict[str, Any]:
     """One input record -> one normalised row of `kind` (raises _RowError)."""
-    if not isinstance(rec, dict):
-        raise _RowError(None, f"expected a JSON object, got {type(rec).__name__}")
-    rid = rec.get("id", default_id)
-    row: dict[str, Any] = {"id": str(rid)}
-    if kind == "sft":
-        if "messages" in rec and rec["messages"] is not None:
-            row.update(prompt=None, completion=None, messages=_messages(rec["messages"]))
-        else:
-            row.update(
-                prompt=_text(rec, "prompt", allow_empty=True),
-                completion=_text(rec, "completion"),
-                messages=None,
-            )
-    elif kind == "pairs":
-        chosen, rejected = _text(rec, "chosen", allow_empty=True), _text(rec, "rejected", allow_empty=True)
-        if rec.get("prompt") is None:
-            prompt, chosen, rejected = split_hh(chosen, rejected)
-            if chosen == rejected:
-                raise _RowError("rejected", "chosen and rejected replies are identical")
-        else:
-            prompt = _text(rec, "prompt", allow_empty=True)
-        weight = rec.get("weight", 1.0)
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, int | float)
-            or not math.isfinite(weight)
-            or weight < 0
-        ):
-            raise _RowError("weight", f"field 'weight' must be a finite number ≥ 0, got {weight!r}")
-        row.update(prompt=prompt, chosen=chosen, rejected=rejected, weight=float(weight))
-    elif kind == "rankings":
-        prompt = _text(rec, "prompt", allow_empty=True)
-        comps = rec.get("completions")
-        if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
-            raise _RowError("completions", "field 'completions' must be a list of at least 2 strings")
-        scores = rec.get("scores")
-        ranking = rec.get("ranking")
-        if ranking is None and scores is None:
-            raise _RowError("ranking", "need 'ranking' (best-first indices) or 'scores' (higher is better)")
-        if scores is not None:
-            if (
-                not isinstance(scores, list)
-                or len(scores) != len(comps)
-                or not all(
-                    isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s)
-                    for s in scores
-                )
-            ):
-                raise _RowError("scores", f"field 'scores' must be {len(comps)} finite numbers")
-            scores = [float(s) for s in scores]
-        if ranking is None:
-            ranking = sorted(range(len(comps)), key=lambda i: -scores[i])  # type: ignore[index]
-        elif not isinstance(ranking, list) or sorted(ranking) != list(range(len(comps))):
-            raise _RowError("ranking", f"field 'ranking' must be a permutation of 0..{len(comps) - 1}")
-        row.update(prompt=prompt, completions=comps, ranking=[int(i) for i in ranking], scores=scores)
-    else:
+    if kind not in KINDS:
         raise DataFormatError(f"unknown dataset kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if not isinstance(rec, dict):
+        hint = " (JSON Lines means one object per line, not one array)" if isinstance(rec, list) else ""
+        raise _RowError(None, f"expected a JSON object, got {_type_name(rec)}{hint}")
+    _scan(rec)
+    row: dict[str, Any] = {"id": _record_id(rec, default_id)}
+    if kind == "sft":
+        row.update(_sft(rec))
+    elif kind == "pairs":
+        row.update(_pair(rec))
+    else:
+        row.update(_ranking(rec))
     row["meta"] = _meta(rec, kind)
     return row
+
+
+def _sft(rec: dict[str, Any]) -> dict[str, Any]:
+    if rec.get("messages") is not None:
+        both = [k for k in ("prompt", "completion") if rec.get(k) is not None]
+        if both:
+            # Either would be dropped silently: the stored row keeps only one form.
+            raise _RowError(
+                both[0], f"give either 'messages' or prompt/completion, not both ('{both[0]}' is set)"
+            )
+        return {"prompt": None, "completion": None, "messages": _messages(rec["messages"])}
+    return {
+        "prompt": _text(rec, "prompt", allow_empty=True),
+        "completion": _text(rec, "completion"),
+        "messages": None,
+    }
+
+
+def _pair(rec: dict[str, Any]) -> dict[str, Any]:
+    chosen, rejected = _text(rec, "chosen", allow_empty=True), _text(rec, "rejected", allow_empty=True)
+    if rec.get("prompt") is None:
+        prompt, chosen, rejected = split_hh(chosen, rejected)
+    else:
+        prompt = _text(rec, "prompt", allow_empty=True)
+    # A pair whose replies do not differ carries no preference (and gives the DPO loss log 2 for nothing).
+    if chosen.strip() == rejected.strip():
+        raise _RowError("rejected", "chosen and rejected replies are identical")
+    what = "field 'weight' must be a finite number ≥ 0"
+    weight = _number(rec.get("weight", 1.0), "weight", what)
+    if weight < 0:
+        raise _RowError("weight", f"{what}, got {_show(rec['weight'])}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "weight": weight}
+
+
+def _ranking(rec: dict[str, Any]) -> dict[str, Any]:
+    prompt = _text(rec, "prompt", allow_empty=True)
+    comps = rec.get("completions")
+    if not isinstance(comps, list) or len(comps) < 2 or not all(isinstance(c, str) for c in comps):
+        got = _type_name(comps) if not isinstance(comps, list) else f"a list of {len(comps)}"
+        if isinstance(comps, list) and len(comps) >= 2:
+            bad = next(i for i, c in enumerate(comps) if not isinstance(c, str))
+            got = f"{_type_name(comps[bad])} at index {bad}"
+        raise _RowError("completions", f"field 'completions' must be a list of at least 2 strings, got {got}")
+    first: dict[str, int] = {}
+    for i, c in enumerate(comps):
+        if c in first:
+            raise _RowError(
+                f"completions[{i}]",
+                f"identical to completions[{first[c]}]; a ranking needs distinct candidates",
+            )
+        first[c] = i
+    n = len(comps)
+    scores, ranking = rec.get("scores"), rec.get("ranking")
+    if ranking is None and scores is None:
+        raise _RowError("ranking", "need 'ranking' (best-first indices) or 'scores' (higher is better)")
+    if scores is not None:
+        if not isinstance(scores, list) or len(scores) != n:
+            got = f"{len(scores)} values" if isinstance(scores, list) else _type_name(scores)
+            raise _RowError(
+                "scores", f"field 'scores' must be {n} finite numbers (one per completion), got {got}"
+            )
+        scores = [_number(x, f"scores[{i}]", "must be a finite number") for i, x in enumerate(scores)]
+    if ranking is None:
+        ranking = sorted(range(n), key=lambda i: -scores[i])  # type: ignore[index]
+    else:
+        if not isinstance(ranking, list):
+            raise _RowError(
+                "ranking", f"field 'ranking' must be a list of indices, got {_type_name(ranking)}"
+            )
+        for i, x in enumerate(ranking):
+            # bool is an int subclass and 1.0 == 1: both would be coerced silently without this check.
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise _RowError(f"ranking[{i}]", f"must be an integer index, got {_type_name(x)} {_show(x)}")
+        if sorted(ranking) != list(range(n)):
+            out = [x for x in ranking if not 0 <= x < n]
+            dup = [x for i, x in enumerate(ranking) if x in ranking[:i]]
+            why = (
+                f"index {out[0]} is out of range"
+                if out
+                else f"index {dup[0]} appears twice"
+                if dup
+                else f"it has {len(ranking)} indices for {n} completions"
+            )
+            raise _RowError("ranking", f"field 'ranking' must be a permutation of 0..{n - 1}: {why}")
+        if scores is not None:
+            worse = next((k for k in range(n - 1) if scores[ranking[k]] < scores[ranking[k + 1]]), None)
+            if worse is not None:
+                a, b = ranking[worse], ranking[worse + 1]
+                raise _RowError(
+                    "ranking",
+                    f"disagrees with 'scores': completion {a} is ranked above {b} but scores lower "
+                    f"({scores[a]} < {scores[b]})",
+                )
+    return {"prompt": prompt, "completions": comps, "ranking": list(ranking), "scores": scores}
 
 
 def load_dataset_file(
     path: str | Path, kind: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 ) -> tuple[pa.Table, dict[str, int]]:
-    """Read and validate a whole file into a normalised Arrow table. Returns (table, stats)."""
+    """Read and validate a whole file into a normalised Arrow table. Returns (table, stats).
+
+    Every failure is a DataFormatError naming the file (and the line and field when there is one).
+    """
     p = Path(path)
     if kind not in KINDS:
         raise DataFormatError(f"unknown dataset kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if not p.is_file():
-        raise DataFormatError(f"{p}: file not found")
+    if max_line_bytes < 1:
+        raise DataFormatError(f"max_line_bytes must be at least 1, got {max_line_bytes}")
+    _check_readable(p)
     rows: list[dict[str, Any]] = []
+    lines: list[str] = []
     errors: list[str] = []
     n_errors = 0
     for idx, (where, rec) in enumerate(iter_records(p, max_line_bytes)):
+        loc = where.removeprefix("line ")
         try:
             rows.append(normalize_record(kind, rec, default_id=str(idx)))
+            lines.append(where)
         except _RowError as exc:
             n_errors += 1
             if len(errors) < _MAX_REPORTED:
-                loc = where.replace("line ", "") if where.startswith("line ") else where
                 field = f" field '{exc.field}':" if exc.field else ""
                 errors.append(f"{p}:{loc}:{field} {exc.msg}")
     if n_errors:
@@ -265,10 +496,13 @@ def load_dataset_file(
         )
     if not rows:
         raise DataFormatError(f"{p}: no records (the file is empty)")
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        raise DataFormatError(f"{p}: duplicate record id {dup!r}; ids must be unique within a dataset")
+    first: dict[str, str] = {}
+    for row, where in zip(rows, lines, strict=True):
+        if row["id"] in first:
+            raise DataFormatError(
+                f"{p}:{where.removeprefix('line ')}: field 'id': duplicate record id {_show(row['id'])} "
+                f"(first at {first[row['id']]}); ids must be unique within a dataset"
+            )
+        first[row["id"]] = where
     table = pa.Table.from_pylist(rows, schema=SCHEMAS[kind])
     return table, {"rows": len(rows)}
