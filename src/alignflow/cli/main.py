@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from alignflow.cli import annotate, data, lineage, pipeline, ppo, quality, serve, users, workspace
 from alignflow.cli import train as train_cli
@@ -38,7 +39,8 @@ def main() -> None:
     try:
         app()
     except AlignflowError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # Escaped: a message quotes user input, and "[/]" in it would crash rich's markup parser.
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -5,7 +5,9 @@ Write protocol (why a crash never leaves a row pointing at a missing or partial 
 2. the file (or folder) is renamed to its content-addressed path, and the folder fsynced;
 3. only then is the row inserted, in one transaction with its tags and lineage edges.
 A crash between 2 and 3 leaves an unreferenced file, which the next put of the same
-content reuses after checking its hash.
+content reuses after checking its hash. A crash before 2 leaves a staging file in `artifacts/tmp/`,
+removed the next time a store opens on the workspace (`Workspace.collect_tmp`) or by
+`alignflow workspace gc`; a write that fails with an exception removes its own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -36,6 +39,7 @@ from alignflow.store.models import Artifact, ArtifactTag, LineageEdge, Metric, R
 from alignflow.workspace import Workspace
 
 _CHUNK = 1 << 20
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,11 @@ class Store:
     def open(cls, workspace: Workspace | None = None, auto_init: bool = True) -> Store:
         ws = workspace or Workspace.from_env()
         ws.ensure_dirs()
+        try:
+            for entry in ws.collect_tmp():
+                log.info("removed orphaned staging file %s (%s)", entry.path, entry.reason)
+        except OSError as exc:  # housekeeping must never stop the store from opening
+            log.warning("could not clean %s: %s", ws.tmp_dir, exc)
         engine = db.make_engine(ws.db_url)
         db.ensure_schema(engine, auto_init=auto_init)
         return cls(ws, engine)
@@ -162,9 +171,7 @@ class Store:
         return self.workspace.artifact_root / kind / digest[:2] / f"{digest}{suffix}"
 
     def _tmp_path(self) -> Path:
-        tmp = self.workspace.artifact_root / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        return tmp / f"{uuid.uuid4().hex}.part"
+        return self.workspace.new_tmp_path()
 
     def _publish_file(self, tmp: Path, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -189,11 +196,14 @@ class Store:
         final = self._final_path(kind, digest, ".parquet")
         if not (final.exists() and self._file_ok(final)):
             tmp = self._tmp_path()
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-                f.flush()
-                os.fsync(f.fileno())
-            self._publish_file(tmp, final)
+            try:
+                with open(tmp, "wb") as f:
+                    pq.write_table(table, f, compression="zstd")
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._publish_file(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)  # a no-op once published
         info = dict(meta or {})
         info.setdefault("num_rows", table.num_rows)
         info.setdefault("columns", table.column_names)
@@ -212,16 +222,17 @@ class Store:
         """Copy one file (a report, a config) into the store."""
         src = Path(path)
         tmp = self._tmp_path()
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, _CHUNK)
-            fout.flush()
-            os.fsync(fout.fileno())
-        digest = sha256_file(tmp)
-        final = self._final_path(kind, digest, src.suffix)
-        if final.exists() and self._file_ok(final):
-            tmp.unlink()
-        else:
-            self._publish_file(tmp, final)
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, _CHUNK)
+                fout.flush()
+                os.fsync(fout.fileno())
+            digest = sha256_file(tmp)
+            final = self._final_path(kind, digest, src.suffix)
+            if not (final.exists() and self._file_ok(final)):
+                self._publish_file(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)  # a no-op once published
         return self._register(digest, kind, final, name or src.name, dict(meta or {}), tags, parents, run_id)
 
     def put_json(self, obj: Any, kind: str, name: str | None = None, **kw: Any) -> str:
@@ -253,16 +264,19 @@ class Store:
         final = self._final_path(kind, digest, "")
         if not (final.exists() and self._dir_ok(final, kind, digest)):
             tmp = self._tmp_path().with_suffix(".dir")
-            shutil.copytree(src, tmp)
-            for p in tmp.rglob("*"):
-                if p.is_file():
-                    with open(p, "rb") as f:
-                        os.fsync(f.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            try:
+                shutil.copytree(src, tmp)
+                for p in tmp.rglob("*"):
+                    if p.is_file():
+                        with open(p, "rb") as f:
+                            os.fsync(f.fileno())
+                if final.exists():
+                    shutil.rmtree(final)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # a no-op once published
         info = dict(meta or {})
         info.setdefault("files", len(manifest))
         return self._register(digest, kind, final, name or src.name, info, tags, parents, run_id)
