@@ -293,11 +293,14 @@ def test_tree_pair_logps_equal_concatenated_forward_and_branches_are_isolated() 
 
 
 def test_packed_reward_scores_equal_padded_last_token_pooling() -> None:
-    from alignflow.models.reward import pair_scores
+    from alignflow.data.encode import model_kwargs, pack_pairs, pad_batch
+    from alignflow.train.logprobs import tree_pair_scores
 
     model, items = _tiny(seq_cls=True), _pairs(5, seed=4)
     with torch.no_grad():
-        packed = pair_scores(model, items, 0, torch.device("cpu"), packed=True)
-        padded = pair_scores(model, items, 0, torch.device("cpu"), packed=False)
+        packed = tree_pair_scores(model, pack_pairs(items, 0, "cpu"))
+        rows = pad_batch([p.chosen for p in items] + [p.rejected for p in items], 0, "cpu")
+        scores = model(**model_kwargs(rows)).logits.squeeze(-1)  # (2B,) last-non-pad pooling
+    padded = (scores[: len(items)], scores[len(items) :])
     for a, b in zip(packed, padded, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

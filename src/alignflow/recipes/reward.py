@@ -9,9 +9,11 @@ Backbones: a causal LM directory (``AutoModelForSequenceClassification`` pools t
 BERT-style encoder such as the packaged all-MiniLM-L6-v2 (``[CLS] prompt [SEP] response [SEP]``, CLS pooler
 with a fresh linear head). ``model.backbone: auto`` picks the encoder layout when the tokenizer has CLS/SEP.
 
-Components live in the library: scoring pairs, freezing layers, the ensemble file and the scorer of a trained
-model in :mod:`alignflow.models.reward` (use a trained model with its ``load_reward_scorer``); accuracy and
-calibration in :mod:`alignflow.evaluate.reward`; the accumulation normalisation in :mod:`alignflow.train.accum`.
+Components live in the library: the encoder, pairs and prompt split in :mod:`alignflow.data.encode`; the packed
+pair forward in :mod:`alignflow.train.logprobs`; freezing layers and the ensemble file in
+:mod:`alignflow.models.reward`; accuracy and calibration in :mod:`alignflow.evaluate.reward`; the accumulation
+normalisation in :mod:`alignflow.train.accum`. Use a trained model with
+:func:`alignflow.rollout.rewards.load_reward_scorer`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from alignflow.data.encode import (
     encode_pairs,
     endless,
     make_sampler,
+    model_kwargs,
+    pack_pairs,
+    pad_batch,
     rows_to_pairs,
     split_by_prompt,
     steps_for,
@@ -52,11 +57,12 @@ from alignflow.errors import ConfigError, DataFormatError
 from alignflow.evaluate.reward import preference_accuracy, preference_metrics
 from alignflow.models import load_reward_model, load_tokenizer
 from alignflow.models.export import export_hf
-from alignflow.models.reward import can_pack, freeze_bottom, pair_scores, score_pairs, write_ensemble
+from alignflow.models.reward import freeze_bottom, write_ensemble
 from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.store import Store
 from alignflow.train.accum import example_mean_share, step_weight
 from alignflow.train.checkpoint import CheckpointManager
+from alignflow.train.logprobs import splittable, tree_pair_scores
 from alignflow.train.losses import bradley_terry_loss
 from alignflow.train.optim import (
     StepTimer,
@@ -290,7 +296,8 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
         pad_token_id=pad_id,
     )
     freeze_bottom(model, cfg.model.freeze_layers)
-    packed = cfg.data.packing and can_pack(model, data.encoder)
+    # Packed: a causal trunk whose ``score`` head splits off; encoders attend both ways and always pad.
+    packed = cfg.data.packing and not data.encoder and splittable(model, "score")
     sampler = make_sampler(
         [2 * data.train[i].length for i in idx], cfg.train.batch_size, 2 * cfg.data.max_length, seed
     )
@@ -336,7 +343,7 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
                 r.log(step, {prefix + key: v for key, v in metrics.items()})
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and data.held:
                 ev = preference_metrics(
-                    *score_pairs(model, data.held, pad_id, data.device, cfg.train.batch_size, packed)
+                    *_score_pairs(model, data.held, pad_id, data.device, cfg.train.batch_size, packed)
                 )
                 r.log(step, {f"{prefix}eval/{key}": v for key, v in ev.items() if key != "reliability"})
             bar.update(step, metrics)
@@ -359,7 +366,7 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
     # ---------------------------------------------------------------- held-out scores and export
     held_scores = None
     if data.held:
-        held_scores = score_pairs(model, data.held, pad_id, data.device, cfg.train.batch_size, packed)
+        held_scores = _score_pairs(model, data.held, pad_id, data.device, cfg.train.batch_size, packed)
     # A LoRA reward model is merged so each member is a standalone scorer (no base model needed).
     export_hf(model, data.tok, out_dir, merge_lora=True)
     return _Member(metrics, held_scores, total)
@@ -386,7 +393,7 @@ def _accumulate_gradients(
     loss_sum = torch.zeros((), device=device)
     correct = margin_sum = 0.0
     for items, weights in zip(micro, pair_weights, strict=True):
-        chosen, rejected = pair_scores(model, items, pad_id, device, packed)  # (B,) each
+        chosen, rejected = _pair_scores(model, items, pad_id, device, packed)  # (B,) each
         w = torch.tensor([p.weight for p in items], dtype=chosen.dtype, device=device)
         loss = bradley_terry_loss(
             chosen,
@@ -422,3 +429,33 @@ def _evaluate_ensemble(member_scores: list[tuple[torch.Tensor, torch.Tensor]], b
         out["eval/member_accuracy_std"] = float(np.std(accs))
         out["eval/score_std_mean"] = float(torch.cat([stack_c.std(0), stack_r.std(0)]).mean())
     return out
+
+
+def _pair_scores(
+    model: Any, items: list[EncodedPair], pad_id: int, device: torch.device, packed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scalar rewards of chosen and rejected responses, ``(B,)`` each, in one forward.
+
+    Packed: each pair a prefix tree (prompt once, then chosen and rejected, which never see each other), the
+    score head on each response's last token; padded: ``[chosen; rejected]`` rows, last-non-pad pooling.
+    """
+    if packed:
+        return tree_pair_scores(model, pack_pairs(items, pad_id, device))
+    batch = pad_batch([p.chosen for p in items] + [p.rejected for p in items], pad_id, device)
+    scores = model(**model_kwargs(batch)).logits.squeeze(-1)  # (2B,)
+    return scores[: len(items)], scores[len(items) :]
+
+
+def _score_pairs(
+    model: Any, items: list[EncodedPair], pad_id: int, device: torch.device, batch_size: int, packed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out scores of chosen and rejected responses, float32 ``(N,)`` each on the CPU, without gradients."""
+    model.eval()
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            c, r = _pair_scores(model, items[i : i + batch_size], pad_id, device, packed)
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+    model.train()
+    return torch.cat(chosen), torch.cat(rejected)

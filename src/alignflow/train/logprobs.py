@@ -319,6 +319,24 @@ def tree_hidden(model: Any, batch: Any, head: str = "lm_head") -> tuple[Tensor, 
     return hidden, out
 
 
+def tree_pair_scores(model: Any, batch: Any, head: str = "score") -> tuple[Tensor, Tensor]:
+    """Scalar rewards of preference pairs packed as two-branch trees (branch 0 chosen, branch 1 rejected).
+
+    The ``head`` (a sequence-classification model's ``score``) runs on each branch's last token only, which is
+    what the padded model's last-non-pad pooling reads, so the scores equal the padded forward's.
+
+    Args:
+        model: a reward model whose trunk and head split (:func:`splittable` with ``head``).
+        batch: a :class:`~alignflow.data.packing.TreeBatch` of pairs on the model's device.
+
+    Returns:
+        ``(chosen (B,), rejected (B,))``.
+    """
+    hidden, score = tree_hidden(model, batch, head=head)
+    scores = score(hidden[batch.end_rows, batch.end_cols]).squeeze(-1)  # (2B,) chosen, rejected, chosen, ...
+    return scores[0::2], scores[1::2]
+
+
 def tree_token_logps(model: Any, batch: Any) -> tuple[Tensor, Tensor]:
     """Log-probabilities of a tree batch's targets, running the LM head only where a target is predicted.
 
