@@ -3,10 +3,10 @@
 A reward-model checkpoint is either a folder written by ``alignflow rm`` (K member folders and
 ``ensemble.json``) or a single Hugging Face sequence-classification folder. :func:`load_reward_models` opens
 both; :func:`ensemble_scores` turns the members' scalar rewards on tokenised batches into ``(mean, std)``.
-Turning (prompt, response) text into those batches needs the sequence encoder of :mod:`alignflow.data`,
-a higher layer, so the text scorer built on these two functions is
-:class:`alignflow.rollout.rewards.RewardModelScorer` (``load_reward_scorer``), the one load-and-score
-path of the RM recipe's users: PPO, the quickstart, the tests.
+Turning (prompt, response) text into those batches needs the sequence encoder of :mod:`alignflow.data`, a
+higher layer, so the text scorer built on these two functions is
+:class:`alignflow.data.reward_scoring.RewardModelScorer` (``load_reward_scorer``): the one load-and-score
+path for PPO, the quickstart, data curation and the tests.
 
 Ensemble file format (``ensemble.json``, written by :func:`write_ensemble`, read by :func:`read_ensemble`)::
 

@@ -1,29 +1,27 @@
 """Reward sources for on-policy training: a Python function by import path, or reward model(s).
 
-Both give a callable ``(prompts: list[str], responses: list[str]) -> Tensor (B,)``. :class:`RewardModelScorer`
-(:func:`load_reward_scorer`) is the one text scorer of a reward-model checkpoint, an ``alignflow rm``
-ensemble or a plain HF folder, used by PPO, the quickstart and the tests; it formats text here (the encoder
-lives in :mod:`alignflow.data`) and leaves loading and the ensemble format to :mod:`alignflow.models.reward`.
-:class:`EnsembleScorer` returns the conservative score ``mean - k * std`` over its members (Coste et al.
-2024, "Reward Model Ensembles Help Mitigate Overoptimization", the "uncertainty-weighted optimisation"
-objective), which with ``k = 0`` is the plain mean.
+Both give a callable ``(prompts: list[str], responses: list[str]) -> Tensor (B,)``. A reward-model checkpoint
+(an ``alignflow rm`` ensemble or a plain HF folder) is scored by the one text scorer,
+:class:`~alignflow.data.reward_scoring.RewardModelScorer`, re-exported here because PPO configures it as a
+reward source. :class:`EnsembleScorer` returns the conservative score ``mean - k * std`` over its members
+(Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization", the "uncertainty-weighted
+optimisation" objective), which with ``k = 0`` is the plain mean.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from alignflow.data.encode import SequenceEncoder, TruncationCounter, model_kwargs, pad_batch
+from alignflow.data.reward_scoring import RewardModelScorer, load_reward_scorer
 from alignflow.errors import ConfigError
-from alignflow.models.reward import ensemble_scores, load_reward_models
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+__all__ = ["EnsembleScorer", "RewardModelScorer", "function_scorer", "import_callable", "load_reward_scorer"]
 
 
 def import_callable(spec: str, field: str) -> Callable[..., Any]:
@@ -62,76 +60,6 @@ def function_scorer(spec: str, field: str = "reward.fn") -> Callable[[list[str],
         return out
 
     return score
-
-
-class RewardModelScorer:
-    """Scores (prompt, response) texts with a reward-model checkpoint: the one load-and-score path.
-
-    ``path`` is an ``alignflow rm`` folder (its members, and text formatted as the recipe did: the
-    :class:`~alignflow.data.encode.SequenceEncoder` with the lengths saved in ``ensemble.json``) or one HF
-    sequence-classification folder (``prompt + response`` as one string, cut at ``max_length`` tokens).
-    Loading and the ensemble arithmetic are :mod:`alignflow.models.reward`'s.
-
-    ``scorer(prompts, responses) -> (mean (N,), std (N,))``, float32: the members' mean reward and their
-    population std (0 for a single model).
-    """
-
-    def __init__(
-        self, path: str | Path, device: str = "cpu", batch_size: int = 16, max_length: int = 1024
-    ) -> None:
-        self.path = str(path)
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.max_length = max_length
-        loaded = load_reward_models(path, device=device)
-        self.tokenizer, self.members = loaded.tokenizer, loaded.members
-        self.encoder: SequenceEncoder | None = None
-        if loaded.spec is not None:
-            self.encoder = SequenceEncoder(
-                self.tokenizer,
-                loaded.spec["max_length"],
-                loaded.spec.get("max_prompt_length"),
-                encoder=loaded.spec["backbone"] == "encoder",
-                counter=TruncationCounter("scored responses"),
-            )
-
-    def _batches(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, Tensor]]:
-        """Model inputs of consecutive chunks of ``batch_size`` texts, built once and shared by the members."""
-        n, size = len(prompts), self.batch_size
-        if self.encoder is not None:
-            encoded = [self.encoder.encode(p, c) for p, c in zip(prompts, responses, strict=True)]
-            pad = self.tokenizer.pad_token_id
-            return [
-                model_kwargs(pad_batch(encoded[i : i + size], pad, self.device)) for i in range(0, n, size)
-            ]
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-        return [
-            dict(
-                self.tokenizer(
-                    texts[i : i + size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=self.max_length,
-                ).to(self.device)
-            )
-            for i in range(0, n, size)
-        ]
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Tensor, Tensor]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return ensemble_scores(self.members, self._batches(prompts, responses))
-
-
-def load_reward_scorer(
-    path: str | Path, device: str = "cpu", batch_size: int = 16, max_length: int = 1024
-) -> RewardModelScorer:
-    """Load the reward model(s) in ``path`` (the ``checkpoint_dir`` of ``alignflow rm``, or one HF folder).
-
-    Returns a callable ``scorer(prompts, responses) -> (mean (N,), std (N,))``.
-    """
-    return RewardModelScorer(path, device=device, batch_size=batch_size, max_length=max_length)
 
 
 class EnsembleScorer:
