@@ -1,6 +1,6 @@
 """Forwards over rollout rows for PPO / RLOO / GRPO: log-probs, entropy and values of the response tokens.
 
-Two layouts, the same numbers on every response token (tests/rollout/test_experience.py):
+Two layouts, the same numbers on every response token (tests/rollout/test_experience.py, test_forward.py):
 
 - padded rows: ``prompt + response`` as one left-padded batch ``(B, P + R)``; the response occupies the last
   ``R`` columns (right-padded inside that block). The log-prob of response token ``t`` comes from the logits
