@@ -102,7 +102,8 @@ class PromptDataSection(StrictModel):
         default=0.1,
         ge=0.0,
         lt=1.0,
-        description="Share of train prompts held out when `eval` is unset and monitoring is on.",
+        description="Share of train prompts held out when `eval` is unset and monitoring is on (split by "
+        "prompt as SFT, RM and DPO split, so a prompt they held out is held out here too).",
     )
     max_prompt_length: int = Field(default=256, gt=0, description="Prompt tokens kept (from the end).")
 
