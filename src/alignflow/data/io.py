@@ -26,6 +26,10 @@ def import_dataset(
     The same content imported twice gives the same id (the second import writes nothing new).
     """
     p = Path(path)
+    if p.is_dir():  # a Hugging Face `save_to_disk` folder
+        from alignflow.data.curation.hf import import_hf_folder
+
+        return import_hf_folder(store, p, kind, name=name, tags=tags)
     table, stats = load_dataset_file(p, kind, max_line_bytes=max_line_bytes)
     return store.put_dataset(
         table,
@@ -37,7 +41,12 @@ def import_dataset(
 
 
 def resolve_dataset(store: Store, ref: str, kind: str) -> str:
-    """An artifact id/name, or a file path imported on the fly (how recipes accept `data.train`)."""
+    """An artifact id/name (`name@vN`, `name@tag`), a file path imported on the fly, or a mixture spec
+    `mix:A:0.5,B:0.5[;rows=N][;seed=S][;temperature=T]` (how recipes accept `data.train`)."""
+    if ref.startswith("mix:"):
+        from alignflow.data.curation.mix import resolve_mixture
+
+        return resolve_mixture(store, ref, kind)
     p = Path(ref)
     if p.suffix.lower() in (".jsonl", ".json", ".ndjson", ".parquet") and p.is_file():
         return import_dataset(store, p, kind)
@@ -47,9 +56,16 @@ def resolve_dataset(store: Store, ref: str, kind: str) -> str:
     return info.id
 
 
-def export_dataset(store: Store, ref: str, out: str | Path) -> int:
-    """Write a dataset artifact to JSONL or Parquet (by the file suffix); return the row count."""
+def export_dataset(store: Store, ref: str, out: str | Path, fmt: str | None = None) -> int:
+    """Write a dataset artifact to JSONL or Parquet (by the file suffix), or with `fmt="hf"` to a Hugging Face
+    `save_to_disk` folder; return the row count."""
     out = Path(out)
+    if fmt == "hf":
+        from alignflow.data.curation.hf import export_hf_folder
+
+        return export_hf_folder(store, ref, out)
+    if fmt is not None:
+        raise DataFormatError(f"--format must be hf or omitted (the file suffix decides), got {fmt!r}")
     info = store.get(ref)
     if info.kind not in KINDS and not info.uri.endswith(".parquet"):
         raise StoreError(f"artifact {ref!r} is a {info.kind}, not a dataset")

@@ -355,7 +355,10 @@ class Store:
         return _manifest_hash(kind, directory_manifest(path)) == digest
 
     def resolve(self, ref: str) -> str:
-        """Full id from an id, a unique id prefix (≥ 6 chars) or an artifact name (newest wins)."""
+        """Full id from an id, a unique id prefix (≥ 6 chars), an artifact name (newest wins),
+        `name@vN` (the N-th version of a name, oldest = v1) or `name@tag` (the newest version with the tag)."""
+        if "@" in ref:
+            return self._resolve_version(ref)
         with self.session() as s:
             if s.get(Artifact, ref) is not None:
                 return ref
@@ -371,6 +374,25 @@ class Store:
             if named:
                 return named
         raise StoreError(f"no artifact {ref!r} in {self.workspace.home}")
+
+    def _resolve_version(self, ref: str) -> str:
+        name, _, selector = ref.rpartition("@")
+        with self.session() as s:
+            ids = s.scalars(
+                select(Artifact.id).where(Artifact.name == name).order_by(Artifact.created_at, Artifact.id)
+            ).all()
+            if not ids:
+                raise StoreError(f"no artifact named {name!r} (from {ref!r}) in {self.workspace.home}")
+            if selector[:1] == "v" and selector[1:].isdigit():
+                n = int(selector[1:])
+                if not 1 <= n <= len(ids):
+                    raise StoreError(f"{ref!r}: {name!r} has versions v1..v{len(ids)}")
+                return ids[n - 1]
+            tagged = set(s.scalars(select(ArtifactTag.artifact_id).where(ArtifactTag.tag == selector)).all())
+        for aid in reversed(ids):
+            if aid in tagged:
+                return aid
+        raise StoreError(f"{ref!r}: no version of {name!r} has the tag {selector!r}")
 
     def get(self, ref: str) -> ArtifactInfo:
         aid = self.resolve(ref)
