@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from alignflow.cli import annotate, data, lineage, pipeline, ppo, quality, serve, users, workspace
+from alignflow.cli import annotate, curate, data, lineage, pipeline, ppo, quality, serve, users, workspace
 from alignflow.cli import train as train_cli
 from alignflow.cli.common import err_console
 from alignflow.errors import AlignflowError
@@ -20,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(workspace.app, name="workspace")
+curate.register(data.app)
 app.add_typer(data.app, name="data")
 app.add_typer(quality.app, name="quality")
 app.command("lineage")(lineage.lineage)
