@@ -1,4 +1,9 @@
-"""Models and tokenizers: loading from local HF directories, LoRA, reference mode, tiny-model factory."""
+"""Models and tokenizers: loading from local HF directories, LoRA, reference mode, tiny-model factory.
+
+Submodules not re-exported here (import them directly): :mod:`alignflow.models.reward` (the reward-model
+ensemble format, loading and scoring its members, ``freeze_bottom``) and :mod:`alignflow.models.export`
+(writing a trained model back out as a HF folder).
+"""
 
 from alignflow.models.loading import (
     CausalLMWithValueHead,
