@@ -94,6 +94,8 @@ def test_login_and_pairwise_task_by_keyboard(server, page, s, db_url):
     assert "invalid username or password" in page.content()
     login(page, server, "ann")
     page.goto(f"{server}/annotate?project=kb")
+    with page.expect_navigation():  # a GET never leases; Start POSTs
+        page.click("#start")
     first_prompt = page.inner_text("section.prompt pre")
     page.keyboard.press("g")  # guideline one key away
     assert page.is_visible("#guideline pre")
@@ -133,6 +135,8 @@ def test_model_output_html_is_shown_as_text(server, page, s):
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     login(page, server, "ann")
     page.goto(f"{server}/annotate?project=xss")
+    with page.expect_navigation():  # a GET never leases; Start POSTs
+        page.click("#start")
     page.wait_for_timeout(300)
     texts = page.locator("article.candidate pre").all_inner_texts()
     assert sorted(texts) == sorted(evil)  # exactly the raw text, visible as text
@@ -157,6 +161,8 @@ def test_reviewer_corrects_an_item(server, page, s):
     login(page, server, "rev")
     assert page.url.endswith("/review")
     page.goto(f"{server}/review?project=qa")
+    with page.expect_navigation():  # a GET never leases; Start POSTs
+        page.click("#start")
     assert "left is right" in page.inner_text("#original")
     assert page.inner_text("#original .orig-choice").startswith("left")
     for key in ("2", "2", "2"):  # overall right, strength clear, accuracy right
@@ -215,6 +221,8 @@ def test_ranking_by_keyboard_and_skip(server, page, s):
     )
     login(page, server, "ann")
     page.goto(f"{server}/annotate?project=rk")
+    with page.expect_navigation():  # a GET never leases; Start POSTs
+        page.click("#start")
     page.keyboard.press("x")  # skip: focus the reason box
     page.keyboard.type("not my language")
     with page.expect_navigation():

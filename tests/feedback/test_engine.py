@@ -85,17 +85,29 @@ def test_expired_lease_returns_slot(s):
     assert s.scalar(select(Item.slots_taken)) == 1
 
 
-def test_late_submission_accepted_when_slot_still_free(s):
+def test_late_submission_refused_alike_for_gold_and_normal_items(s):
+    """Issue 18: late answers used to be always accepted on gold items but only sometimes on normal ones, so
+    letting a lease lapse told gold apart. Now an expired annotation lease refuses both, slot free or not."""
     make_users(s, {"a": "annotator"})
-    p = _project(s, n=1, overlap=1)
-    t = services.next_task(s, "a", p)
-    s.execute(update(Assignment).values(lease_expires_at=engine.now() - timedelta(seconds=1)))
-    s.commit()
-    assert engine.expire_leases(s) == 1
-    s.commit()
-    assert s.scalar(select(Item.slots_taken)) == 0
-    services.submit(s, "a", t["assignment_id"], answer(t), "a-client-1")
-    assert s.scalar(select(Item.slots_taken)) == 1
+    p = _project(s, n=1, gold=1, overlap=1, gold_rate=0.5)
+    tasks = []
+    rng = random.Random(0)
+    while len({t["prompt"] for t in tasks}) < 2:  # one gold and one normal task, in whichever order
+        t = services.next_task(s, "a", p, rng=rng)
+        s.execute(update(Assignment).values(lease_expires_at=engine.now() - timedelta(seconds=1)))
+        s.commit()
+        assert engine.expire_leases(s) == 1
+        s.commit()
+        tasks.append(t)
+    assert s.scalar(select(Item.slots_taken).where(~Item.is_gold)) == 0  # the normal slot is free again
+    gold_prompts = set(s.scalars(select(Item.prompt).where(Item.is_gold)))
+    kinds = set()
+    for k, t in enumerate(tasks):
+        kinds.add(t["prompt"] in gold_prompts)
+        with pytest.raises(services.Conflict, match="expired"):
+            services.submit(s, "a", t["assignment_id"], answer(t), f"late-client-{k}")
+    assert kinds == {True, False}
+    assert s.scalar(select(func.count()).select_from(Response)) == 0
 
 
 def test_submit_is_idempotent(s):

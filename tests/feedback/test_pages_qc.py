@@ -39,6 +39,14 @@ def test_pages_require_login_role_and_csrf(workspace, s):
     assert ann.get("/").headers["location"] == "/annotate"
     assert ann.get("/admin").status_code == 403
     assert ann.get("/review").status_code == 403
+    # A GET never leases (issue 18: it was a state change reachable cross-site); the Start form POSTs.
+    page = ann.get("/annotate?project=pg")
+    assert page.status_code == 200 and 'id="start"' in page.text and "/submit" not in page.text
+    assert services.current_task(s, "ann", "pg") is None
+    assert ann.post("/tasks/next", data={"project": "pg", "mode": "annotate"}).status_code == 403  # no CSRF
+    assert services.current_task(s, "ann", "pg") is None
+    r = ann.post("/tasks/next", data={"project": "pg", "mode": "annotate", "csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["location"] == "/annotate?project=pg"
     page = ann.get("/annotate?project=pg")
     assert page.status_code == 200 and "prompt" in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
@@ -62,8 +70,10 @@ def test_pages_require_login_role_and_csrf(workspace, s):
     proj_page = lead.get("/admin/projects/pg")
     assert proj_page.status_code == 200 and 'id="quality"' in proj_page.text and "ann" in proj_page.text
     assert lead.get("/admin/projects/pg/queue").status_code == 200
-    rev, _ = browser_login(app, "rev")
-    assert "No tasks left" in rev.get("/annotate?project=pg").text  # nothing sampled for QA: no task at all
+    rev, rev_csrf = browser_login(app, "rev")
+    r = rev.post("/tasks/next", data={"project": "pg", "mode": "annotate", "csrf_token": rev_csrf})
+    assert r.headers["location"] == "/annotate?project=pg&done=1"  # nothing sampled for QA: no task at all
+    assert "No tasks left" in rev.get(r.headers["location"]).text
     assert services.progress(s, "rev", "pg")["done"] == 0
 
 

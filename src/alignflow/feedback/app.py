@@ -101,6 +101,7 @@ def create_app(workspace: Workspace | None = None, settings: Settings | None = N
     app.state.sessions = services.connect(ws)
     app.state.settings = settings
     app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.state.templates.env.filters["own_qc_state"] = services.own_qc_state
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Callable) -> Any:
@@ -109,6 +110,8 @@ def create_app(workspace: Workspace | None = None, settings: Settings | None = N
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "same-origin"
         response.headers["X-Frame-Options"] = "DENY"
+        if settings.secure_cookies:  # served over HTTPS: browsers should never fall back to plain HTTP
+            response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
         return response
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

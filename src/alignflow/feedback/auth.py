@@ -19,8 +19,9 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from alignflow.feedback import limiter
+from alignflow.feedback.fields import POD_CHARS, text_problem
 from alignflow.feedback.journal import record
-from alignflow.feedback.models import ROLES, ApiToken, User, WebSession
+from alignflow.feedback.models import ROLES, TIERS, ApiToken, User, WebSession
 
 SCOPES = ("annotate", "review", "manage", "read")
 SESSION_HOURS = 12
@@ -61,6 +62,8 @@ def sha256(token: str) -> str:
 def hash_password(password: str) -> str:
     if len(password) < 8:
         raise ValueError("password: at least 8 characters required")
+    if len(password) > 256 or text_problem(password):
+        raise ValueError("password: at most 256 characters, no NUL or lone surrogate")
     return _hasher.hash(password)
 
 
@@ -90,6 +93,10 @@ def create_user(
         raise ValueError(f"role: must be one of {ROLES}, got {role!r}")
     if not valid_username(username):
         raise ValueError(f"username: 1-64 letters, digits, '-' or '_', got {username!r}")
+    if pod is not None and (not pod or len(pod) > POD_CHARS or text_problem(pod)):
+        raise ValueError(f"pod: 1-{POD_CHARS} characters, no NUL or lone surrogate, got {pod!r}")
+    if tier not in TIERS:
+        raise ValueError(f"tier: must be one of {TIERS}, got {tier!r}")
     if s.scalar(select(User).where(User.username == username)) is not None:
         raise ValueError(f"username: {username!r} already exists")
     user = User(username=username, password_hash=hash_password(password), role=role, pod=pod, tier=tier)

@@ -233,24 +233,19 @@ def _lease_review(s: Session, user: User, project: Project, rng: random.Random) 
 
 
 def retake_expired(s: Session, a: Assignment, project: Project) -> bool:
-    """Let a late submission through if its expired slot has not been handed to someone else."""
-    if a.kind == "review":
-        won = s.execute(
-            update(Response)
-            .where(Response.id == a.review_of, Response.qa_status == "pending")
-            .values(qa_status="leased")
-        ).rowcount
-    else:
-        item = s.get(Item, a.item_id)
-        if item.is_gold:
-            return True
-        won = s.execute(
-            update(Item)
-            .where(Item.id == a.item_id, Item.slots_taken < project.overlap)
-            .values(slots_taken=Item.slots_taken + 1)
-        ).rowcount
-        if won == 1:
-            a.holds_slot = True
+    """Whether a late submission on an expired lease may still be stored.
+
+    Annotations: never. The expired slot went back to the queue, and accepting a late answer only while the
+    slot is still free would treat gold items (which hold no slot) differently from normal ones, so an
+    annotator could tell gold apart by letting a lease lapse. Reviews: yes, if nobody took the QA item since.
+    """
+    if a.kind != "review":
+        return False
+    won = s.execute(
+        update(Response)
+        .where(Response.id == a.review_of, Response.qa_status == "pending")
+        .values(qa_status="leased")
+    ).rowcount
     return won == 1
 
 

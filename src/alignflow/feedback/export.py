@@ -159,6 +159,17 @@ TieRule = Literal["drop", "both"]
 TIE_RULES: tuple[str, ...] = ("drop", "both")
 
 
+def _pair(pair_id: str, prompt: str, chosen: str, rejected: str, weight: float, meta: str) -> dict[str, Any]:
+    return {
+        "id": pair_id,
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "weight": weight,
+        "meta": meta,
+    }
+
+
 def preferences_to_pairs(
     rows: Iterable[Mapping[str, Any]], tie_rule: TieRule = "drop"
 ) -> list[dict[str, Any]]:
@@ -180,21 +191,18 @@ def preferences_to_pairs(
     out = []
     for r in rows:
         meta = json.dumps({"n_votes": r["n_votes"], "method": r["method"]})
-        base = {"prompt": r["prompt"], "meta": meta}
         if r["label"] == "tie":
             if tie_rule == "both":
                 a, b = r["chosen"], r["rejected"]  # a tie keeps candidate A as `chosen`
-                out.append({"id": f"{r['item_id']}/ab", **base, "chosen": a, "rejected": b, "weight": 0.5})
-                out.append({"id": f"{r['item_id']}/ba", **base, "chosen": b, "rejected": a, "weight": 0.5})
+                out.append(_pair(f"{r['item_id']}/ab", r["prompt"], a, b, 0.5, meta))
+                out.append(_pair(f"{r['item_id']}/ba", r["prompt"], b, a, 0.5, meta))
             continue
         p_a = r.get("p_a")
         if p_a is None:
             weight = 1.0
         else:
             weight = float(p_a) if r["label"] == "A" else 1.0 - float(p_a)
-        out.append(
-            {"id": r["item_id"], **base, "chosen": r["chosen"], "rejected": r["rejected"], "weight": weight}
-        )
+        out.append(_pair(r["item_id"], r["prompt"], r["chosen"], r["rejected"], weight, meta))
     return out
 
 

@@ -108,7 +108,7 @@ def home(request: Request, s: DB) -> Any:
 
 
 @router.get("/annotate", response_class=HTMLResponse)
-def annotate_page(request: Request, s: DB, project: str = "", error: str = "") -> Any:
+def annotate_page(request: Request, s: DB, project: str = "", error: str = "", done: bool = False) -> Any:
     p = page_user(request, s)
     if not project:
         return render(
@@ -119,11 +119,11 @@ def annotate_page(request: Request, s: DB, project: str = "", error: str = "") -
             projects=services.list_projects(s),
             mode="annotate",
         )
-    return _task_page(request, s, p, project, "annotate.html", error)
+    return _task_page(request, s, p, project, "annotate", error, done)
 
 
 @router.get("/review", response_class=HTMLResponse)
-def review_page(request: Request, s: DB, project: str = "", error: str = "") -> Any:
+def review_page(request: Request, s: DB, project: str = "", error: str = "", done: bool = False) -> Any:
     p = page_user(request, s, roles=("reviewer", "lead", "admin"))
     if not project:
         return render(
@@ -134,29 +134,57 @@ def review_page(request: Request, s: DB, project: str = "", error: str = "") -> 
             projects=services.list_projects(s),
             mode="review",
         )
-    return _task_page(request, s, p, project, "review.html", error)
+    return _task_page(request, s, p, project, "review", error, done)
 
 
-def _task_page(request: Request, s: DB, p: auth.Principal, project: str, template: str, error: str) -> Any:
+def _task_page(
+    request: Request, s: DB, p: auth.Principal, project: str, mode: str, error: str, done: bool
+) -> Any:
+    """Show the task the user already holds; never lease one (a GET must not change state): the page's
+    "Start" button POSTs to /tasks/next, and each submit or skip POST leases the next task itself."""
     proj = services.get_project(s, project)
-    s.rollback()
-    task = services.next_task(s, p.user.id, proj.name)
-    if task is not None and template == "annotate.html" and task["kind"] == "review":
-        return RedirectResponse(f"/review?project={_q(proj.name)}", status_code=303)
-    prog = services.progress(s, p.user.id, proj.name)
+    task = services.current_task(s, p.user.id, proj)
+    if task is not None and mode == "annotate" and task["kind"] == "review":
+        return RedirectResponse(_task_url("review", proj.name), status_code=303)
+    prog = services.progress(s, p.user.id, proj)
     guide = services.guideline(s, proj, task["guideline_version"] if task else None)
     return render(
         request,
-        template,
+        f"{mode}.html",
         user=p.user,
         csrf=p.csrf_token,
         project=proj,
         task=task,
+        done=done,
+        mode=mode,
         progress=prog,
         guideline=guide,
         client_id=uuid.uuid4().hex,
         error=error,
     )
+
+
+def _task_url(mode: str, project: str, **params: str) -> str:
+    query = "&".join(f"{k}={_q(v)}" for k, v in {"project": project, **params}.items())
+    return f"/{'review' if mode == 'review' else 'annotate'}?{query}"
+
+
+def _lease_next(s: DB, p: auth.Principal, project: str, mode: str) -> RedirectResponse:
+    """Lease the user's next task (inside a POST) and send them to the page that shows it."""
+    task = services.next_task(s, p.user.id, project)
+    if task is None:
+        return RedirectResponse(_task_url(mode, project, done="1"), status_code=303)
+    return RedirectResponse(_task_url(task["kind"], project), status_code=303)
+
+
+@router.post("/tasks/next")
+async def next_task_form(request: Request, s: DB) -> Any:
+    """The "Start" button: lease a task (state changes only on POST), then show it."""
+    p = page_user(request, s)
+    form = await _form(request, p)
+    mode = "review" if form.get("mode") == "review" else "annotate"
+    project = services.get_project(s, str(form.get("project") or "")).name
+    return _lease_next(s, p, project, mode)
 
 
 def _answer_from_form(form: FormData, schema_version: int) -> dict[str, Any]:
@@ -191,7 +219,7 @@ def _answer_from_form(form: FormData, schema_version: int) -> dict[str, Any]:
 async def submit_form(assignment_id: str, request: Request, s: DB) -> Any:
     p = page_user(request, s)
     form = await _form(request, p)
-    page = "/review" if form.get("mode") == "review" else "/annotate"
+    mode = "review" if form.get("mode") == "review" else "annotate"
     project = str(form.get("project") or "")
     try:
         schema_version = int(str(form.get("schema_version") or "0"))
@@ -202,21 +230,21 @@ async def submit_form(assignment_id: str, request: Request, s: DB) -> Any:
                 answer = {"review_action": "accept", "duration_s": answer.get("duration_s")}
         services.submit(s, p.user.id, assignment_id, answer, str(form.get("client_id") or ""))
     except (services.Invalid, services.Conflict, ValueError) as exc:
-        return RedirectResponse(f"{page}?project={project}&error={_q(str(exc))}", status_code=303)
-    return RedirectResponse(f"{page}?project={project}", status_code=303)
+        return RedirectResponse(_task_url(mode, project, error=str(exc)), status_code=303)
+    return _lease_next(s, p, project, mode)
 
 
 @router.post("/tasks/{assignment_id}/skip")
 async def skip_form(assignment_id: str, request: Request, s: DB) -> Any:
     p = page_user(request, s)
     form = await _form(request, p)
-    page = "/review" if form.get("mode") == "review" else "/annotate"
+    mode = "review" if form.get("mode") == "review" else "annotate"
     project = str(form.get("project") or "")
     try:
         services.skip(s, p.user.id, assignment_id, str(form.get("reason") or ""))
     except (services.Invalid, services.Conflict) as exc:
-        return RedirectResponse(f"{page}?project={project}&error={_q(str(exc))}", status_code=303)
-    return RedirectResponse(f"{page}?project={project}", status_code=303)
+        return RedirectResponse(_task_url(mode, project, error=str(exc)), status_code=303)
+    return _lease_next(s, p, project, mode)
 
 
 def _q(text: str) -> str:

@@ -131,7 +131,8 @@ def canonical_label(
         swapped = list(display_order) != sorted(display_order)
     allowed = set(spec.failure_tags)
     for pos, tags in answer.failure_tags.items():
-        if not pos.isdigit() or int(pos) >= n:
+        # isascii: "²" and other Unicode digits pass isdigit() but not int().
+        if not (pos.isascii() and pos.isdigit()) or int(pos) >= n:
             raise AnswerError(f"failure_tags.{pos}", f"key must be a display position 0..{n - 1}")
         bad = [t for t in tags if t not in allowed]
         if bad:

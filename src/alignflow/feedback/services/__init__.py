@@ -10,7 +10,7 @@ Modules (each imports only those above it):
     users     users, API tokens, QC actions and `can_manage`, the one rule of who may manage whom
     projects  projects, guideline and question-schema versions
     items     item normalising and import, the JSONL reader, `items_from_generation`, expert routing
-    tasks     next / submit / skip
+    tasks     current / next / submit / skip
     views     read-only views: a response, progress, queue, throughput, judgments, QC actions, the journal
 
 `from alignflow.feedback import services; services.<name>` reaches every public name below.
@@ -35,7 +35,7 @@ from alignflow.feedback.services.projects import (
     schema_spec,
 )
 from alignflow.feedback.services.sessions import connect
-from alignflow.feedback.services.tasks import SubmitResult, next_task, skip, submit, task_view
+from alignflow.feedback.services.tasks import SubmitResult, current_task, next_task, skip, submit, task_view
 from alignflow.feedback.services.users import (
     MANAGERS,
     _user,
@@ -47,6 +47,7 @@ from alignflow.feedback.services.users import (
     end_session,
     get_user,
     list_users,
+    own_qc_state,
     revert_qc,
     revoke_token,
     set_disabled,
@@ -81,6 +82,7 @@ __all__ = [
     "connect",
     "create_project",
     "create_token",
+    "current_task",
     "end_session",
     "get_project",
     "get_user",
@@ -96,6 +98,7 @@ __all__ = [
     "new_guideline_version",
     "new_schema_version",
     "next_task",
+    "own_qc_state",
     "progress",
     "qc_actions",
     "queue_state",

@@ -13,6 +13,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from alignflow.feedback import engine
+from alignflow.feedback.fields import (
+    CANDIDATE_ID_CHARS,
+    INT32_MAX,
+    INT32_MIN,
+    ITEM_ID_CHARS,
+    MAX_CANDIDATE_CHARS,
+    MAX_PROMPT_CHARS,
+    first_text_problem,
+)
 from alignflow.feedback.journal import record
 from alignflow.feedback.models import Item, Project, User
 from alignflow.feedback.schema import SchemaSpec
@@ -20,10 +29,9 @@ from alignflow.feedback.services.errors import Conflict, Invalid, NotFound
 from alignflow.feedback.services.projects import get_project, schema_spec
 from alignflow.feedback.services.users import get_user
 
-MAX_CANDIDATE_CHARS = 100_000
-
 
 def _normalise_item(raw: Any, where: str, spec: SchemaSpec) -> dict[str, Any]:
+    """Check one item row (the limits of `fields.py`, the same as the API's `ItemIn`) and normalise it."""
     if not isinstance(raw, dict):
         raise Invalid(f"{where}: expected a JSON object, got {type(raw).__name__}")
     allowed = {"id", "prompt", "candidates", "priority", "gold_label", "ambiguous"}
@@ -33,41 +41,41 @@ def _normalise_item(raw: Any, where: str, spec: SchemaSpec) -> dict[str, Any]:
     for key in ("id", "prompt"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise Invalid(f"{where}: field '{key}' must be a non-empty string")
+    if len(raw["id"]) > ITEM_ID_CHARS:
+        raise Invalid(f"{where}: field 'id' longer than {ITEM_ID_CHARS} characters")
+    if len(raw["prompt"]) > MAX_PROMPT_CHARS:
+        raise Invalid(f"{where}: field 'prompt' longer than {MAX_PROMPT_CHARS} characters")
+    bad_text = first_text_problem({k: raw[k] for k in ("id", "prompt")})
+    if bad_text:
+        raise Invalid(f"{where}: field '{bad_text[0]}' {bad_text[1]}")
     cands = raw.get("candidates")
     if not isinstance(cands, list) or not 2 <= len(cands) <= spec.max_candidates:
         raise Invalid(f"{where}: field 'candidates' must be a list of 2..{spec.max_candidates} responses")
-    out = []
-    for j, c in enumerate(cands):
-        if isinstance(c, str):
-            c = {"text": c}
-        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
-            raise Invalid(f"{where}: candidates[{j}] must be a string or an object with a 'text' string")
-        if len(c["text"]) > MAX_CANDIDATE_CHARS:
-            raise Invalid(f"{where}: candidates[{j}].text longer than {MAX_CANDIDATE_CHARS} characters")
-        out.append(
-            {
-                "id": str(c.get("id") or f"c{j}"),
-                "text": c["text"],
-                "model": c.get("model"),
-                "version": c.get("version"),
-                "sampling": c.get("sampling") or {},
-            }
-        )
+    out = [_normalise_candidate(c, f"{where}: candidates[{j}]", j) for j, c in enumerate(cands)]
     if len({c["id"] for c in out}) != len(out):
         raise Invalid(f"{where}: candidate ids repeat")
     gold = raw.get("gold_label")
     if gold is not None:
-        ok = (
-            gold in ("A", "B", "tie")
-            if spec.kind == "pairwise"
-            else sorted(map(str, gold)) == sorted(c["id"] for c in out)
-        )
+        if spec.kind == "pairwise":
+            ok = isinstance(gold, str) and gold in ("A", "B", "tie")
+        else:
+            # A list of id strings: a bare string ("ba") or integers would be coerced into a ranking.
+            ok = (
+                isinstance(gold, list)
+                and all(isinstance(g, str) for g in gold)
+                and sorted(gold) == sorted(c["id"] for c in out)
+            )
         if not ok:
-            expect = "'A', 'B' or 'tie'" if spec.kind == "pairwise" else "a ranking of all candidate ids"
+            expect = (
+                "'A', 'B' or 'tie'" if spec.kind == "pairwise" else "a list of all candidate ids, best first"
+            )
             raise Invalid(f"{where}: field 'gold_label' must be {expect}, got {gold!r}")
     priority = raw.get("priority", 0)
-    if not isinstance(priority, int):
-        raise Invalid(f"{where}: field 'priority' must be an integer")
+    if isinstance(priority, bool) or not isinstance(priority, int) or not INT32_MIN <= priority <= INT32_MAX:
+        raise Invalid(f"{where}: field 'priority' must be an integer in [{INT32_MIN}, {INT32_MAX}]")
+    ambiguous = raw.get("ambiguous", False)
+    if not isinstance(ambiguous, bool):
+        raise Invalid(f"{where}: field 'ambiguous' must be true or false")
     return {
         "external_id": raw["id"],
         "prompt": raw["prompt"],
@@ -75,7 +83,39 @@ def _normalise_item(raw: Any, where: str, spec: SchemaSpec) -> dict[str, Any]:
         "priority": priority,
         "is_gold": gold is not None,
         "gold_label": gold,
-        "tier": "expert" if raw.get("ambiguous") else "standard",
+        "tier": "expert" if ambiguous else "standard",
+    }
+
+
+def _normalise_candidate(c: Any, where: str, j: int) -> dict[str, Any]:
+    if isinstance(c, str):
+        c = {"text": c}
+    if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+        raise Invalid(f"{where} must be a string or an object with a 'text' string")
+    extra = sorted(set(c) - {"id", "text", "model", "version", "sampling"})
+    if extra:
+        raise Invalid(f"{where}: unknown field(s) {extra}")
+    if len(c["text"]) > MAX_CANDIDATE_CHARS:
+        raise Invalid(f"{where}.text longer than {MAX_CANDIDATE_CHARS} characters")
+    c = dict(c)
+    for key in ("id", "model", "version"):
+        v = c.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            c[key] = v = str(v)  # generation tables may hold numeric model versions or ids
+        if v is not None and (not isinstance(v, str) or not v or len(v) > CANDIDATE_ID_CHARS):
+            raise Invalid(f"{where}.{key} must be a string of 1..{CANDIDATE_ID_CHARS} characters")
+    sampling = c.get("sampling")
+    if sampling is not None and not isinstance(sampling, dict):
+        raise Invalid(f'{where}.sampling must be an object (e.g. {{"temperature": 0.7}})')
+    bad_text = first_text_problem(c)
+    if bad_text:
+        raise Invalid(f"{where}.{bad_text[0]} {bad_text[1]}")
+    return {
+        "id": c.get("id") or f"c{j}",
+        "text": c["text"],
+        "model": c.get("model"),
+        "version": c.get("version"),
+        "sampling": sampling or {},
     }
 
 
@@ -179,7 +219,9 @@ def items_from_generation(table: Any) -> list[dict[str, Any]]:
 def gold_answer(s: Session, project: Project | str, item_id: str) -> Item:
     """The item `item_id` of `project` (its `is_gold` and `gold_label`, for leads and admins)."""
     p = get_project(s, project)
-    item = s.scalar(select(Item).where(Item.project_id == p.id, Item.external_id == item_id))
+    item = None
+    if len(item_id) <= ITEM_ID_CHARS and not first_text_problem(item_id):
+        item = s.scalar(select(Item).where(Item.project_id == p.id, Item.external_id == item_id))
     if item is None:
         raise NotFound(f"no item {item_id!r} in project {p.name!r}")
     return item
@@ -189,7 +231,7 @@ def mark_ambiguous(s: Session, item_id: int, actor: User | int | str, ambiguous:
     """Route an item to expert-tier annotators only (or back). Commits."""
     engine.begin_write(s)
     try:
-        item = s.get(Item, item_id)
+        item = s.get(Item, item_id) if 1 <= item_id <= INT32_MAX else None
         if item is None:
             raise NotFound(f"no item {item_id}")
         item.tier = "expert" if ambiguous else "standard"

@@ -8,6 +8,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from alignflow.feedback import engine
+from alignflow.feedback.fields import (
+    INT32_MAX,
+    INT32_MIN,
+    MAX_LEASE_SECONDS,
+    PROJECT_NAME_CHARS,
+    text_problem,
+)
 from alignflow.feedback.journal import record
 from alignflow.feedback.models import Guideline, Project, QuestionSchema, User
 from alignflow.feedback.schema import SchemaSpec
@@ -24,7 +31,9 @@ def get_project(s: Session, project: Project | int | str) -> Project:
     if isinstance(project, Project):
         row = s.get(Project, project.id)
     elif isinstance(project, int):
-        row = s.get(Project, project)
+        row = s.get(Project, project) if INT32_MIN <= project <= INT32_MAX else None
+    elif text_problem(project) or len(project) > PROJECT_NAME_CHARS:
+        row = None  # no stored name can match, and PostgreSQL would refuse the query
     else:
         row = s.scalar(select(Project).where(Project.name == project))
     if row is None:
@@ -78,15 +87,18 @@ def create_project(
         spec = schema if isinstance(schema, SchemaSpec) else SchemaSpec.model_validate(schema or {})
     except ValueError as exc:
         raise Invalid(f"schema: {exc}", "schema") from exc
-    if not name or len(name) > 128:
-        raise Invalid("name: 1-128 characters required", "name")
+    if not name or len(name) > PROJECT_NAME_CHARS:
+        raise Invalid(f"name: 1-{PROJECT_NAME_CHARS} characters required", "name")
+    for field, value in (("name", name), ("guideline", guideline_md)):
+        if text_problem(value):
+            raise Invalid(f"{field}: {text_problem(value)}", field)
     if not 1 <= overlap <= 50:
         raise Invalid(f"overlap: must be 1..50, got {overlap}", "overlap")
     for field, rate in (("gold_rate", gold_rate), ("qa_rate", qa_rate)):
         if not 0 <= rate <= 1:
             raise Invalid(f"{field}: must be in [0, 1], got {rate}", field)
-    if lease_seconds < 5:
-        raise Invalid(f"lease_seconds: at least 5, got {lease_seconds}", "lease_seconds")
+    if not 5 <= lease_seconds <= MAX_LEASE_SECONDS:
+        raise Invalid(f"lease_seconds: must be 5..{MAX_LEASE_SECONDS}, got {lease_seconds}", "lease_seconds")
     engine.begin_write(s)
     try:
         actor_id = get_user(s, actor).id if actor is not None else None
@@ -111,6 +123,8 @@ def new_guideline_version(
     s: Session, project: Project | str, body_md: str, actor: User | int | str | None = None
 ) -> int:
     """Publish a new guideline version; later leases show it and later responses record it. Commits."""
+    if text_problem(body_md):
+        raise Invalid(f"body_md: {text_problem(body_md)}", "body_md")
     engine.begin_write(s)
     try:
         p = get_project(s, project)

@@ -12,12 +12,20 @@ from sqlalchemy.orm import Session
 
 from alignflow.feedback import engine
 from alignflow.feedback.auth import aware, now
+from alignflow.feedback.fields import first_text_problem, text_problem
 from alignflow.feedback.journal import record
 from alignflow.feedback.models import Assignment, Item, Project, Response, User
 from alignflow.feedback.schema import AnswerError, canonical_label, canonical_tags, parse_answer
 from alignflow.feedback.services.errors import Conflict, Forbidden, Invalid, NotFound
 from alignflow.feedback.services.projects import get_project, schema_spec
 from alignflow.feedback.services.users import get_user
+
+
+def _assignment(s: Session, assignment_id: str) -> Assignment | None:
+    # Assignment ids are UUIDs; anything else cannot match (and a NUL would make PostgreSQL refuse the query).
+    if not isinstance(assignment_id, str) or len(assignment_id) > 36 or text_problem(assignment_id):
+        return None
+    return s.get(Assignment, assignment_id)
 
 
 def task_view(s: Session, a: Assignment) -> dict[str, Any]:
@@ -71,6 +79,15 @@ def next_task(
         raise
 
 
+def current_task(s: Session, user: User | int | str, project: Project | int | str) -> dict | None:
+    """The task `user` already holds in `project` (an unexpired lease), or None. Reads only: pages show it on
+    GET, and only a POST (`next_task`) leases, so a cross-site link cannot take a task on someone's behalf."""
+    u = get_user(s, user)
+    p = get_project(s, project)
+    a = engine.active_lease(s, u, p)
+    return task_view(s, a) if a is not None else None
+
+
 @dataclass(frozen=True)
 class SubmitResult:
     response_id: int
@@ -93,8 +110,13 @@ def submit(
     """
     if not isinstance(client_id, str) or not 8 <= len(client_id) <= 64:
         raise Invalid("client_id: 8-64 characters required", "client_id")
+    if text_problem(client_id):
+        raise Invalid(f"client_id: {text_problem(client_id)}", "client_id")
     if not isinstance(payload, dict):
         raise Invalid("body: expected a JSON object", "body")
+    bad = first_text_problem(payload)
+    if bad:
+        raise Invalid(f"field '{bad[0]}': {bad[1]}", bad[0] or "answer")
     try:
         return _submit(s, user, assignment_id, dict(payload), client_id)
     except IntegrityError:
@@ -123,7 +145,7 @@ def _submit(
                     f"client_id {client_id!r} was already used for another assignment", "client_id"
                 )
             return SubmitResult(prior.id, False, prior.qa_status != "none")
-        a = s.get(Assignment, assignment_id)
+        a = _assignment(s, assignment_id)
         if a is None or a.user_id != u.id:
             raise NotFound(f"assignment {assignment_id!r} is not assigned to you", "assignment_id")
         p = s.get(Project, a.project_id)
@@ -215,10 +237,12 @@ def skip(s: Session, user: User | int | str, assignment_id: str, reason: str) ->
     reason = (reason or "").strip()
     if not reason:
         raise Invalid("reason: a reason is required to skip", "reason")
+    if text_problem(reason):
+        raise Invalid(f"reason: {text_problem(reason)}", "reason")
     engine.begin_write(s)
     try:
         u = get_user(s, user)
-        a = s.get(Assignment, assignment_id)
+        a = _assignment(s, assignment_id)
         if a is None or a.user_id != u.id:
             raise NotFound(f"assignment {assignment_id!r} is not assigned to you", "assignment_id")
         if a.status != "leased":

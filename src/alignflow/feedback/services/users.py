@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from alignflow.feedback import auth, engine
+from alignflow.feedback.fields import INT32_MAX, INT32_MIN, USERNAME_CHARS, text_problem
 from alignflow.feedback.models import ApiToken, QcAction, User
 from alignflow.feedback.services.errors import Conflict, Forbidden, Invalid, NotFound
 
@@ -38,12 +39,25 @@ def can_see(viewer: User | None, target: User) -> bool:
     return viewer is None or viewer.id == target.id or can_manage(viewer, target)
 
 
+def own_qc_state(user: User) -> str:
+    """The QC state a user is shown about themselves (`/me`, the page header).
+
+    "recertify" is shown as "restrict": a user under recertification is given only gold items, so being told
+    so would mark every task they see as gold. Both states mean the same thing to the user (limited access
+    until a lead lifts it), and a restricted user's tasks are a mix of gold and normal items. Leads and admins
+    see the real state in user lists and reports.
+    """
+    return "restrict" if user.qc_state == "recertify" else user.qc_state
+
+
 def get_user(s: Session, user: User | int | str) -> User:
     """The user row for a row, an id or a username (NotFound otherwise)."""
     if isinstance(user, User):
         row = s.get(User, user.id)
     elif isinstance(user, int):
-        row = s.get(User, user)
+        row = s.get(User, user) if INT32_MIN <= user <= INT32_MAX else None
+    elif text_problem(user) or len(user) > USERNAME_CHARS:
+        row = None  # no stored username can match, and PostgreSQL would refuse the query
     else:
         row = s.scalar(select(User).where(User.username == user))
     if row is None:
@@ -121,6 +135,8 @@ def create_token(
                 raise Forbidden("you may only create tokens for yourself")
             if "manage" in scopes and u.role not in MANAGERS:
                 raise Forbidden("the 'manage' scope is for leads and admins", "scopes")
+        if text_problem(name) or not 1 <= len(name) <= 64:
+            raise Invalid("name: 1-64 characters, no NUL", "name")
         try:
             row, raw = auth.create_token(s, u, name, scopes, actor_id=viewer.id if viewer else None)
         except ValueError as exc:
@@ -136,7 +152,7 @@ def revoke_token(s: Session, viewer: User | None, token_id: int) -> None:
     """Revoke a token: one's own, or anyone's for an admin or the CLI. Commits."""
     engine.begin_write(s)
     try:
-        row = s.get(ApiToken, token_id)
+        row = s.get(ApiToken, token_id) if 1 <= token_id <= INT32_MAX else None
         if row is None or (viewer is not None and viewer.role != "admin" and row.user_id != viewer.id):
             raise NotFound(f"no token {token_id} of yours" if viewer else f"no token with id {token_id}")
         auth.revoke_token(s, token_id, actor_id=viewer.id if viewer else None)
@@ -148,6 +164,8 @@ def revoke_token(s: Session, viewer: User | None, token_id: int) -> None:
 
 def apply_qc(s: Session, viewer: User | None, username: str, action: str, reason: str = "") -> QcAction:
     """Apply a QC action (coach, restrict, recertify, suspend) to a user `viewer` manages. Commits."""
+    if text_problem(reason):
+        raise Invalid(f"reason: {text_problem(reason)}", "reason")
     engine.begin_write(s)
     try:
         u = get_user(s, username)
@@ -168,7 +186,7 @@ def revert_qc(s: Session, viewer: User | None, action_id: int) -> User:
     """Revert a QC action on a user `viewer` manages; returns that user (with their new `qc_state`). Commits."""
     engine.begin_write(s)
     try:
-        row = s.get(QcAction, action_id)
+        row = s.get(QcAction, action_id) if 1 <= action_id <= INT32_MAX else None
         if row is None:
             raise NotFound(f"no QC action {action_id}")
         target = s.get(User, row.user_id)

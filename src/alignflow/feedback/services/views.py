@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from alignflow.feedback.auth import aware, now
+from alignflow.feedback.fields import INT32_MAX
 from alignflow.feedback.models import Assignment, Item, JournalEntry, Project, QcAction, Response, User
 from alignflow.feedback.services.errors import NotFound
 from alignflow.feedback.services.projects import get_project
@@ -32,7 +33,7 @@ def response_view(s: Session, viewer: User, response_id: int) -> dict[str, Any]:
     A response the viewer may not read is reported exactly like a missing one (NotFound), so ids cannot be
     probed for existence.
     """
-    r = s.get(Response, response_id)
+    r = s.get(Response, response_id) if 1 <= response_id <= INT32_MAX else None
     owner = s.get(User, r.user_id) if r is not None else None
     allowed = owner is not None and (r.user_id == viewer.id or can_manage(viewer, owner))
     if owner is not None and not allowed and viewer.role == "reviewer":
