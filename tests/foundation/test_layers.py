@@ -96,9 +96,13 @@ def imports_of(path: Path, src: Path) -> Iterator[Import]:
     yield from (i for i in visit(tree, True) if i.imported.split(".")[0] == "alignflow")
 
 
-def _top(dotted: str) -> str | None:
-    parts = dotted.split(".")
-    return parts[1] if len(parts) > 1 else None
+def unit_of(dotted: str, layers: dict[str, int]) -> str | None:
+    """The layer-table row a dotted name belongs to: the longest row that prefixes it (``alignflow.`` dropped)."""
+    parts = dotted.split(".")[1:]
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in layers:
+            return ".".join(parts[:n])
+    return None
 
 
 def direction_violations(src: Path, layers: dict[str, int], exceptions: set[tuple[str, str]]) -> list[str]:
@@ -106,16 +110,16 @@ def direction_violations(src: Path, layers: dict[str, int], exceptions: set[tupl
     seen: set[tuple[str, str]] = set()
     for path in sorted((src / "alignflow").rglob("*.py")):
         for imp in imports_of(path, src):
-            here, there = _top(imp.importer), _top(imp.imported)
-            if here is None or there is None or here == there or there not in layers:
-                continue  # the package root, same package, or a name such as `alignflow.__version__`
+            here, there = unit_of(imp.importer, layers), unit_of(imp.imported, layers)
+            if here is None or there is None or here == there:
+                continue  # the package root, the same row, or a name such as `alignflow.__version__`
             if (imp.where, there) in seen:
                 continue  # `from alignflow.x import y` yields x and x.y: one finding per line and package
             seen.add((imp.where, there))
             sub = ".".join(imp.importer.split(".")[1:3])
             if (here, there) in exceptions or (sub, there) in exceptions:
                 continue
-            if there == "recipes" and here not in RECIPE_IMPORTERS:
+            if there == "recipes" and here.split(".")[0] not in RECIPE_IMPORTERS:
                 problems.append(
                     f"{imp.where}: {imp.importer} imports {imp.imported}: only cli/pipeline use recipes"
                 )
@@ -178,8 +182,13 @@ def test_every_package_has_a_layer() -> None:
         for p in (SRC / "alignflow").iterdir()
         if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and p.stem != "__init__")
     }
-    assert packages - set(layers) == set(), "give these packages a row in docs/architecture.md's Layers table"
-    assert set(layers) - packages == set(), "docs/architecture.md lists packages that do not exist"
+    rows = {row.split(".")[0] for row in layers}
+    assert packages - rows == set(), "give these packages a row in docs/architecture.md's Layers table"
+    assert rows - packages == set(), "docs/architecture.md lists packages that do not exist"
+    for row in layers:
+        assert (SRC / "alignflow" / Path(*row.split("."))).with_suffix(".py").exists() or (
+            SRC / "alignflow" / Path(*row.split("."))
+        ).is_dir(), f"docs/architecture.md names {row}, which does not exist"
 
 
 def test_imports_follow_the_documented_direction() -> None:
@@ -202,7 +211,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
-LAYERS = {"errors": 0, "store": 2, "train": 4, "recipes": 7, "cli": 10}
+LAYERS = {"errors": 0, "store": 2, "train": 4, "train.high": 6, "recipes": 7, "cli": 10}
 
 
 @pytest.mark.parametrize(
@@ -226,6 +235,17 @@ def test_direction_checker_flags_upward_imports(
          "cli/__init__.py": "", importer: text},
     )  # fmt: skip
     assert len(direction_violations(src, LAYERS, set())) == expected
+
+
+def test_sub_module_rows_have_their_own_layer(tmp_path: Path) -> None:
+    src = _tree(
+        tmp_path,
+        {
+            "train/high.py": "from alignflow.store import api\nfrom alignflow.train import low\n",  # down: fine
+            "train/low.py": "def f():\n    from alignflow.train import high\n",  # row train (4) -> train.high (6)
+        },
+    )
+    assert [v.split(":")[0] for v in direction_violations(src, LAYERS, set())] == ["alignflow/train/low.py"]
 
 
 def test_direction_checker_honours_exceptions(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ PINNED_RM_LOSSES = [0.6961925625801086, 0.5939514636993408, 0.43392303586006165]
 
 
 def test_rm_learns_pairs_and_pins_first_steps(cli, tiny_model, toy_data, tmp_path: Path) -> None:
-    from alignflow.data.reward_scoring import load_reward_scorer
+    from alignflow.models.reward import load_reward_scorer
 
     out = tmp_path / "run"
     cfg = write_config(
@@ -46,7 +46,7 @@ def test_rm_learns_pairs_and_pins_first_steps(cli, tiny_model, toy_data, tmp_pat
 
 
 def test_rm_rankings_lora_ensemble_of_two(cli, tiny_model, toy_data, tmp_path: Path) -> None:
-    from alignflow.data.reward_scoring import load_reward_scorer
+    from alignflow.models.reward import load_reward_scorer
 
     out = tmp_path / "run"
     cfg = write_config(
@@ -151,7 +151,7 @@ def test_one_scorer_loads_a_plain_hf_reward_model_and_names_a_bad_folder(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     """PPO's ``reward.models`` and the quickstart load through the same scorer as ``alignflow rm`` output."""
-    from alignflow.data.reward_scoring import load_reward_scorer
+    from alignflow.models.reward import load_reward_scorer
     from alignflow.errors import DataFormatError
     from alignflow.models.reward import read_ensemble
     from alignflow.rollout import RewardModelScorer

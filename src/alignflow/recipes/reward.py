@@ -13,7 +13,7 @@ Components live in the library: the encoder, pairs and prompt split in :mod:`ali
 pair forward in :mod:`alignflow.train.logprobs`; freezing layers and the ensemble file in
 :mod:`alignflow.models.reward`; accuracy and calibration in :mod:`alignflow.evaluate.reward`; the accumulation
 normalisation in :mod:`alignflow.train.accum`. Use a trained model with
-:func:`alignflow.data.reward_scoring.load_reward_scorer`.
+:func:`alignflow.models.reward.load_reward_scorer`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Both give a callable ``(prompts: list[str], responses: list[str]) -> Tensor (B,)``. A reward-model checkpoint
 (an ``alignflow rm`` ensemble or a plain HF folder) is scored by the one text scorer,
-:class:`~alignflow.data.reward_scoring.RewardModelScorer`, re-exported here because PPO configures it as a
+:class:`~alignflow.models.reward.RewardModelScorer`, re-exported here because PPO configures it as a
 reward source. :class:`EnsembleScorer` returns the conservative score ``mean - k * std`` over its members
 (Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization", the "uncertainty-weighted
 optimisation" objective), which with ``k = 0`` is the plain mean.
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignflow.data.reward_scoring import RewardModelScorer, load_reward_scorer
 from alignflow.errors import ConfigError
+from alignflow.models.reward import RewardModelScorer, load_reward_scorer
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 __all__ = ["EnsembleScorer", "RewardModelScorer", "function_scorer", "import_callable", "load_reward_scorer"]
