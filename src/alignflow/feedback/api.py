@@ -29,6 +29,7 @@ class Problem(BaseModel):
 
 
 _PROBLEMS = {
+    400: "the request body is not valid JSON (or not the declared content type)",
     401: "not logged in, or an invalid, revoked or disabled token",
     403: "your role or token scope may not do this, or a missing CSRF token",
     404: "no such project, item, assignment, user, token or QC action (or not one you may see)",
