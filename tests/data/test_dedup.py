@@ -58,6 +58,7 @@ def test_cluster_functions_by_hand() -> None:
         near_clusters(texts, 1.5)
 
 
+@pytest.mark.slow
 def test_semantic_mode_with_minilm() -> None:
     rows = [
         {"id": "0", "prompt": "How do I reset my password?", "completion": "Use the link."},

@@ -167,7 +167,7 @@ Scorer = Callable[[list[str], list[str]], Sequence[float]]
 
 def reward_model_scorer(rule: Rule) -> Scorer:
     """The scorer of a `model=` rule: the reward model(s) in that folder (their mean score)."""
-    from alignflow.data.reward_scoring import load_reward_scorer
+    from alignflow.models.reward import load_reward_scorer
 
     scorer = load_reward_scorer(rule.args["model"])
     return lambda prompts, responses: scorer(prompts, responses)[0].tolist()

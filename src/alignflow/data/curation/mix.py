@@ -114,14 +114,17 @@ def mix_rows(
             entry["languages"] = per_lang
         entry["repeated"] = max(0, count - len(set(picks)))
         seen: dict[int, int] = {}
+        metas: dict[int, str] = {}  # a row picked k times carries the same meta each time
         for i in picks:
             row = dict(src[i])
             k = seen.get(i, 0)
             seen[i] = k + 1
             row["id"] = f"{label}:{row['id']}" + (f"#{k}" if k else "")
-            meta = row_meta(row)
-            meta["mix_source"] = label
-            row["meta"] = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
+            if i not in metas:
+                meta = row_meta(row)
+                meta["mix_source"] = label
+                metas[i] = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
+            row["meta"] = metas[i]
             out.append(row)
         report["sources"].append(entry)
     order = rng.permutation(len(out))
@@ -147,9 +150,12 @@ def mix_datasets(
     loaded = []
     kinds = set()
     for ref, _ in parsed:
-        aid, kind, _, data, schema = load(store, ref)
-        loaded.append((aid, ref, data, schema))
+        aid, kind, src_name, data, schema = load(store, ref)
+        loaded.append((aid, src_name or aid[:12], data, schema))
         kinds.add(kind)
+    labels = [label for _, label, _, _ in loaded]
+    if len(set(labels)) != len(labels):  # two versions of one name: label rows by id instead
+        loaded = [(aid, aid[:12], data, schema) for aid, _, data, schema in loaded]
     if len(kinds) > 1:
         raise CurationError(
             f"--source datasets are of different kinds ({', '.join(sorted(kinds))}); mix one kind"
@@ -163,7 +169,7 @@ def mix_datasets(
     params = {
         "sources": [
             {"ref": ref, "id": aid, "weight": w}
-            for (aid, ref, _, _), (_, w) in zip(loaded, parsed, strict=True)
+            for (aid, _, _, _), (ref, w) in zip(loaded, parsed, strict=True)
         ],
         "rows": rows,
         "seed": seed,
