@@ -1,8 +1,14 @@
 """Stage functions of the quickstart pipeline (`examples/quickstart.yaml`).
 
-base model → datasets → SFT → feedback (SFT samples, simulated annotators through the annotation
-platform's own services, QC, export) → reward model → PPO and DPO → evaluation → report.
-Each function takes (params, ctx) and returns a dict of outputs (artifact ids, paths, figures).
+base model → datasets → SFT → feedback (SFT samples pairs, a simulated annotator pool answers through the
+annotation platform's own services, QC, export) → reward model → PPO and DPO → evaluation → report.
+Each stage function takes (params, ctx) and returns a dict of outputs (artifact ids, paths, figures).
+
+This module holds only the demo's domain: the customer-support data and gold scorer (`support`), the
+simulated annotator pool, and the order of the stages. The product logic it calls lives in the library:
+candidate generation (`alignflow.rollout.candidates`), preferences → training pairs
+(`alignflow.feedback.export.preferences_to_pairs`), annotator reliability
+(`alignflow.quality.reliability`), statistics and the report (`alignflow.evaluate`).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +64,11 @@ def make_data(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- generation
 
 
+def one_line(text: str) -> str:
+    """The domain's replies are one line: an agent turn ends at the end of its line."""
+    return text.split("\n")[0].strip()
+
+
 def generate(
     model_dir: str,
     prompts: list[str],
@@ -64,45 +76,27 @@ def generate(
     temperature: float = 1.0,
     max_new_tokens: int = 48,
     seed: int = 0,
-    batch_size: int = 64,
 ) -> list[list[str]]:
-    """`n` sampled responses per prompt (temperature 0 = greedy), decoded and cut at the end of line."""
-    import torch
+    """`n` replies per prompt from the policy in `model_dir` (temperature 0 = greedy), cut to one line."""
+    from alignflow.rollout.candidates import generate_candidates
 
-    from alignflow.models import load_policy, load_tokenizer
-
-    tok = load_tokenizer(model_dir, padding_side="left")
-    model = load_policy(model_dir, dtype="float32").eval()
-    torch.manual_seed(seed)
-    out: list[list[str]] = [[] for _ in prompts]
-    flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
-    with torch.inference_mode():
-        for start in range(0, len(flat), batch_size):
-            chunk = flat[start : start + batch_size]
-            enc = tok([p for _, p in chunk], return_tensors="pt", padding=True)
-            kw = (
-                {"do_sample": True, "temperature": temperature, "top_p": 1.0}
-                if temperature > 0
-                else {"do_sample": False}
-            )
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                **kw,
-            )
-            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            for (i, _), t in zip(chunk, texts, strict=True):
-                out[i].append(t.split("\n")[0].strip())
-    return out
+    return generate_candidates(
+        model_dir,
+        None,
+        prompts,
+        n=n,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        postprocess=one_line,
+    )
 
 
 def _prompts_of(ctx: StageContext, dataset: str) -> list[str]:
     return [r["prompt"] for r in ctx.store.read_dataset(dataset).to_pylist()]
 
 
-# ------------------------------------------------------------------------------- feedback
+# ------------------------------------------------------------------------------- feedback: the simulated pool
 
 # Annotator types of the simulated pool: (type, count, noise sd on utility, p(choose left) if biased).
 DEFAULT_POOL = [
@@ -111,9 +105,19 @@ DEFAULT_POOL = [
     {"type": "spammer", "count": 2},
     {"type": "position_biased", "count": 1, "noise": 0.12, "p_left": 0.9},
 ]
+# Probability of the right answer on a clear pair, per type: what the reliability estimates should recover.
+TRUE_RELIABILITY = {"expert": 0.95, "regular": 0.8, "position_biased": 0.55, "spammer": 0.5}
+UNRELIABLE_TYPES = frozenset({"spammer", "position_biased"})
+GUIDELINE = (
+    "# Customer support replies\nPrefer the reply that is accurate, professional, concise and, "
+    "for an upset customer, empathetic."
+)
+
+Pool = list[tuple[str, dict[str, Any]]]  # (username, the annotator's spec from the pool)
 
 
 def _decide(kind: str, spec: dict[str, Any], left: float, right: float, rng: random.Random) -> str:
+    """One simulated vote between two replies whose true utilities are `left` and `right`."""
     if kind == "spammer":
         return rng.choice(["left", "right"])
     if kind == "position_biased" and rng.random() < spec.get("p_left", 0.9):
@@ -124,279 +128,322 @@ def _decide(kind: str, spec: dict[str, Any], left: float, right: float, rng: ran
     return "left" if gap > 0 else "right"
 
 
-def collect_feedback(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
-    """SFT samples pairs; a simulated pool answers through the platform's services; QC; export."""
-    from alignflow.feedback import auth, export, qc, services
-    from alignflow.feedback.models import User
+def _answer(task: dict[str, Any], spec: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """The simulated annotator's answer to a pairwise task: overall choice, strength and per-dimension votes."""
+    texts = [c["text"] for c in task["candidates"]]
+    util = [support.gold_scores(task["prompt"], t) for t in texts]
+    total = [sum(support.WEIGHTS[d] * u[d] for d in support.WEIGHTS) for u in util]
+    choice = _decide(spec["type"], spec, total[0], total[1], rng)
+    gap = abs(total[0] - total[1])
+    return {
+        "schema_version": task["schema_version"],
+        "choice": choice,
+        "strength": None if choice == "tie" else (1 if gap < 0.1 else 2 if gap < 0.3 else 3),
+        "dimensions": {
+            d: _decide(spec["type"], spec, util[0][d], util[1][d], rng) for d in support.DIMENSIONS
+        },
+        "duration_s": rng.uniform(8, 40),
+    }
 
-    rng = random.Random(params.get("seed", 0))
-    prompts = _prompts_of(ctx, params["prompts"])
-    cands = generate(
-        params["policy_dir"],
-        prompts,
-        n=2,
-        temperature=params.get("temperature", 1.0),
-        max_new_tokens=params.get("max_new_tokens", 48),
-        seed=params.get("seed", 0),
-    )
-    items = []
-    for i, (p, (a, b)) in enumerate(zip(prompts, cands, strict=True)):
-        if a == b:
-            continue  # nothing to compare
-        meta = {
-            "model": "sft",
-            "version": params["policy"][:12],
-            "sampling": {"temperature": params.get("temperature", 1.0)},
+
+# ------------------------------------------------------------------------------- feedback: the steps
+
+
+def _candidate_items(
+    prompts: list[str], candidates: list[list[str]], policy: str, temperature: float
+) -> list:
+    """One pairwise item per prompt whose two SFT samples differ."""
+    meta = {"model": "sft", "version": policy[:12], "sampling": {"temperature": temperature}}
+    return [
+        {
+            "id": f"q{i}",
+            "prompt": p,
+            "candidates": [{"id": "a", "text": a, **meta}, {"id": "b", "text": b, **meta}],
         }
-        items.append(
-            {
-                "id": f"q{i}",
-                "prompt": p,
-                "candidates": [{"id": "a", "text": a, **meta}, {"id": "b", "text": b, **meta}],
-            }
-        )
-    # Gold items: pairs written by the domain generator whose better answer is known.
-    n_gold = max(1, int(len(items) * params.get("gold_fraction", 0.1)))
-    for g in range(n_gold):
+        for i, (p, (a, b)) in enumerate(zip(prompts, candidates, strict=True))
+        if a != b  # identical replies: nothing to compare
+    ]
+
+
+def _gold_items(n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Up to `n` gold items: pairs written by the domain generator whose better reply is known."""
+    items = []
+    for g in range(n):
         t = support.sample_ticket(rng)
         p = t.prompt(rng)
         good = support.write_response(t, dict.fromkeys(support.DIMENSIONS, True), rng)
         bad = support.write_response(t, {d: rng.random() < 0.3 for d in support.DIMENSIONS}, rng)
         if support.gold_utility(p, good) - support.gold_utility(p, bad) < 0.2:
-            continue
+            continue  # not clearly better: a gold item must have one right answer
         swap = rng.random() < 0.5
         pair = [{"id": "a", "text": bad if swap else good}, {"id": "b", "text": good if swap else bad}]
         items.append({"id": f"gold{g}", "prompt": p, "candidates": pair, "gold_label": "B" if swap else "A"})
+    return items
 
-    sessions = services.connect(ctx.store.workspace)
-    name = f"quickstart-{uuid.uuid4().hex[:8]}"
-    pool: list[tuple[str, dict[str, Any]]] = []
-    with sessions() as s:
-        services.create_project(
-            s,
-            name,
-            "# Customer support replies\nPrefer the reply that is accurate, professional, concise and, "
-            "for an upset customer, empathetic.",
-            {"kind": "pairwise", "dimensions": list(support.DIMENSIONS)},
-            overlap=params.get("overlap", 3),
-            gold_rate=params.get("gold_rate", 0.1),
-            qa_rate=0.0,
+
+def _open_project(s: Any, name: str, items: list, params: dict[str, Any]) -> Pool:
+    """Create the project, import the items, and create the pool's annotator accounts."""
+    from alignflow.feedback import auth, services
+
+    services.create_project(
+        s,
+        name,
+        GUIDELINE,
+        {"kind": "pairwise", "dimensions": list(support.DIMENSIONS)},
+        overlap=params.get("overlap", 3),
+        gold_rate=params.get("gold_rate", 0.1),
+        qa_rate=0.0,
+    )
+    services.import_items(s, name, items, source=params["prompts"])
+    pool: Pool = []
+    for spec in params.get("pool", DEFAULT_POOL):
+        for k in range(spec["count"]):
+            uname = f"{name}-{spec['type']}-{k}"
+            auth.create_user(s, uname, uuid.uuid4().hex, "annotator", pod="sim")
+            pool.append((uname, spec))
+    s.commit()
+    return pool
+
+
+def _annotate(s: Any, project: str, pool: Pool, rng: random.Random) -> None:
+    """Annotators take turns (like a live queue) until nobody gets more work."""
+    from alignflow.feedback import services
+
+    active = list(pool)
+    while active:
+        still = []
+        for uname, spec in active:
+            task = services.next_task(s, uname, project, rng)
+            if task is None:
+                continue
+            still.append((uname, spec))
+            answer = _answer(task, spec, rng)
+            services.submit(s, uname, task["assignment_id"], answer, client_id=uuid.uuid4().hex)
+        active = still
+
+
+def _annotator_figures(
+    judgments: Any, consensus: dict[str, str], project: str, pool: Pool, flagged: set, states: dict
+) -> list[dict[str, Any]]:
+    """Per annotator: its type and true reliability (known in simulation) beside the estimates."""
+    from alignflow.quality.reliability import annotator_reliability
+
+    est = annotator_reliability(judgments, consensus).set_index("annotator_id")
+    rows = []
+    for uname, spec in pool:
+        known = uname in est.index
+        rows.append(
+            {
+                "annotator": uname.removeprefix(f"{project}-"),
+                "type": spec["type"],
+                "true_reliability": TRUE_RELIABILITY[spec["type"]],
+                "estimated_skill": est.at[uname, "consensus_agreement"] if known else None,
+                "gold_accuracy": est.at[uname, "gold_accuracy"] if known else None,
+                "flagged": uname in flagged,
+                "qc_state": states.get(uname),
+            }
         )
-        services.import_items(s, name, items, source=params["prompts"])
-        for spec in params.get("pool", DEFAULT_POOL):
-            for k in range(spec["count"]):
-                uname = f"{name}-{spec['type']}-{k}"
-                auth.create_user(s, uname, uuid.uuid4().hex, "annotator", pod="sim")
-                pool.append((uname, spec))
-        s.commit()
-        # Annotators take turns (like a live queue) until nobody gets more work.
-        active = list(pool)
-        while active:
-            still = []
-            for uname, spec in active:
-                task = services.next_task(s, uname, name, rng)
-                if task is None:
-                    continue
-                still.append((uname, spec))
-                texts = [c["text"] for c in task["candidates"]]
-                util = [support.gold_scores(task["prompt"], t) for t in texts]
-                total = [sum(support.WEIGHTS[d] * u[d] for d in support.WEIGHTS) for u in util]
-                choice = _decide(spec["type"], spec, total[0], total[1], rng)
-                gap = abs(total[0] - total[1])
-                answer = {
-                    "schema_version": task["schema_version"],
-                    "choice": choice,
-                    "strength": None if choice == "tie" else (1 if gap < 0.1 else 2 if gap < 0.3 else 3),
-                    "dimensions": {
-                        d: _decide(spec["type"], spec, util[0][d], util[1][d], rng)
-                        for d in support.DIMENSIONS
-                    },
-                    "duration_s": rng.uniform(8, 40),
-                }
-                services.submit(s, uname, task["assignment_id"], answer, client_id=uuid.uuid4().hex)
-            active = still
+    return rows
+
+
+def _label_accuracy_vs_gold(pairs: list[dict[str, Any]]) -> float | None:
+    """Share of training pairs whose chosen reply the gold scorer prefers (pairs it cannot separate say nothing)."""
+    gaps = [
+        support.gold_utility(r["prompt"], r["chosen"]) - support.gold_utility(r["prompt"], r["rejected"])
+        for r in pairs
+    ]
+    decided = [g for g in gaps if abs(g) > 1e-9]
+    return sum(g > 0 for g in decided) / len(decided) if decided else None
+
+
+def _training_pairs(
+    ctx: StageContext, preferences_id: str, preferences: list[dict[str, Any]]
+) -> tuple[str, list[dict[str, Any]]]:
+    """The `pairs` dataset RM and DPO train on: consensus label, soft label as weight, ties dropped;
+    lineage to the exported preferences."""
+    from alignflow.feedback.export import preferences_to_pairs
+
+    pairs = preferences_to_pairs(preferences, tie_rule="drop")
+    for r in pairs:
+        # Replies were cut to their line and stripped; SFT completions start with a space after "agent:".
+        r["chosen"], r["rejected"] = " " + r["chosen"], " " + r["rejected"]
+    pairs_id = ctx.store.put_dataset(
+        pairs,
+        kind="pairs",
+        name="quickstart-preferences",
+        parents=[(preferences_id, "preferences")],
+        tags=["quickstart"],
+    )
+    return pairs_id, pairs
+
+
+def collect_feedback(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """SFT samples pairs; a simulated pool answers through the platform's services; QC; export; pairs."""
+    from alignflow.feedback import export, qc, services
+    from alignflow.feedback.models import User
+    from alignflow.quality.reliability import detection_precision_recall
+
+    rng = random.Random(params.get("seed", 0))
+    temperature = params.get("temperature", 1.0)
+    prompts = _prompts_of(ctx, params["prompts"])
+    samples = generate(
+        params["policy_dir"],
+        prompts,
+        n=2,
+        temperature=temperature,
+        max_new_tokens=params.get("max_new_tokens", 48),
+        seed=params.get("seed", 0),
+    )
+    items = _candidate_items(prompts, samples, params["policy"], temperature)
+    items += _gold_items(max(1, int(len(items) * params.get("gold_fraction", 0.1))), rng)
+
+    name = f"quickstart-{uuid.uuid4().hex[:8]}"
+    with services.connect(ctx.store.workspace)() as s:
+        pool = _open_project(s, name, items, params)
+        _annotate(s, name, pool, rng)
         actions = qc.evaluate_and_apply(s, name, actor=None)
         exported = export.export_project(s, ctx.store, name, method=params.get("aggregation", "dawid_skene"))
         judgments = services.load_judgments(s, name)
         states = {u.username: u.qc_state for u in s.query(User).filter(User.username.like(f"{name}-%"))}
 
     flagged = {a["annotator"] for a in actions if a["action"] in ("restrict", "suspend", "recertify")}
-    unreliable = {u for u, spec in pool if spec["type"] in ("spammer", "position_biased")}
-    tp = len(flagged & unreliable)
-    precision = tp / len(flagged) if flagged else 1.0
-    recall = tp / len(unreliable) if unreliable else 1.0
-
-    # Estimated reliability per annotator: agreement with gold and with the consensus.
-    pref = ctx.store.read_dataset(exported["preferences"]).to_pylist()
-    consensus = {r["item_id"]: r["label"] for r in pref}
-    overall = judgments[judgments["dimension"] == "overall"]
-    annotators = []
-    for uname, spec in pool:
-        mine = overall[overall["annotator_id"] == uname]
-        gold = mine[mine["is_gold"]]
-        reg = mine[~mine["is_gold"]]
-        gold_acc = float((gold["label"] == gold["gold_label"]).mean()) if len(gold) else None
-        agree = [
-            consensus.get(i) == lab
-            for i, lab in zip(reg["item_id"], reg["label"], strict=True)
-            if i in consensus
-        ]
-        annotators.append(
-            {
-                "annotator": uname.removeprefix(f"{name}-"),
-                "type": spec["type"],
-                "true_reliability": {"expert": 0.95, "regular": 0.8, "position_biased": 0.55, "spammer": 0.5}[
-                    spec["type"]
-                ],
-                "estimated_skill": float(np.mean(agree)) if agree else None,
-                "gold_accuracy": gold_acc,
-                "flagged": uname in flagged,
-                "qc_state": states.get(uname),
-            }
-        )
-
-    # Training pairs: consensus label, soft label as weight, ties dropped; lineage to the export.
-    rows = []
-    for r in pref:
-        if r["label"] == "tie":
-            continue
-        p_chosen = r["p_a"] if r["label"] == "A" else 1.0 - r["p_a"]
-        rows.append(
-            {
-                "id": r["item_id"],
-                "prompt": r["prompt"],
-                "chosen": " " + r["chosen"],
-                "rejected": " " + r["rejected"],
-                "weight": float(p_chosen),
-                "meta": json.dumps({"n_votes": r["n_votes"], "method": r["method"]}),
-            }
-        )
-    pairs = ctx.store.put_dataset(
-        rows,
-        kind="pairs",
-        name="quickstart-preferences",
-        parents=[(exported["preferences"], "preferences")],
-        tags=["quickstart"],
+    precision, recall = detection_precision_recall(
+        flagged, {u for u, spec in pool if spec["type"] in UNRELIABLE_TYPES}
     )
-    gaps = [
-        support.gold_utility(r["prompt"], r["chosen"]) - support.gold_utility(r["prompt"], r["rejected"])
-        for r in rows
-    ]
-    decided = [g for g in gaps if abs(g) > 1e-9]  # pairs the gold scorer cannot separate say nothing
+    preferences = ctx.store.read_dataset(exported["preferences"]).to_pylist()
+    consensus = {r["item_id"]: r["label"] for r in preferences}
+    pairs_id, pairs = _training_pairs(ctx, exported["preferences"], preferences)
     return {
-        "pairs_dataset": pairs,
+        "pairs_dataset": pairs_id,
         "preferences": exported["preferences"],
         "annotations": exported["annotations"],
         "project": name,
         "n_items": len(items),
-        "n_judgments": int(len(overall)),
-        "n_pairs": len(rows),
-        "label_accuracy_vs_gold": sum(g > 0 for g in decided) / len(decided) if decided else None,
+        "n_judgments": int((judgments["dimension"] == "overall").sum()),
+        "n_pairs": len(pairs),
+        "label_accuracy_vs_gold": _label_accuracy_vs_gold(pairs),
         "detection_precision": precision,
         "detection_recall": recall,
         "qc_actions": [{k: a[k] for k in ("annotator", "action", "reason")} for a in actions],
-        "annotators": annotators,
+        "annotators": _annotator_figures(judgments, consensus, name, pool, flagged, states),
     }
 
 
 # ------------------------------------------------------------------------------- evaluation
 
 
+def _gold_utilities(
+    policies: dict[str, str], prompts: list[str], temperature: float, k: int, max_new_tokens: int, seed: int
+) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
+    """Per policy: its first reply to each prompt, and the gold utility of its `k` replies averaged per prompt
+    (so that policies are paired by prompt)."""
+    responses, utilities = {}, {}
+    for name, model_dir in policies.items():
+        samples = generate(
+            model_dir, prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+        )
+        responses[name] = [r[0] for r in samples]
+        utilities[name] = [
+            float(np.mean(support.gold_utility_batch([p] * k, r)))
+            for p, r in zip(prompts, samples, strict=True)
+        ]
+    return responses, utilities
+
+
+def _compare(utilities: dict[str, list[float]], base: str, seed: int) -> tuple[dict, dict, dict]:
+    """Mean utility with a bootstrap CI per policy; paired difference and win rate against `base`."""
+    from alignflow.evaluate import stats
+
+    policies, diffs, wins = {}, {}, {}
+    ref = np.asarray(utilities[base])
+    for name, u in utilities.items():
+        mean, lo, hi = stats.bootstrap_mean_ci(np.asarray(u), seed=seed)
+        policies[name] = {"mean": mean, "lo": lo, "hi": hi, "n": len(u)}
+        if name != base:
+            d, dlo, dhi = stats.paired_diff_ci(np.asarray(u), ref, seed=seed)
+            diffs[name] = {"mean": d, "lo": dlo, "hi": dhi}
+            r, rlo, rhi = stats.win_rate(np.asarray(u), ref, seed=seed)
+            wins[name] = {"rate": r, "lo": rlo, "hi": rhi}
+    return policies, diffs, wins
+
+
+def _reward_model_vs_gold(
+    reward_model_dir: str, policy_dir: str, prompts: list[str], max_new_tokens: int, seed: int
+) -> dict[str, Any]:
+    """Reward-model accuracy and calibration against the gold scorer on fresh pairs sampled from `policy_dir`."""
+    from alignflow.evaluate import reward
+    from alignflow.models.reward import load_reward_scorer
+
+    scorer = load_reward_scorer(reward_model_dir)
+    pairs = generate(policy_dir, prompts, n=2, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    score_gap = np.asarray(scorer(prompts, a)[0], dtype=float) - np.asarray(
+        scorer(prompts, b)[0], dtype=float
+    )
+    gold_gap = np.asarray(support.gold_utility_batch(prompts, a)) - np.asarray(
+        support.gold_utility_batch(prompts, b)
+    )
+    acc, n_used = reward.gold_agreement(score_gap, gold_gap)
+    keep = np.abs(gold_gap) > 1e-9
+    probs = 1.0 / (1.0 + np.exp(-score_gap[keep]))
+    return {
+        "gold_accuracy": acc,
+        "n_pairs": n_used,
+        "calibration": reward.calibration(probs, (gold_gap[keep] > 0).astype(float)),
+    }
+
+
+def _proxy_vs_gold(ctx: StageContext, run_id: str) -> dict[str, list] | None:
+    """PPO's monitor series (proxy reward, gold score, response length) over steps, from the run's metrics."""
+    series: dict[str, dict[int, float]] = {}
+    for step, name, value in ctx.store.metrics(run_id):
+        series.setdefault(name, {})[step] = value
+    proxy, gold = series.get("monitor/proxy_reward", {}), series.get("monitor/score", {})
+    length = series.get("monitor/response_len", {})
+    steps = sorted(set(proxy) & set(gold))
+    if not steps:
+        return None
+    pg: dict[str, list] = {
+        "steps": steps,
+        "proxy": [proxy[s] for s in steps],
+        "gold": [gold[s] for s in steps],
+    }
+    if all(s in length for s in steps):
+        pg["length"] = [length[s] for s in steps]
+    return pg
+
+
 def evaluate(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Gold utility of each policy on held-out prompts with bootstrap CIs; win rate vs SFT;
     reward-model accuracy and calibration against gold preferences; reward-hacking checks."""
-    from alignflow.evaluate import hacking, reward, stats
+    from alignflow.evaluate import hacking
 
     prompts = _prompts_of(ctx, params["prompts"])
     seed = params.get("seed", 0)
     base = params.get("baseline", "sft")
     max_new = params.get("max_new_tokens", 48)
-
-    def score(temperature: float, k: int) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
-        """k samples per prompt, averaged per prompt (paired by prompt across policies)."""
-        responses, utilities = {}, {}
-        for name, model_dir in params["policies"].items():
-            samples = generate(
-                model_dir, prompts, n=k, temperature=temperature, max_new_tokens=max_new, seed=seed
-            )
-            responses[name] = [r[0] for r in samples]
-            utilities[name] = [
-                float(np.mean(support.gold_utility_batch([p] * k, r)))
-                for p, r in zip(prompts, samples, strict=True)
-            ]
-        return responses, utilities
-
-    def summarize(utilities: dict[str, list[float]]) -> tuple[dict, dict, dict]:
-        policies, diffs, wins = {}, {}, {}
-        ref = np.asarray(utilities[base])
-        for name, u in utilities.items():
-            mean, lo, hi = stats.bootstrap_mean_ci(np.asarray(u), seed=seed)
-            policies[name] = {"mean": mean, "lo": lo, "hi": hi, "n": len(u)}
-            if name != base:
-                d, dlo, dhi = stats.paired_diff_ci(np.asarray(u), ref, seed=seed)
-                diffs[name] = {"mean": d, "lo": dlo, "hi": dhi}
-                r, rlo, rhi = stats.win_rate(np.asarray(u), ref, seed=seed)
-                wins[name] = {"rate": r, "lo": rlo, "hi": rhi}
-        return policies, diffs, wins
+    policies = params["policies"]
 
     # Primary: each policy's own sampling distribution (what RLHF optimises).
-    responses, utilities = score(params.get("temperature", 1.0), params.get("samples_per_prompt", 4))
-    policies, diffs, wins = summarize(utilities)
-    out: dict[str, Any] = {"policies": policies, "diff_vs_" + base: diffs, "win_rates": wins}
+    temperature, k = params.get("temperature", 1.0), params.get("samples_per_prompt", 4)
+    responses, utilities = _gold_utilities(policies, prompts, temperature, k, max_new, seed)
+    summary, diffs, wins = _compare(utilities, base, seed)
+    out: dict[str, Any] = {"policies": summary, "diff_vs_" + base: diffs, "win_rates": wins}
     if params.get("greedy", True):
         # Secondary: greedy decoding. Reported beside the primary figures, never instead of them.
-        _, greedy_u = score(0.0, 1)
-        g_pol, g_diff, _ = summarize(greedy_u)
-        out["greedy"] = {"policies": g_pol, "diff_vs_" + base: g_diff}
-
-    # Reward model against gold preferences on fresh SFT pairs.
+        _, greedy_u = _gold_utilities(policies, prompts, 0.0, 1, max_new, seed)
+        g_summary, g_diffs, _ = _compare(greedy_u, base, seed)
+        out["greedy"] = {"policies": g_summary, "diff_vs_" + base: g_diffs}
     if params.get("reward_model_dir"):
-        from alignflow.models.reward import load_reward_scorer
-
-        scorer = load_reward_scorer(params["reward_model_dir"])
-        pairs = generate(
-            params["policies"][base],
-            prompts,
-            n=2,
-            temperature=1.0,
-            max_new_tokens=params.get("max_new_tokens", 48),
-            seed=seed + 1,
+        out["reward_model"] = _reward_model_vs_gold(
+            params["reward_model_dir"], policies[base], prompts, max_new, seed + 1
         )
-        a = [p[0] for p in pairs]
-        b = [p[1] for p in pairs]
-        sa = np.asarray(scorer(prompts, a)[0], dtype=float)
-        sb = np.asarray(scorer(prompts, b)[0], dtype=float)
-        gold_gap = np.asarray(support.gold_utility_batch(prompts, a)) - np.asarray(
-            support.gold_utility_batch(prompts, b)
+    pg = _proxy_vs_gold(ctx, params["ppo_run_id"]) if params.get("ppo_run_id") else None
+    if pg is not None:
+        out["proxy_vs_gold"] = pg
+        out["warnings"] = hacking.detect_reward_hacking(
+            pg["steps"], pg["proxy"], pg["gold"], pg.get("length")
         )
-        acc, n_used = reward.gold_agreement(sa - sb, gold_gap)
-        keep = np.abs(gold_gap) > 1e-9
-        probs = 1.0 / (1.0 + np.exp(-(sa - sb)[keep]))
-        out["reward_model"] = {
-            "gold_accuracy": acc,
-            "n_pairs": n_used,
-            "calibration": reward.calibration(probs, (gold_gap[keep] > 0).astype(float)),
-        }
-
-    # PPO monitor: proxy reward vs gold utility over steps, from the run's metrics.
-    if params.get("ppo_run_id"):
-        rows = ctx.store.metrics(params["ppo_run_id"])
-        series: dict[str, dict[int, float]] = {}
-        for step, name, value in rows:
-            series.setdefault(name, {})[step] = value
-        proxy, gold = series.get("monitor/proxy_reward", {}), series.get("monitor/score", {})
-        length = series.get("monitor/response_len", {})
-        steps = sorted(set(proxy) & set(gold))
-        if steps:
-            pg: dict[str, list] = {
-                "steps": steps,
-                "proxy": [proxy[s] for s in steps],
-                "gold": [gold[s] for s in steps],
-            }
-            if all(s in length for s in steps):
-                pg["length"] = [length[s] for s in steps]
-            out["proxy_vs_gold"] = pg
-            out["warnings"] = hacking.detect_reward_hacking(steps, pg["proxy"], pg["gold"], pg.get("length"))
     out["samples"] = [
         {"prompt": prompts[i], "policy": name, "response": responses[name][i], "gold": utilities[name][i]}
         for i in range(min(3, len(prompts)))
@@ -410,96 +457,90 @@ def evaluate(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- report
 
+CURVES = {
+    "sft": ["loss", "eval/loss"],
+    "rm": ["loss", "eval/accuracy"],
+    "dpo": ["loss", "rewards/margins"],
+    "ppo": ["reward/raw", "kl/seq_sum"],
+}
 
-def _curves(
-    ctx: StageContext, runs: dict[str, str], wanted: dict[str, list[str]]
-) -> dict[str, dict[str, list]]:
+
+def _curves(ctx: StageContext, runs: dict[str, str]) -> dict[str, dict[str, list]]:
+    """The training curves of `CURVES` for each stage that ran: {stage: {metric: [[step, value], ...]}}."""
     curves: dict[str, dict[str, list]] = {}
-    for stage, names in wanted.items():
+    for stage, names in CURVES.items():
         rid = runs.get(stage)
         if not rid:
             continue
         for name in names:
             pts = [[step, v] for step, _, v in ctx.store.metrics(rid, name)]
             if pts:
-                curves.setdefault(f"{stage}", {})[name] = pts
+                curves.setdefault(stage, {})[name] = pts
     return curves
+
+
+def _stage_times(ctx: StageContext, pipeline: str) -> dict[str, float]:
+    state_file = ctx.store.workspace.home / "pipelines" / pipeline / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    return {k: round(v.get("seconds", 0.0), 1) for k, v in state.items() if "seconds" in v}
+
+
+def _facts(ev: dict[str, Any], fb: dict[str, Any], base: str) -> dict[str, Any]:
+    from alignflow.evaluate.report import ci_text
+
+    facts = {
+        "reward model accuracy vs gold": ev.get("reward_model", {}).get("gold_accuracy"),
+        "feedback judgments": fb.get("n_judgments"),
+        "preference pairs": fb.get("n_pairs"),
+        "consensus labels agreeing with gold": fb.get("label_accuracy_vs_gold"),
+        "unreliable-annotator detection precision": fb.get("detection_precision"),
+        "unreliable-annotator detection recall": fb.get("detection_recall"),
+    }
+    for name, d in ev.get("greedy", {}).get(f"diff_vs_{base}", {}).items():
+        facts[f"greedy decoding: {name} − {base} gold utility"] = ci_text(
+            d["mean"], d["lo"], d["hi"], signed=True
+        )
+    return facts
 
 
 def report(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """The HTML report of the whole loop, plus the summary the terminal prints."""
     from datetime import UTC, datetime
 
-    from alignflow.evaluate.report import print_summary, write_report
+    from rich.console import Console
+
+    from alignflow.evaluate.report import comparison_rows, print_summary, verdict_text, write_report
     from alignflow.store.render import to_tree_lines
 
     o = ctx.outputs
     ev = o[params.get("evaluate_stage", "evaluate")]
     fb = o.get(params.get("feedback_stage", "feedback"), {})
     runs = {s: o[s]["run_id"] for s in ("sft", "rm", "ppo", "dpo") if s in o and "run_id" in o[s]}
-    state_file = ctx.store.workspace.home / "pipelines" / params["pipeline"] / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    stage_times = {k: round(v.get("seconds", 0.0), 1) for k, v in state.items() if "seconds" in v}
+    stage_times = _stage_times(ctx, params["pipeline"])
     base = params.get("baseline", "sft")
     diffs = ev.get(f"diff_vs_{base}", {})
-    summary = []
-    for name, p in ev["policies"].items():
-        row = {"policy": name, "gold utility": f"{p['mean']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}]"}
-        if name in diffs:
-            d = diffs[name]
-            row[f"Δ vs {base}"] = f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
-            w = ev["win_rates"][name]
-            row[f"win rate vs {base}"] = f"{w['rate']:.2f} [{w['lo']:.2f}, {w['hi']:.2f}]"
-        summary.append(row)
     verdicts = [
-        f"{name.upper()} {'beats' if d['lo'] > 0 else 'does not beat'} {base.upper()} on gold utility: "
-        f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
-        for name, d in diffs.items()
+        verdict_text(name.upper(), base.upper(), d["mean"], d["lo"], d["hi"]) for name, d in diffs.items()
     ]
     final = params.get("final_policy")
-    lineage = to_tree_lines(ctx.store.lineage(final)) if final else []
-    rm = ev.get("reward_model", {})
     data = {
         "title": "alignflow quickstart: the RLHF loop on customer support",
         "created_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "verdict": " · ".join(verdicts),
-        "summary_rows": summary,
+        "summary_rows": comparison_rows(ev["policies"], diffs, ev["win_rates"], base),
         "warnings": ev.get("warnings", []),
         "stage_times": stage_times,
         "policies": ev["policies"],
         "win_rates": ev["win_rates"],
-        "curves": _curves(
-            ctx,
-            runs,
-            {
-                "sft": ["loss", "eval/loss"],
-                "rm": ["loss", "eval/accuracy"],
-                "dpo": ["loss", "rewards/margins"],
-                "ppo": ["reward/raw", "kl/seq_sum"],
-            },
-        ),
+        "curves": _curves(ctx, runs),
         "proxy_vs_gold": ev.get("proxy_vs_gold"),
-        "reliability": rm.get("calibration"),
+        "reliability": ev.get("reward_model", {}).get("calibration"),
         "annotators": fb.get("annotators", []),
-        "lineage": lineage,
+        "lineage": to_tree_lines(ctx.store.lineage(final)) if final else [],
         "samples": ev.get("samples", []),
-        "facts": {
-            "reward model accuracy vs gold": rm.get("gold_accuracy"),
-            "feedback judgments": fb.get("n_judgments"),
-            "preference pairs": fb.get("n_pairs"),
-            "consensus labels agreeing with gold": fb.get("label_accuracy_vs_gold"),
-            "unreliable-annotator detection precision": fb.get("detection_precision"),
-            "unreliable-annotator detection recall": fb.get("detection_recall"),
-        },
+        "facts": _facts(ev, fb, base),
     }
-    for name, d in ev.get("greedy", {}).get(f"diff_vs_{base}", {}).items():
-        data["facts"][f"greedy decoding: {name} − {base} gold utility"] = (
-            f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
-        )
-    out_dir = ctx.store.workspace.reports_dir / params.get("name", params["pipeline"])
-    path = write_report(out_dir, data)
-    from rich.console import Console
-
+    path: Path = write_report(ctx.store.workspace.reports_dir / params.get("name", params["pipeline"]), data)
     print_summary(data, Console(), path)
     aid = ctx.store.put_file(
         path, kind="report", name=f"{params['pipeline']}-report", parents=[(final, "policy")] if final else []
