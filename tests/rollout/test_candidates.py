@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from alignflow.rollout.candidates import encode_prompt, generate_candidates, left_pad
+from alignflow.data.prompts import Prompt, encode_prompt, left_pad
+from alignflow.rollout.candidates import generate_candidates
 
 PROMPTS = ["Hello there", "The model wrote a short poem carefully.", "x", "Item 42 costs $3.50 today, why?"]
 
@@ -73,18 +74,20 @@ def test_model_mode_is_restored(model, tok):
         model.eval()
 
 
-def test_encode_prompt_adds_bos_once_and_keeps_the_tail(tok):
-    plain = encode_prompt(tok, "Hello there")
-    assert (
-        plain[0] == tok.bos_token_id
-        and plain[1:] == tok("Hello there", add_special_tokens=False)["input_ids"]
+def test_templated_prompts_get_no_second_bos(model, tok):
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
-    templated = encode_prompt(tok, tok.bos_token + "Hello there")
-    assert templated.count(tok.bos_token_id) == 1
-    assert encode_prompt(tok, "Hello there", max_length=2) == plain[-2:]
-
-
-def test_left_pad_right_aligns():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0, device="cpu")
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    got = generate_candidates(model, tok, [Prompt(text, templated=True)], temperature=0, max_new_tokens=6)
+    ids, mask = left_pad([encode_prompt(tok, text, templated=True)], tok.pad_token_id, "cpu")
+    assert ids[0].tolist().count(tok.bos_token_id) == 1
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    assert got == [[tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)]]

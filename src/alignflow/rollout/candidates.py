@@ -2,9 +2,9 @@
 
 This is how the quickstart (and ``alignflow generate``) samples: through the one rollout sampler,
 :func:`alignflow.rollout.generation.sample`, so it takes the lean fast path where the model is eligible and
-behaves exactly as PPO's rollouts do. Prompts are encoded with PPO's rule (bos before plain prompts, none
-before chat-templated ones, which carry their own), left-padded, and sampled in batches of ``batch_size``
-completions.
+behaves exactly as PPO's rollouts do. Prompts are encoded as PPO encodes them
+(:func:`alignflow.data.prompts.encode_prompt`: bos before plain text, nothing added to chat-templated text),
+left-padded, and sampled in batches of ``batch_size`` completions.
 
 Reproducibility: one ``torch.Generator`` seeded with ``seed`` drives every batch, so a call is a function of
 (model, prompts, settings, seed). Sampled tokens differ from ``model.generate``'s for the same seed (the
@@ -22,33 +22,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from alignflow.data.prompts import Prompt, encode_prompt, left_pad
 from alignflow.rollout.generation import sample
-
-
-def encode_prompt(tok: Any, text: str, max_length: int | None = None) -> list[int]:
-    """Token ids of one prompt: bos first for plain text (as SFT's encoder does), nothing added to a
-    chat-templated prompt (its text starts with the bos token already); the last ``max_length`` ids kept."""
-    templated = tok.bos_token is not None and text.startswith(tok.bos_token)
-    ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    if not templated and tok.bos_token_id is not None:
-        ids = [tok.bos_token_id, *ids]
-    return ids[-max_length:] if max_length else ids
-
-
-def left_pad(
-    seqs: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str
-) -> tuple[Tensor, Tensor]:
-    """``(ids, mask)``, both ``(B, P)`` int64 with ``P`` the longest sequence: sequences right-aligned, ``pad``
-    and mask 0 on the left (the layout :func:`~alignflow.rollout.generation.sample` needs)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _load(model: str | os.PathLike[str] | nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
@@ -65,7 +42,7 @@ def _load(model: str | os.PathLike[str] | nn.Module, tokenizer: Any) -> tuple[nn
 def generate_candidates(
     model: str | os.PathLike[str] | nn.Module,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Prompt],
     *,
     n: int = 1,
     temperature: float = 1.0,
@@ -83,7 +60,8 @@ def generate_candidates(
         model: a model directory (loaded in float32 on CPU) or a loaded causal LM; a loaded model is put in
             eval mode for the call and its mode restored after.
         tokenizer: the model's tokenizer, or None to load it from the model directory.
-        prompts: prompt texts, used as given (apply a chat template before, if the model expects one).
+        prompts: plain prompt texts, or :class:`~alignflow.data.prompts.Prompt` s (e.g. chat-templated ones from
+            :func:`~alignflow.data.prompts.prompts_from_rows`); text is used as given.
         n: completions per prompt (at least 1).
         temperature: 0 means greedy; ``n > 1`` greedy completions are then all the same.
         top_p: nucleus mass in ``(0, 1]``.
@@ -100,7 +78,8 @@ def generate_candidates(
         raise ValueError(f"generate_candidates: batch_size must be >= 1, got {batch_size}")
     net, tok = _load(model, tokenizer)
     device = next(net.parameters()).device
-    encoded = [encode_prompt(tok, p, max_prompt_length) for p in prompts]
+    items = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
+    encoded = [encode_prompt(tok, p.text, max_prompt_length, templated=p.templated) for p in items]
     flat = [i for i in range(len(prompts)) for _ in range(n)]
     generator = torch.Generator(device=device).manual_seed(seed)
     out: list[list[str]] = [[] for _ in prompts]
