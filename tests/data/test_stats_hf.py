@@ -103,10 +103,14 @@ def test_hf_folder_round_trip(sqlite_workspace, tmp_path) -> None:
     store = open_store()
     assert store.get("hfd").meta["num_rows"] == 5
     out = tmp_path / "hf_out"
-    assert export_dataset(store, "hfd", out, fmt="hf") == 5
+    res = runner.invoke(app, ["data", "export", "hfd", str(out), "--format", "hf"])
+    assert res.exit_code == 0 and "wrote 5 rows" in res.output, res.output
     back = datasets.load_from_disk(str(out))
     assert back[0]["prompt"] == "q0" and back[0]["source"] == "web" and len(back) == 5
     bad = tmp_path / "hf_bad"
     datasets.Dataset.from_list([{"prompt": "q", "chosen": 3, "rejected": "no"}]).save_to_disk(str(bad))
     res = runner.invoke(app, ["data", "import", str(bad), "--kind", "pairs"])
     assert "row 1: field 'chosen'" in str(res.exception)
+    res = runner.invoke(app, ["data", "export", "hfd", str(tmp_path / "x"), "--format", "arrow"])
+    assert "--format must be hf" in str(res.exception)
+    assert export_dataset(store, "hfd", tmp_path / "again.jsonl") == 5

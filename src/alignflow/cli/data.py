@@ -19,7 +19,9 @@ app = typer.Typer(help="Import, list, inspect and export versioned datasets.")
 @app.command("import")
 def import_(
     # readable=False: the library says why a file cannot be read, in the file:line form of every error.
-    file: Path = typer.Argument(..., help="A JSONL or Parquet file.", readable=False),
+    file: Path = typer.Argument(
+        ..., help="A JSONL or Parquet file, or a Hugging Face save_to_disk folder.", readable=False
+    ),
     kind: str = typer.Option(..., "--kind", help=f"Dataset kind: {' | '.join(KINDS)}."),
     name: str | None = typer.Option(None, "--name", help="A name to find it by (default: the file name)."),
     tag: list[str] = typer.Option([], "--tag", help="Tag to attach (repeatable)."),
@@ -82,9 +84,12 @@ def show(
 @app.command("export")
 def export(
     ref: str = typer.Argument(..., help="Dataset artifact id, prefix or name."),
-    file: Path = typer.Argument(..., help="Output file: .jsonl or .parquet."),
+    file: Path = typer.Argument(..., help="Output file: .jsonl or .parquet (a folder with --format hf)."),
+    fmt: str | None = typer.Option(
+        None, "--format", help="hf: a Hugging Face save_to_disk folder (default: by the file suffix)."
+    ),
     home: str | None = typer.Option(None, "--home", help="Workspace folder."),
 ) -> None:
-    """Write a dataset artifact to a JSONL or Parquet file (its hash is verified first)."""
-    n = export_dataset(open_store(home), ref, file)
+    """Write a dataset artifact to a JSONL or Parquet file or a HF datasets folder (its hash is verified first)."""
+    n = export_dataset(open_store(home), ref, file, fmt=fmt)
     console.print(f"wrote {n} rows to {file}")
