@@ -1,5 +1,5 @@
-"""Dedup figures: precision/recall of near-duplicate mode on HH pairs with planted near-duplicates, exact mode's
-false positives, and rows/s (and `stats` time) on 100k rows.
+"""Curation figures: precision/recall of near-duplicate mode on HH pairs with planted near-duplicates, exact mode's
+false positives, rows/s of dedup and `stats` on 100k rows, and mixture proportions (100k rows; three languages).
 
     python benchmarks/bench_dedup.py [--plants 600] [--threshold 0.7] [--rows 100000]
 
@@ -154,6 +154,81 @@ def synthetic_rows(n: int, base: list[dict[str, Any]], seed: int = 1) -> list[di
     return rows
 
 
+LANG_SENTENCES = {
+    "en": [
+        "Could you explain how the weather forecast is made every morning?",
+        "I would like to know which train goes to the airport tonight.",
+        "My grandmother always tells wonderful stories about her childhood.",
+    ],
+    "fr": [
+        "Pourriez-vous m'expliquer comment la météo est préparée chaque matin ?",
+        "Je voudrais savoir quel train va à l'aéroport ce soir.",
+        "Ma grand-mère raconte toujours de belles histoires de son enfance.",
+    ],
+    "de": [
+        "Könnten Sie mir erklären, wie die Wettervorhersage jeden Morgen entsteht?",
+        "Ich möchte wissen, welcher Zug heute Abend zum Flughafen fährt.",
+        "Meine Großmutter erzählt immer wunderbare Geschichten aus ihrer Kindheit.",
+    ],
+}
+
+
+def mix_figures(rows: int = 100_000) -> str:
+    """Realised source shares over `rows` rows (5 seeds) and temperature-balanced language shares."""
+    from collections import Counter
+
+    from alignflow.data.curation.lang import detect_languages
+    from alignflow.data.curation.mix import mix_rows
+
+    def source(label: str, n: int) -> list[dict[str, Any]]:
+        return [{"id": str(i), "prompt": f"{label} {i}", "completion": "c", "meta": "{}"} for i in range(n)]
+
+    sources = [("a", source("a", 60_000)), ("b", source("b", 25_000)), ("c", source("c", 5_000))]
+    weights = [0.5, 0.3, 0.2]
+    worst, t_mix = 0.0, []
+    for seed in range(5):
+        t0 = time.perf_counter()
+        out, _ = mix_rows(sources, weights, rows=rows, seed=seed)
+        t_mix.append(time.perf_counter() - t0)
+        shares = Counter(json.loads(r["meta"])["mix_source"] for r in out)
+        worst = max(
+            worst, *(abs(shares[lab] / rows - w) for (lab, _), w in zip(sources, weights, strict=True))
+        )
+    src = [
+        {"id": f"{lang}{i}", "prompt": LANG_SENTENCES[lang][i % 3], "completion": "c", "meta": "{}"}
+        for lang, n in (("en", 800), ("fr", 150), ("de", 50))
+        for i in range(n)
+    ]
+    lang_rows = []
+    for t in (1.0, 0.7, 0.5, 0.3):
+        out, report = mix_rows([("s", src)], [1.0], rows=10_000, seed=0, temperature=t)
+        detected = Counter(detect_languages([r["prompt"] for r in out]))
+        p = {"en": 0.8, "fr": 0.15, "de": 0.05}
+        z = sum(v**t for v in p.values())
+        lang_rows.append(
+            [f"{t}", *(f"{p[c] ** t / z:.3f} / {detected[c] / 10_000:.3f}" for c in ("en", "fr", "de"))]
+        )
+    mix_table = markdown_table(
+        ["rows", "weights", "seeds", "largest deviation of a share from its weight", "time per mixture"],
+        [
+            [
+                f"{rows:,}",
+                "0.5 / 0.3 / 0.2 (source c has 5,000 rows: each used 4 times)",
+                "5",
+                f"{worst * 100:.4f} pp",
+                f"{sorted(t_mix)[2]:.2f} s",
+            ]
+        ],
+    )
+    lang_table = markdown_table(["temperature", "en: target / detected", "fr", "de"], lang_rows)
+    return (
+        "Source shares (largest-remainder counts, so the error is under 1/N):\n\n"
+        + mix_table
+        + "\n\nLanguage balancing inside one source of 1,000 rows (80% en, 15% fr, 5% de), 10,000 rows drawn; "
+        "target share ∝ p^T, detected = lingua on the drawn rows:\n\n" + lang_table
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plants", type=int, default=700)
@@ -224,8 +299,11 @@ def main() -> None:
         + "\n\nThroughput on synthetic rows with HH's vocabulary and lengths (5% planted word-drop copies), "
         "one process:\n\n" + speed
     )
+    mix_body = mix_figures(args.rows)
+    print(mix_body)
     if not args.no_write:
         write_section("curation-dedup", "Data curation: deduplication", body, ("datasketch",))
+        write_section("curation-mix", "Data curation: mixtures", mix_body, ("lingua-language-detector",))
 
 
 if __name__ == "__main__":

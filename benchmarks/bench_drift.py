@@ -75,7 +75,9 @@ def simulate(
         k = int(round(level * n))
         idx = rng.permutation(len(hh))
         X = hh[idx[:n]]
-        Y = np.concatenate([hh[idx[n : 2 * n - k]], other[rng.choice(len(other), size=k, replace=False)]])
+        Y = np.concatenate(
+            [hh[idx[n : 2 * n - k]], other[rng.choice(len(other), size=k, replace=k > len(other))]]
+        )
         p_mmd = mmd_test(X, Y, n_perm=n_perm, seed=int(rng.integers(1 << 31)))["p_value"]
         p_clf = classifier_test(X, Y, seed=int(rng.integers(1 << 31)))["p_value"]
         rej["mmd"] += p_mmd < alpha
@@ -136,7 +138,9 @@ def main() -> None:
         f"or PandaLM ({len(texts['pandalm'])}) prompts, alternating. MiniLM embeddings of all {n_texts} texts "
         f"computed once ({t_embed:.0f} s, cached on disk); MMD with a Gaussian kernel (median bandwidth) and {args.permutations} "
         "permutations; classifier test = ridge classifier on a random half, one-sided Mann-Whitney on the other "
-        "half's scores. `alignflow data drift` reports both and calls drift when either p < α/2.\n\n" + table
+        "half's scores. `alignflow data drift` reports both and calls drift when either p < α/2. Contamination rows are "
+        "drawn without replacement except where a level needs more than the 80 MT-Bench prompts (30% of 400 rows).\n\n"
+        + table
     )
     if not args.no_write:
         write_section("curation-drift", "Data curation: drift detection", body, ("sentence-transformers",))

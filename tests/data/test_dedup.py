@@ -75,6 +75,26 @@ def test_shared_prompts_across_splits() -> None:
     assert shared_prompts(train, held) == [True, True, False]
 
 
+def test_across_splits_by_meta_split(cstore, tmp_path) -> None:
+    from alignflow.data.curation.dedup import dedup_dataset
+
+    rows = [
+        {"id": "t1", "prompt": "Tell me a joke", "chosen": "a", "rejected": "b", "split": "train"},
+        {"id": "t2", "prompt": "Write a poem", "chosen": "a", "rejected": "b", "split": "train"},
+        {"id": "e1", "prompt": "tell me a joke!", "chosen": "c", "rejected": "d", "split": "eval"},
+    ]
+    aid = import_dataset(cstore, write_jsonl(tmp_path / "s.jsonl", rows), "pairs", name="s")
+    rep = dedup_dataset(cstore, aid, across_splits=True)
+    assert rep["dropped"] == {"shared_with_eval": 1} and rep["rows_out"] == 2
+    kept = [r["id"] for r in cstore.read_dataset(rep["output"]).to_pylist()]
+    assert kept == ["t2", "e1"]
+    plain = import_dataset(
+        cstore, write_jsonl(tmp_path / "n.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}]), "pairs"
+    )
+    with pytest.raises(CurationError, match="no row has meta.split"):
+        dedup_dataset(cstore, plain, across_splits=True)
+
+
 def test_cli_dedup_writes_a_version_with_clusters_and_lineage(sqlite_workspace, tmp_path) -> None:
     rows = [
         {"id": "a", "prompt": "How do I bake bread at home?", "chosen": "Knead.", "rejected": "No."},

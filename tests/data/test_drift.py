@@ -91,18 +91,24 @@ def test_cli_drift_gate_on_minilm_embeddings(sqlite_workspace, tmp_path) -> None
         )
     res = runner.invoke(app, ["data", "drift", "ref", "mt", "--json", "--permutations", "199"])
     assert res.exit_code == 1, res.output
-    rep = json.loads(res.output)
+    rep = json.loads(res.stdout)
     assert rep["drift"] and rep["mmd"]["p_value"] < 0.01 and rep["classifier"]["auc"] > 0.8
     assert rep["clusters"][0]["change"] != 0
     res = runner.invoke(app, ["data", "drift", "ref", "mt", "--on-drift", "warn", "--permutations", "199"])
     assert res.exit_code == 0 and "drift" in res.output
     res = runner.invoke(app, ["data", "drift", "ref", "same", "--json", "--permutations", "199"])
     assert res.exit_code == 0, res.output
-    assert not json.loads(res.output)["drift"]
+    assert not json.loads(res.stdout)["drift"]
     from alignflow.cli.common import open_store
 
     store = open_store()
-    report_id = json.loads(res.output)["id"]
+    report_id = json.loads(res.stdout)["id"]
     assert {e[2] for e in store.lineage(report_id).edges} == {"ref", "new"}
+    # a preference set's prompts vs a policy's samples: NEW embedded by its responses
+    res = runner.invoke(
+        app, ["data", "drift", "ref", "same", "--new-by", "response", "--json", "--permutations", "99"]
+    )
+    assert res.exit_code == 1, res.output
+    assert json.loads(res.stdout)["new_by"] == "response"
     res = runner.invoke(app, ["data", "drift", "ref", "mt", "--by", "title"])
     assert isinstance(res.exception, CurationError) and "--by" in str(res.exception)

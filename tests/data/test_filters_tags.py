@@ -200,4 +200,4 @@ def test_tag_rows_and_cli(sqlite_workspace, tmp_path) -> None:
     res = runner.invoke(app, ["data", "tag", "t", "--where", "len(chosen) >= 3", "--tag", "long"])
     assert res.exit_code == 0 and "tagged 2 of 4 rows" in res.output and "wrote t@v2" in res.output
     res = runner.invoke(app, ["data", "stats", "t@v2", "--json", "--language-sample", "4"])
-    assert json.loads(res.output)["tags"] == {"long": 2}
+    assert json.loads(res.stdout)["tags"] == {"long": 2}

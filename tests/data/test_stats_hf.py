@@ -83,7 +83,7 @@ def test_cli_stats_html_and_diff(sqlite_workspace, tmp_path) -> None:
     assert page.count("<img") >= 6 and "data:image/png;base64," in page and "<h2>Languages</h2>" in page
     assert runner.invoke(app, ["data", "dedup", "s", "--exact", "--by", "prompt"]).exit_code == 0
     res = runner.invoke(app, ["data", "diff", "s@v1", "s@v2", "--json"])
-    d = json.loads(res.output)
+    d = json.loads(res.stdout)
     assert d["rows_a"] == 3 and d["rows_b"] == 2 and d["removed"] == 1
     res = runner.invoke(app, ["data", "diff", "s@v1", "s@v2"])
     assert "3 -> 2 rows: 1 removed, 0 added" in res.output
