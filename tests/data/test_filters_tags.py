@@ -201,3 +201,25 @@ def test_tag_rows_and_cli(sqlite_workspace, tmp_path) -> None:
     assert res.exit_code == 0 and "tagged 2 of 4 rows" in res.output and "wrote t@v2" in res.output
     res = runner.invoke(app, ["data", "stats", "t@v2", "--json", "--language-sample", "4"])
     assert json.loads(res.stdout)["tags"] == {"long": 2}
+
+
+@pytest.mark.slow
+def test_score_rule_with_a_reward_model_folder(tmp_path) -> None:
+    """Model-based pruning: a reward-model folder (a tiny Llama, not trained) scores chosen replies; the rule
+    keeps the rows at or above a threshold on those very scores."""
+    import statistics
+
+    import torch
+
+    from alignflow.data.curation.filters import reward_model_scorer
+    from alignflow.models import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "rm", vocab_size=300, hidden_size=32, num_layers=1)
+    rows = [dict(r, chosen=f"{r['chosen']} {i}") for i, r in enumerate(ROWS)]
+    rule = parse_rule(f"score:model={model},min=0")
+    torch.manual_seed(0)
+    scores = reward_model_scorer(rule)([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    cut = statistics.median(scores)
+    torch.manual_seed(0)
+    keep, _ = apply_rules(rows, [parse_rule(f"score:model={model},min={cut!r}")])
+    assert keep == [s >= cut for s in scores] and 0 < sum(keep) < len(rows)
