@@ -105,7 +105,8 @@ DEFAULT_POOL = [
     {"type": "spammer", "count": 2},
     {"type": "position_biased", "count": 1, "noise": 0.12, "p_left": 0.9},
 ]
-# Probability of the right answer on a clear pair, per type: what the reliability estimates should recover.
+# Nominal reliability per type, plotted against the estimates in the report. The votes come from `_decide`
+# (noise and bias above), not from these numbers.
 TRUE_RELIABILITY = {"expert": 0.95, "regular": 0.8, "position_biased": 0.55, "spammer": 0.5}
 UNRELIABLE_TYPES = frozenset({"spammer", "position_biased"})
 GUIDELINE = (
