@@ -40,3 +40,41 @@ def train(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
 def evaluate(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     _count(ctx)
     return {"score": ctx.store.read_dataset(params["model"]).to_pylist()[0]["w"]}
+
+
+def collect(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """One round's new labels on the current policy, appended to the previous rounds' (cumulative data)."""
+    _count(ctx)
+    previous = ctx.store.read_dataset(params["previous"]).to_pylist() if params["previous"] else []
+    new = [
+        {"prompt": f"r{params['round']}-p{i}", "chosen": params["policy"], "rejected": "bad"}
+        for i in range(params["n"])
+    ]
+    parents = [(params["previous"], "previous_rounds")] if params["previous"] else []
+    data = ctx.store.put_dataset(previous + new, kind="pairs", name="toy-cumulative", parents=parents)
+    return {"cumulative": data, "n_total": len(previous) + len(new), "round": ctx.round}
+
+
+def improve(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+    """A "policy update" that continues from `init` (a previous checkpoint, or the base weight) and can be killed."""
+    _count(ctx)
+    start = (
+        ctx.store.read_dataset(params["init"]).to_pylist()[0]["w"]
+        if isinstance(params["init"], str)
+        else params["init"]
+    )
+    n_data = len(ctx.store.read_dataset(params["data"]).to_pylist())
+    progress = ctx.work_dir / "progress.json"
+    done = json.loads(progress.read_text())["step"] if progress.exists() else 0
+    for step in range(done, params["steps"]):
+        progress.write_text(json.dumps({"step": step + 1}))
+        if params.get("die_at") == [ctx.round, step] and not os.environ.get("AF_TEST_NO_DIE"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    parents = [(params["data"], "dataset")]
+    if isinstance(params["init"], str):
+        parents.append((params["init"], "init"))
+    w = start + params["steps"] * n_data
+    model = ctx.store.put_dataset(
+        [{"w": w, "reference": params["reference"]}], kind="checkpoint", parents=parents
+    )
+    return {"checkpoint": model, "w": w, "resumed_from": done}

@@ -70,3 +70,43 @@ def test_embedding_reward_model_on_llmbar_fixture():
     assert curve["accuracy"].between(0.0, 1.0).all()
     # Trained and scored on the same pairs, a linear head on 384-d embeddings must fit 40 pairs well.
     assert fit_and_score(pairs.iloc[:40], pairs.iloc[:40]) >= 0.8
+
+
+def test_label_costs_and_cost_curve_by_hand():
+    """Tier rates expert 1.0, standard 0.25: item x has an expert and a standard judgment (1.25; its
+    non-overall dimension row does not count), item y two standard ones (0.5), item z one expert one (1.0)."""
+    from alignflow.quality.efficiency import label_costs, labels_to_reach
+
+    judgments = pd.DataFrame(
+        {
+            "item_id": ["x", "x", "x", "y", "y", "z"],
+            "annotator_id": ["e1", "s1", "s1", "s1", "s2", "e1"],
+            "dimension": ["overall", "overall", "accuracy", "overall", "overall", "overall"],
+        }
+    )
+    tiers = {"e1": "expert", "s1": "standard", "s2": "standard"}
+    costs = label_costs(judgments, tiers, {"expert": 1.0, "standard": 0.25})
+    assert costs.to_dict() == {"x": 1.25, "y": 0.5, "z": 1.0}
+    with pytest.raises(ValueError, match="no cost per label"):
+        label_costs(judgments, tiers, {"expert": 1.0})
+    with pytest.raises(ValueError, match="no tier"):
+        label_costs(judgments, {"e1": "expert"}, {"expert": 1.0})
+
+    # A fake fit_and_score whose accuracy is the share of "good" rows trained on: in the given order
+    # (good, bad, good, good) and sizes 1, 2, 4 the accuracies are 1, 0.5, 0.75.
+    pool = pd.DataFrame({"good": [1.0, 0.0, 1.0, 1.0], "cost": [1.25, 0.5, 1.0, 0.25]})
+    curve = learning_curve(
+        pool, pool, lambda tr, ho: float(tr["good"].mean()), sizes=[1, 2, 4], order="given", cost="cost"
+    )
+    assert curve["accuracy"].tolist() == [1.0, 0.5, 0.75]
+    assert curve["cost"].tolist() == [1.25, 1.75, 3.0]
+    # (0.5 - 1) / 0.5 = -1 per unit of cost; (0.75 - 0.5) / 1.25 = 0.2; per 100 labels (0.25 / 2) * 100 = 12.5.
+    assert curve["gain_per_unit_cost"].tolist()[1:] == pytest.approx([-1.0, 0.2])
+    assert curve["gain_per_unit_cost"].iat[0] is None
+    assert curve["gain_per_100_labels"].iat[2] == pytest.approx(12.5)
+    assert labels_to_reach(curve, 0.7) == 1 and labels_to_reach(curve.iloc[1:], 0.7) == 4
+    assert labels_to_reach(curve, 1.1) is None
+    with pytest.raises(ValueError, match="repeats=1"):
+        learning_curve(pool, pool, lambda tr, ho: 0.0, sizes=[1], order="given", repeats=2)
+    with pytest.raises(ValueError, match="cost column"):
+        learning_curve(pool, pool, lambda tr, ho: 0.0, sizes=[1], cost="price")

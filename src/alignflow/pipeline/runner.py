@@ -18,6 +18,37 @@ A stage's key is the hash of its resolved parameters, which include the artifact
 inputs produced. A stage whose key matches its last successful run is skipped. Each stage runs
 in a folder named by its key, so a pipeline killed mid-stage resumes that stage from its own
 checkpoints when run again.
+
+Rounds. A `rounds` block repeats its stages `count` times (iterative RLHF: new preferences on the
+current policy's outputs, the reward model retrained, RL continued):
+
+    rounds:
+      count: 3
+      carry:                                  # ${round.NAME}: `init` in round 1, then the previous
+        policy_dir:                           # round's output named by `from` (stage.output)
+          init: "${sft.checkpoint_dir}"
+          from: ppo.checkpoint_dir
+      stages:
+        feedback:
+          call: alignflow.domains.iterative:collect_feedback
+          params: {policy_dir: "${round.policy_dir}", seed: "${round.index}"}
+        ppo:
+          recipe: ppo
+          config:
+            model: {path: "${round.policy_dir}"}
+            reference: {path: "${sft.checkpoint_dir}"}
+
+Before anything runs the block is expanded into one stage per round, named `STAGE@R` (`feedback@1`,
+`ppo@3`; R from 1), and the pipeline is one DAG again. Inside round R: `${ppo.x}` names the same round's
+`ppo@R` when `ppo` is a round stage (top-level stages are referred to as usual); `${round.index}` is R,
+`${round.count}` the number of rounds; `${round.prev.ppo.x}` is round R-1's `ppo@R-1` output (an error in
+round 1); `${round.NAME}` is a `carry` entry. Top-level stages refer to a round's output as
+`${ppo@2.x}` or `${ppo@last.x}`, so an evaluation after the rounds can compare them. Each round's stages
+have their own keys, state entries and work folders, so caching, skipping and resume work per round: a
+crash in round 2 resumes round 2 without touching round 1, an unchanged re-run skips every round, and
+raising `rounds.count` runs only the new rounds. Overrides: `rounds.count=2`; `ppo.config.x=v` on a round
+stage changes every round, `ppo@2.config.x=v` only round 2; `force=["ppo"]` re-runs every round's `ppo`.
+A stage function sees its round as `ctx.round` (None outside a block).
 """
 
 from __future__ import annotations
@@ -35,11 +66,14 @@ from typing import Any
 
 import yaml
 
+from alignflow.config import apply_overrides
 from alignflow.errors import AlignflowError, ConfigError
 from alignflow.store import Store
 from alignflow.workspace import Workspace
 
-_REF = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_][\w.-]*)\}")
+_REF = re.compile(r"\$\{([A-Za-z_][\w-]*(?:@(?:\d+|last))?)\.([A-Za-z_][\w.-]*)\}")
+_STAGE_KEYS = {"call", "recipe", "params", "config", "after"}
+ROUND = "round"  # the reserved name of the `${round.…}` references
 RECIPES = {
     "sft": "alignflow.recipes.sft",
     "rm": "alignflow.recipes.reward",
@@ -61,6 +95,7 @@ class StageSpec:
     params: dict[str, Any] = field(default_factory=dict)  # for `call` stages
     config: dict[str, Any] = field(default_factory=dict)  # for `recipe` stages
     after: list[str] = field(default_factory=list)  # ordering without a data reference
+    round: int | None = None  # R of a `STAGE@R` instance of the rounds block
 
     def refs(self) -> set[str]:
         found = {m.group(1) for m in _REF.finditer(json.dumps([self.params, self.config]))}
@@ -72,6 +107,7 @@ class Pipeline:
     name: str
     stages: dict[str, StageSpec]
     source: Path
+    rounds: int = 0  # rounds.count, 0 without a rounds block
 
     def order(self) -> list[str]:
         """Stages in dependency order (Kahn's algorithm; file order breaks ties)."""
@@ -100,12 +136,15 @@ class StageContext:
     work_dir: Path  # a folder of its own, stable across re-runs of the same key
     outputs: dict[str, dict[str, Any]]  # outputs of every stage run so far
     log: Callable[[str], None] = print
+    round: int | None = None  # the round (from 1) of a stage in the rounds block, None outside it
 
 
 def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
-    """Read a pipeline YAML; overrides are `stage.config.key=value` or `stage.params.key=value`."""
-    from alignflow.config import apply_overrides
+    """Read a pipeline YAML and expand its `rounds` block (see the module docstring).
 
+    Overrides are `stage.config.key=value` or `stage.params.key=value`; for a round stage they apply to every
+    round, `stage@R.config.key=value` to round R only, and `rounds.count=N` (or any `rounds.…` key) to the block.
+    """
     p = Path(path)
     if not p.is_file():
         raise PipelineError(f"{p}: pipeline file not found")
@@ -113,27 +152,76 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | tuple[str
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise PipelineError(f"{p}: not valid YAML: {exc}") from None
-    unknown = set(data) - {"name", "stages"}
+    unknown = set(data) - {"name", "stages", "rounds"}
     if unknown:
         raise PipelineError(f"{p}: unknown top-level key(s): {', '.join(sorted(unknown))}")
-    stages_raw = data.get("stages")
-    if not isinstance(stages_raw, dict) or not stages_raw:
+    stages_raw = data.get("stages") or {}
+    rounds_raw = data.get("rounds")
+    if not isinstance(stages_raw, dict) or not (stages_raw or rounds_raw):
         raise PipelineError(f"{p}: 'stages' must be a non-empty mapping of stage name -> stage")
+    if rounds_raw is not None and not isinstance(rounds_raw, dict):
+        raise PipelineError(f"{p}: 'rounds' must be a mapping with count, stages and optional carry")
+    round_names = set((rounds_raw or {}).get("stages") or {})
+    # Overrides go to the part of the file they name: the rounds block, a round stage, one round's instance.
+    top, block, instance = [], [], []
+    for text in overrides:
+        head = text.split("=", 1)[0].split(".", 1)[0].strip()
+        if head == "rounds":
+            block.append(text.split(".", 1)[1] if "." in text.split("=", 1)[0] else text)
+        elif head in round_names:
+            block.append(f"stages.{text}")
+        elif "@" in head:
+            instance.append(text)
+        else:
+            top.append(text)
     try:
-        stages_raw = apply_overrides(stages_raw, overrides)
+        stages_raw = apply_overrides(stages_raw, top)
+        rounds_raw = apply_overrides(rounds_raw, block) if rounds_raw is not None else None
     except ConfigError as exc:
         raise PipelineError(f"{p}: {exc}") from None
+    if block and rounds_raw is None:
+        raise PipelineError(f"{p}: override {block[0]!r} names the rounds but the pipeline has no 'rounds'")
+    if instance and rounds_raw is None:
+        raise PipelineError(f"{p}: override {instance[0]!r} names a round but the pipeline has no 'rounds'")
+    if ROUND in stages_raw or ROUND in round_names:
+        raise PipelineError(f"{p}: '{ROUND}' is reserved for ${{round.…}} references; rename that stage")
+    named = [n for n in [*stages_raw, *round_names] if not re.fullmatch(r"[A-Za-z_][\w-]*", str(n))]
+    if named:
+        raise PipelineError(
+            f"{p}: stage name {named[0]!r}: use letters, digits, '_' and '-' ('@R' names rounds)"
+        )
+    clash = set(stages_raw) & round_names
+    if clash:
+        raise PipelineError(f"{p}: stage name(s) both top-level and in rounds: {', '.join(sorted(clash))}")
+    expanded = dict(stages_raw)
+    rounds = 0
+    if rounds_raw is not None:
+        rounds, per_round = _expand_rounds(p, rounds_raw)
+        expanded.update(per_round)
+    for text in instance:
+        if text.split("=", 1)[0].split(".", 1)[0].strip() not in expanded:
+            raise PipelineError(f"{p}: override {text!r}: no such stage (rounds.count is {rounds})")
+    try:
+        expanded = apply_overrides(expanded, instance)
+    except ConfigError as exc:
+        raise PipelineError(f"{p}: {exc}") from None
+    # `@last` in a top-level stage means the final round.
+    expanded = {
+        n: _rewrite(raw, lambda v: v.replace("@last.", f"@{rounds}.")) if n in stages_raw else raw
+        for n, raw in expanded.items()
+    }
     stages: dict[str, StageSpec] = {}
-    for name, raw in stages_raw.items():
+    for name, raw in expanded.items():
+        where = f"rounds.stages.{name.split('@')[0]}" if "@" in name else f"stages.{name}"
         if not isinstance(raw, dict):
-            raise PipelineError(f"{p}: stages.{name}: expected a mapping")
-        bad = set(raw) - {"call", "recipe", "params", "config", "after"}
+            raise PipelineError(f"{p}: {where}: expected a mapping")
+        bad = set(raw) - _STAGE_KEYS
         if bad:
-            raise PipelineError(f"{p}: stages.{name}: unknown key(s) {', '.join(sorted(bad))}")
+            raise PipelineError(f"{p}: {where}: unknown key(s) {', '.join(sorted(bad))}")
         if bool(raw.get("call")) == bool(raw.get("recipe")):
-            raise PipelineError(f"{p}: stages.{name}: give exactly one of 'call' or 'recipe'")
+            raise PipelineError(f"{p}: {where}: give exactly one of 'call' or 'recipe'")
         if raw.get("recipe") and raw["recipe"] not in RECIPES:
-            raise PipelineError(f"{p}: stages.{name}.recipe: expected one of {', '.join(sorted(RECIPES))}")
+            raise PipelineError(f"{p}: {where}.recipe: expected one of {', '.join(sorted(RECIPES))}")
         stages[name] = StageSpec(
             name=name,
             call=raw.get("call"),
@@ -141,8 +229,100 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | tuple[str
             params=dict(raw.get("params") or {}),
             config=dict(raw.get("config") or {}),
             after=list(raw.get("after") or []),
+            round=int(name.rsplit("@", 1)[1]) if "@" in name else None,
         )
-    return Pipeline(name=str(data.get("name") or p.stem), stages=stages, source=p)
+    return Pipeline(name=str(data.get("name") or p.stem), stages=stages, source=p, rounds=rounds)
+
+
+def _rewrite(value: Any, fn: Callable[[str], Any]) -> Any:
+    """Apply `fn` to every string inside a nested YAML value."""
+    if isinstance(value, dict):
+        return {k: _rewrite(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rewrite(v, fn) for v in value]
+    return fn(value) if isinstance(value, str) else value
+
+
+def _expand_rounds(p: Path, raw: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """`{count, stages, carry}` -> (count, {"STAGE@R": stage}) with the block's references made explicit."""
+    bad = set(raw) - {"count", "stages", "carry"}
+    if bad:
+        raise PipelineError(f"{p}: rounds: unknown key(s) {', '.join(sorted(bad))}")
+    count = raw.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise PipelineError(f"{p}: rounds.count: expected an integer >= 1, got {count!r}")
+    block = raw.get("stages")
+    if not isinstance(block, dict) or not block:
+        raise PipelineError(f"{p}: rounds.stages: expected a non-empty mapping of stage name -> stage")
+    carry = raw.get("carry") or {}
+    if not isinstance(carry, dict):
+        raise PipelineError(f"{p}: rounds.carry: expected a mapping of name -> {{init, from}}")
+    for name, c in carry.items():
+        if not isinstance(c, dict) or set(c) != {"init", "from"}:
+            raise PipelineError(f"{p}: rounds.carry.{name}: expected exactly the keys 'init' and 'from'")
+        if not isinstance(c["from"], str) or c["from"].split(".", 1)[0] not in block or "." not in c["from"]:
+            raise PipelineError(
+                f"{p}: rounds.carry.{name}.from: expected 'stage.output' with a stage of the round, "
+                f"got {c['from']!r}"
+            )
+        if name in ("index", "count", "prev"):
+            raise PipelineError(f"{p}: rounds.carry.{name}: 'index', 'count' and 'prev' are reserved")
+
+    def in_round(r: int) -> Callable[[str], Any]:
+        def ref(m: re.Match[str]) -> Any:
+            stage, key = m.group(1), m.group(2)
+            if stage in block:
+                return f"${{{stage}@{r}.{key}}}"
+            if stage != ROUND:
+                return m.group(0)
+            head, _, rest = key.partition(".")
+            if head == "index":
+                return r
+            if head == "count":
+                return count
+            if head == "prev":
+                prev_stage, _, prev_key = rest.partition(".")
+                if prev_stage not in block or not prev_key:
+                    raise PipelineError(
+                        f"{p}: ${{round.{key}}}: expected round.prev.STAGE.OUTPUT with a stage of the round"
+                    )
+                if r == 1:
+                    raise PipelineError(
+                        f"{p}: ${{round.{key}}} in round 1, which has no previous round; use rounds.carry "
+                        "with an 'init' value for round 1"
+                    )
+                return f"${{{prev_stage}@{r - 1}.{prev_key}}}"
+            if head in carry:
+                if rest:
+                    raise PipelineError(f"{p}: ${{round.{key}}}: a carry value has no sub-keys")
+                if r == 1:
+                    return carry[head]["init"]
+                src_stage, _, src_key = carry[head]["from"].partition(".")
+                return f"${{{src_stage}@{r - 1}.{src_key}}}"
+            raise PipelineError(
+                f"{p}: ${{round.{key}}}: expected round.index, round.count, round.prev.STAGE.OUTPUT or a "
+                f"rounds.carry name ({', '.join(sorted(carry)) or 'none defined'})"
+            )
+
+        def fn(text: str) -> Any:
+            whole = _REF.fullmatch(text)
+            if whole:  # a whole-string reference keeps the value's type (an int index, a list init)
+                return ref(whole)
+            return _REF.sub(lambda m: str(ref(m)), text)
+
+        return fn
+
+    out: dict[str, Any] = {}
+    for r in range(1, count + 1):
+        fn = in_round(r)
+        for name, stage in block.items():
+            if not isinstance(stage, dict):
+                raise PipelineError(f"{p}: rounds.stages.{name}: expected a mapping")
+            stage = _rewrite(stage, fn)
+            if "after" in stage:
+                stage["after"] = [f"{a}@{r}" if a in block else a for a in stage["after"] or []]
+            out[f"{name}@{r}"] = stage
+    return count, out
 
 
 def _resolve(value: Any, outputs: Mapping[str, Mapping[str, Any]], where: str) -> Any:
@@ -253,7 +433,8 @@ def run_pipeline(
         prev = state.get(name, {})
         # Every key that ever finished is remembered, so switching a setting back is a cache hit too.
         done_before = prev.get("done", {}).get(key)
-        if done_before is not None and not (force and name in force) and _outputs_exist(store, done_before):
+        forced = bool(force) and (name in force or name.split("@")[0] in force)
+        if done_before is not None and not forced and _outputs_exist(store, done_before):
             outputs[name] = done_before
             skipped.append(name)
             log(f"[skip] {name}: unchanged (key {key[:12]})")
@@ -279,7 +460,9 @@ def run_pipeline(
             if spec.recipe:
                 result = _run_recipe(spec, resolved, work_dir, store)
             else:
-                ctx = StageContext(store=store, stage=name, work_dir=work_dir, outputs=outputs, log=log)
+                ctx = StageContext(
+                    store=store, stage=name, work_dir=work_dir, outputs=outputs, log=log, round=spec.round
+                )
                 result = _import(spec.call)(resolved, ctx)  # type: ignore[arg-type]
         except BaseException:
             # Same key -> same work_dir next time, so a recipe resumes from its own checkpoints.

