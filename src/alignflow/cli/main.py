@@ -7,7 +7,20 @@ import sys
 import typer
 from rich.markup import escape
 
-from alignflow.cli import annotate, curate, data, lineage, pipeline, ppo, quality, serve, users, workspace
+from alignflow.cli import (
+    annotate,
+    curate,
+    data,
+    generate,
+    lineage,
+    pipeline,
+    ppo,
+    quality,
+    serve,
+    users,
+    workspace,
+)
+from alignflow.cli import eval as eval_cli
 from alignflow.cli import train as train_cli
 from alignflow.cli.common import err_console
 from alignflow.errors import AlignflowError
@@ -33,6 +46,8 @@ app.command("ppo")(ppo.ppo)
 app.command("sft")(train_cli.sft)
 app.command("rm")(train_cli.rm)
 app.command("dpo")(train_cli.dpo)
+app.command("generate")(generate.generate)
+app.command("eval")(eval_cli.eval_)
 
 
 def main() -> None:

@@ -7,6 +7,10 @@ Normalised rows by kind (every row also has `id` and `meta`, a JSON object of ex
 | `sft`      | `prompt` + `completion`, or `messages` [{role, content}] | prompt, completion, messages            |
 | `pairs`    | `prompt` + `chosen` + `rejected`; or HH-style `chosen`/`rejected` transcripts sharing the text up to the last `\\n\\nAssistant:` | prompt, chosen, rejected, weight |
 | `rankings` | `prompt` + `completions` + (`ranking` best-first indices, or `scores`, higher is better) | prompt, completions, ranking, scores |
+| `prompts`  | TRL's prompt-only format: `prompt` (text, or a conversation [{role, content}] ending with the user's turn), or `messages` ending with the user's turn; MT-bench's `turns` (the first turn is the prompt) | prompt, messages |
+
+A `prompts` row keeps other columns in `meta` (an SFT file imported as prompts keeps its completions there, and
+an MT-bench row its `question_id`, `category` and `turns`); its `id` defaults to MT-bench's `question_id`.
 
 A file is validated completely before anything is stored: an error names the file, the line
 (or Parquet row) and the field, and nothing is written. Strict JSON: duplicate keys, NaN/Infinity,
@@ -29,7 +33,7 @@ import pyarrow as pa
 
 from alignflow.errors import DataFormatError
 
-KINDS = ("sft", "pairs", "rankings")
+KINDS = ("sft", "pairs", "rankings", "prompts")
 DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
 HH_ASSISTANT = "\n\nAssistant:"
 _MAX_REPORTED = 10
@@ -46,6 +50,7 @@ _FIELDS = {
     "sft": {"id", "prompt", "completion", "messages"},
     "pairs": {"id", "prompt", "chosen", "rejected", "weight"},
     "rankings": {"id", "prompt", "completions", "ranking", "scores"},
+    "prompts": {"id", "prompt", "messages"},
 }
 
 SCHEMAS = {
@@ -75,6 +80,14 @@ SCHEMAS = {
             ("completions", pa.list_(pa.string())),
             ("ranking", pa.list_(pa.int64())),
             ("scores", pa.list_(pa.float64())),
+            ("meta", pa.string()),
+        ]
+    ),
+    "prompts": pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
             ("meta", pa.string()),
         ]
     ),
@@ -320,12 +333,12 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     return prompt, chosen[len(prompt) :].strip(), rejected[len(prompt) :].strip()
 
 
-def _messages(val: Any) -> list[dict[str, str]]:
+def _messages(val: Any, field: str = "messages", last: str = "assistant") -> list[dict[str, str]]:
+    """A conversation whose last turn is `last`'s: the assistant's for SFT (the completion to learn), the
+    user's for a prompt (the policy writes the reply)."""
     if not isinstance(val, list) or not val:
         got = "an empty list" if val == [] else _type_name(val)
-        raise _RowError(
-            "messages", f"field 'messages' must be a non-empty list of {{role, content}}, got {got}"
-        )
+        raise _RowError(field, f"field '{field}' must be a non-empty list of {{role, content}}, got {got}")
     out = []
     for i, m in enumerate(val):
         if (
@@ -333,14 +346,15 @@ def _messages(val: Any) -> list[dict[str, str]]:
             or not isinstance(m.get("role"), str)
             or not isinstance(m.get("content"), str)
         ):
-            raise _RowError(f"messages[{i}]", "each message needs string 'role' and 'content'")
+            raise _RowError(f"{field}[{i}]", "each message needs string 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise _RowError(f"messages[{i}].role", f"unknown role {m['role']!r}")
+            raise _RowError(f"{field}[{i}].role", f"unknown role {m['role']!r}")
         out.append({"role": m["role"], "content": m["content"]})
-    if out[-1]["role"] != "assistant":
-        raise _RowError("messages", "the last message must be the assistant's (the completion to learn)")
+    if out[-1]["role"] != last:
+        why = "the completion to learn" if last == "assistant" else "a prompt the policy answers"
+        raise _RowError(field, f"the last message must be the {last}'s ({why}), got {out[-1]['role']!r}")
     if not out[-1]["content"].strip():
-        raise _RowError(f"messages[{len(out) - 1}].content", "the last (assistant) message is empty")
+        raise _RowError(f"{field}[{len(out) - 1}].content", f"the last ({last}) message is empty")
     return out
 
 
@@ -357,11 +371,18 @@ def normalize_record(kind: str, rec: Any, default_id: str) -> dict[str, Any]:
         hint = " (JSON Lines means one object per line, not one array)" if isinstance(rec, list) else ""
         raise _RowError(None, f"expected a JSON object, got {_type_name(rec)}{hint}")
     _scan(rec)
+    if kind == "prompts" and rec.get("id") is None and rec.get("question_id") is not None:
+        try:  # MT-bench's id, held to the rules of an id
+            default_id = _record_id({"id": rec["question_id"]}, default_id)
+        except _RowError as exc:
+            raise _RowError("question_id", exc.msg.replace("'id'", "'question_id'")) from None
     row: dict[str, Any] = {"id": _record_id(rec, default_id)}
     if kind == "sft":
         row.update(_sft(rec))
     elif kind == "pairs":
         row.update(_pair(rec))
+    elif kind == "prompts":
+        row.update(_prompt_only(rec))
     else:
         row.update(_ranking(rec))
     row["meta"] = _meta(rec, kind)
@@ -382,6 +403,35 @@ def _sft(rec: dict[str, Any]) -> dict[str, Any]:
         "completion": _text(rec, "completion"),
         "messages": None,
     }
+
+
+def _prompt_only(rec: dict[str, Any]) -> dict[str, Any]:
+    """TRL's prompt-only row: plain `prompt` text, or a conversation (in `prompt` or `messages`) ending with
+    the user's turn; else MT-bench's `turns`, whose first turn is the prompt (the later ones follow the
+    model's first answer, so they cannot be asked up front)."""
+    given = [k for k in ("prompt", "messages") if rec.get(k) is not None]
+    if len(given) == 2:
+        raise _RowError("messages", "give either 'prompt' or 'messages', not both ('prompt' is set)")
+    if given == ["messages"]:
+        return {"prompt": None, "messages": _messages(rec["messages"], last="user")}
+    if given == ["prompt"] and isinstance(rec["prompt"], list):  # TRL's conversational prompt-only form
+        return {"prompt": None, "messages": _messages(rec["prompt"], field="prompt", last="user")}
+    if not given and rec.get("turns") is not None:
+        turns = rec["turns"]
+        if not isinstance(turns, list) or not turns:
+            got = "an empty list" if turns == [] else _type_name(turns)
+            raise _RowError(
+                "turns", f"field 'turns' must be a non-empty list of strings (MT-bench), got {got}"
+            )
+        bad = next((i for i, t in enumerate(turns) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise _RowError(f"turns[{bad}]", f"must be a string, got {_type_name(turns[bad])}")
+        if not turns[0].strip():
+            raise _RowError("turns[0]", "the first turn (the prompt) is empty")
+        return {"prompt": None, "messages": [{"role": "user", "content": turns[0]}]}
+    if not given:
+        raise _RowError("prompt", "missing field 'prompt' (or 'messages' ending with the user's turn)")
+    return {"prompt": _text(rec, "prompt"), "messages": None}
 
 
 def _pair(rec: dict[str, Any]) -> dict[str, Any]:

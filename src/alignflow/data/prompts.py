@@ -48,14 +48,14 @@ def bos_prefix(tok: Any, templated: bool = False) -> list[int]:
 def prompts_from_rows(rows: Sequence[Mapping[str, Any]], kind: str, tok: Any, source: str) -> list[Prompt]:
     """The unique prompts of dataset rows, in order of first appearance.
 
-    ``kind="sft"``: a row's ``messages`` minus a final assistant turn, rendered with the tokenizer's chat
-    template (generation prompt added), or else its ``prompt``; ``kind="pairs"``: the ``prompt``.
+    ``kind="sft"`` or ``"prompts"``: a row's ``messages`` minus a final assistant turn, rendered with the
+    tokenizer's chat template (generation prompt added), or else its ``prompt``; ``kind="pairs"``: the ``prompt``.
     ``source`` names the dataset in error messages. A ``messages`` prompt's ``key`` is its turns as JSON,
     SFT's split key (:func:`alignflow.data.encode.sft_prompt_key`) when the row ends with the assistant turn.
     """
     out: dict[str, Prompt] = {}
     for i, row in enumerate(rows):
-        if kind == "sft" and row.get("messages"):
+        if kind in ("sft", "prompts") and row.get("messages"):
             if tok.chat_template is None:
                 raise DataFormatError(
                     f"{source}: row {i} (id {row.get('id')}): field 'messages' needs a tokenizer chat_template"

@@ -91,9 +91,10 @@ class PromptDataSection(StrictModel):
     train: str = Field(
         description="Prompt dataset: artifact id/name or a JSONL/Parquet file (imported on the fly)."
     )
-    kind: Literal["sft", "pairs"] = Field(
+    kind: Literal["sft", "pairs", "prompts"] = Field(
         default="sft",
-        description="sft: the `prompt` column, or `messages` minus the last turn (chat template); pairs: `prompt`.",
+        description="prompts (TRL's prompt-only rows) and sft: the `prompt` column, or `messages` (minus a last "
+        "assistant turn) through the chat template; pairs: `prompt`.",
     )
     eval: str | None = Field(
         default=None, description="Held-out prompts for the monitor; default: split off train."

@@ -1,0 +1,151 @@
+"""Scorers for evaluating policies, chosen by a spec string's prefix: ``rm:CKPT``, ``gold:MODULE:FN``,
+``judge:SPEC``.
+
+A :class:`Scorer` maps ``(prompts, responses)`` to one finite float per response, higher is better:
+
+- ``rm:CKPT``: a reward model or ensemble (a folder, or a checkpoint artifact of ``alignflow rm``), through
+  :func:`alignflow.models.reward.load_reward_scorer`; an ensemble scores with its members' mean.
+- ``gold:MODULE:FN``: ``FN(prompts, responses) -> list[float]`` imported from ``MODULE`` (a programmatic
+  gold scorer, e.g. the demo's ``alignflow.domains.support:gold_utility_batch``).
+- ``judge:BACKEND[:...]``: an AI judge. Backends register themselves with :func:`register_judge` under a
+  prefix (the AI-feedback issue adds them); none is installed here, so a ``judge:`` spec is a clear error.
+
+:func:`load_scorer` also returns the artifact the scores come from, so an evaluation's lineage reaches the
+reward model, or a ``scorer`` record of the gold function (its spec and the SHA-256 of its source file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from alignflow.errors import AlignflowError, ConfigError
+from alignflow.rollout.generations import resolve_model_folder
+from alignflow.rollout.rewards import import_callable
+from alignflow.store import Store
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """``scorer(prompts, responses)`` → one score per response (higher is better)."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Sequence[float]: ...
+
+
+@dataclass(frozen=True)
+class LoadedScorer:
+    """A scorer with its spec (as given) and the artifact id that lineage edges point at."""
+
+    spec: str
+    score: Scorer
+    artifact_id: str
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """Scores as floats, checked: one per response, all finite (errors name the spec)."""
+        if not responses:
+            return []
+        values = [float(v) for v in self.score(list(prompts), list(responses))]
+        if len(values) != len(responses):
+            raise ScorerError(
+                f"--scorer {self.spec!r}: returned {len(values)} scores for {len(responses)} responses"
+            )
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise ScorerError(
+                f"--scorer {self.spec!r}: score {bad} is {values[bad]}; expected finite numbers"
+            )
+        return values
+
+
+class ScorerError(AlignflowError):
+    """A scorer spec cannot be loaded, or a scorer returned something other than one finite score each."""
+
+
+# (the spec after "judge:", the store, the device) -> (scorer, artifact id for lineage)
+JudgeFactory = Callable[[str, Store, str], tuple[Scorer, str]]
+_JUDGES: dict[str, JudgeFactory] = {}
+
+
+def register_judge(prefix: str, factory: JudgeFactory) -> None:
+    """Install a judge backend: ``judge:<prefix>[:rest]`` specs are built by ``factory(spec, store, device)``,
+    where ``spec`` is everything after ``judge:``."""
+    if not prefix or ":" in prefix:
+        raise ValueError(f"judge backend prefix must be a non-empty name without ':', got {prefix!r}")
+    _JUDGES[prefix] = factory
+
+
+def judge_backends() -> list[str]:
+    """Prefixes of the installed judge backends."""
+    return sorted(_JUDGES)
+
+
+def _rm(rest: str, spec: str, store: Store, device: str) -> tuple[Scorer, str]:
+    from alignflow.models.reward import load_reward_scorer
+
+    if not rest:
+        raise ScorerError(
+            f"--scorer {spec!r}: expected rm:CKPT (a reward-model folder or checkpoint artifact)"
+        )
+    path, aid, _ = resolve_model_folder(store, rest, f"--scorer {spec!r}:")
+    reward = load_reward_scorer(path, device=device)
+
+    def score(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        mean, _std = reward(prompts, responses)
+        return mean.tolist()
+
+    return score, aid
+
+
+def _gold(rest: str, spec: str, store: Store) -> tuple[Scorer, str]:
+    fn = import_callable(rest, f"--scorer {spec!r}")
+    record = {"scorer": "gold", "spec": rest}
+    try:
+        source = Path(inspect.getfile(fn))
+        record |= {"source": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    except (TypeError, OSError):  # a builtin or C function has no source file to fingerprint
+        pass
+    return fn, store.put_json(record, kind="scorer", name=f"gold:{rest}")
+
+
+def _judge(rest: str, spec: str, store: Store, device: str) -> tuple[Scorer, str]:
+    if not _JUDGES:
+        raise ScorerError(
+            f"--scorer {spec!r}: no judge backends installed yet; use rm:CKPT or gold:MODULE:FN "
+            "(AI-judge backends register with alignflow.rollout.scorers.register_judge)"
+        )
+    backend = rest.split(":", 1)[0]
+    if backend not in _JUDGES:
+        raise ScorerError(
+            f"--scorer {spec!r}: unknown judge backend {backend!r}; installed: {', '.join(judge_backends())}"
+        )
+    return _JUDGES[backend](rest, store, device)
+
+
+def load_scorer(spec: str, store: Store, device: str = "cpu") -> LoadedScorer:
+    """Build the scorer a spec names (see the module docstring); errors name the spec and what was expected."""
+    prefix, sep, rest = spec.partition(":")
+    if not sep or prefix not in ("rm", "gold", "judge"):
+        raise ConfigError(f"--scorer {spec!r}: expected rm:CKPT, gold:MODULE:FN or judge:SPEC")
+    if prefix == "rm":
+        score, aid = _rm(rest, spec, store, device)
+    elif prefix == "gold":
+        score, aid = _gold(rest, spec, store)
+    else:
+        score, aid = _judge(rest, spec, store, device)
+    return LoadedScorer(spec=spec, score=score, artifact_id=aid)
+
+
+__all__ = [
+    "JudgeFactory",
+    "LoadedScorer",
+    "Scorer",
+    "ScorerError",
+    "judge_backends",
+    "load_scorer",
+    "register_judge",
+]
