@@ -4,14 +4,15 @@ false positives, rows/s of dedup and `stats` on 100k rows, and mixture proportio
     python benchmarks/bench_dedup.py [--plants 600] [--threshold 0.7] [--rows 100000]
 
 Planted copies of randomly chosen HH pairs, one perturbation each: case, punctuation, whitespace, word swaps
-(5% of words), word drops (5%), truncation (the last 15% of each reply), and the same prompt with another
-pair's replies. Precision counts every dropped row that is not a planted copy as a false positive.
+(5% of words), word drops (5%), truncation (the last 15% of the prompt and of each reply), and the same prompt
+with another pair's replies. Precision counts every dropped row that is not a planted copy as a false positive.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -96,8 +97,7 @@ def plant(base: list[dict[str, Any]], n: int, seed: int = 0) -> tuple[list[dict[
             other = rng.choice([r for r in rng.sample(base, 3) if r is not src])
             row.update(chosen=other["chosen"], rejected=other["rejected"])
         else:
-            fields = ("prompt", "chosen", "rejected") if op != "truncation" else ("chosen", "rejected")
-            for f in fields:
+            for f in ("prompt", "chosen", "rejected"):
                 row[f] = perturb(row[f], op, rng)
             if row_text(row, "row") == row_text(src, "row"):  # e.g. a one-word reply: perturb the prompt
                 row["prompt"] = perturb(row["prompt"], "word_drops", rng)
@@ -266,6 +266,7 @@ def main() -> None:
     from alignflow.data.curation.stats import compute_stats
 
     big = synthetic_rows(args.rows, base)
+    load_start = os.getloadavg()[0]
     timings = []
     for label, by, modes in (
         ("exact, by row", "row", {"exact": True}),
@@ -297,7 +298,8 @@ def main() -> None:
         "threshold.\n\n"
         + table
         + "\n\nThroughput on synthetic rows with HH's vocabulary and lengths (5% planted word-drop copies), "
-        "one process:\n\n" + speed
+        f"one process, 1-minute load average {load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
+        "(the machine is shared; other jobs were running):\n\n" + speed
     )
     mix_body = mix_figures(args.rows)
     print(mix_body)

@@ -18,8 +18,7 @@ Progress = Callable[[int], None] | None
 """A callback advanced by the number of rows done (the CLI passes a progress bar's `advance`)."""
 
 BY_CHOICES = ("prompt", "response", "row")
-_PUNCT = re.compile(r"[^\w\s]", re.UNICODE)
-_SPACE = re.compile(r"\s+")
+_NON_WORD = re.compile(r"\W+")  # one pass: each run of punctuation and spaces becomes one space
 
 
 class CurationError(AlignflowError):
@@ -29,7 +28,7 @@ class CurationError(AlignflowError):
 def normalize_text(text: str) -> str:
     """Case-, punctuation- and whitespace-insensitive form of a text (NFKC, lower case, words by one space)."""
     text = unicodedata.normalize("NFKC", text or "").lower()
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
+    return _NON_WORD.sub(" ", text).strip()
 
 
 def row_meta(row: Mapping[str, Any]) -> dict[str, Any]:
