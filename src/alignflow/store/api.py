@@ -35,10 +35,10 @@ from sqlalchemy.orm import Session
 
 from alignflow.errors import IntegrityError, StoreError
 from alignflow.store import db
+from alignflow.store.files import CHUNK, fsync_path, sha256_file
 from alignflow.store.models import Artifact, ArtifactTag, LineageEdge, Metric, Run, utcnow
 from alignflow.workspace import Workspace
 
-_CHUNK = 1 << 20
 log = logging.getLogger(__name__)
 
 
@@ -78,14 +78,6 @@ class LineageGraph:
         }
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dataset_content_hash(kind: str, rows: Iterable[Mapping[str, Any]]) -> str:
     """Hash of a dataset's logical content, independent of Parquet encoder details."""
     h = hashlib.sha256(f"alignflow-dataset-v1\n{kind}\n".encode())
@@ -108,14 +100,6 @@ def directory_manifest(path: Path) -> dict[str, str]:
 def _manifest_hash(kind: str, manifest: Mapping[str, str]) -> str:
     body = "".join(f"{k}\t{v}\n" for k, v in sorted(manifest.items()))
     return hashlib.sha256(f"alignflow-dir-v1\n{kind}\n{body}".encode()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def code_version() -> str:
@@ -176,7 +160,7 @@ class Store:
     def _publish_file(self, tmp: Path, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
 
     def put_dataset(
         self,
@@ -224,7 +208,7 @@ class Store:
         tmp = self._tmp_path()
         try:
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, _CHUNK)
+                shutil.copyfileobj(fin, fout, CHUNK)
                 fout.flush()
                 os.fsync(fout.fileno())
             digest = sha256_file(tmp)
@@ -274,7 +258,7 @@ class Store:
                     shutil.rmtree(final)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_path(final.parent)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)  # a no-op once published
         info = dict(meta or {})

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ import torch
 from torch import nn
 
 from alignflow.errors import StoreError
+from alignflow.store.files import fsync_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -189,22 +189,6 @@ class _Snapshot:
 # writing (background or foreground)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_snapshot(snap: _Snapshot, tmp: Path) -> None:
     from safetensors.torch import save_file
 
@@ -239,16 +223,16 @@ def _write_snapshot(snap: _Snapshot, tmp: Path) -> None:
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {"format_version": FORMAT_VERSION, "files": {}}
     for p in files:
-        _fsync_path(p)
+        fsync_path(p)
         rel = p.relative_to(tmp).as_posix()
-        manifest["files"][rel] = {"sha256": _sha256(p), "size": p.stat().st_size}
+        manifest["files"][rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     mpath = tmp / MANIFEST
     with open(mpath, "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     for d in sorted({p.parent for p in files} | {tmp}, key=lambda x: -len(x.parts)):
-        _fsync_path(d)
+        fsync_path(d)
 
 
 def _write_latest(run_dir: Path, name: str) -> None:
@@ -258,7 +242,7 @@ def _write_latest(run_dir: Path, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, run_dir / LATEST)
-    _fsync_path(run_dir)
+    fsync_path(run_dir)
 
 
 def _remove_dir(path: Path) -> None:
@@ -281,7 +265,7 @@ def _commit(run_dir: Path, snap: _Snapshot) -> Path:
         # Re-saving a step (e.g. after resuming from an older `latest`): replace the old directory.
         _remove_dir(final)
     os.rename(tmp, final)
-    _fsync_path(run_dir)
+    fsync_path(run_dir)
     _write_latest(run_dir, name)
     return final
 
@@ -310,7 +294,7 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
         size = f.stat().st_size
         if size != meta["size"]:
             return f"{f} is truncated or resized ({size} bytes, manifest says {meta['size']})"
-        if _sha256(f) != meta["sha256"]:
+        if sha256_file(f) != meta["sha256"]:
             return f"{f} fails its sha256 check (tampered or corrupt)"
     return None
 
