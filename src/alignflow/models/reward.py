@@ -11,10 +11,15 @@ the quickstart, data curation and the tests. Because it encodes text, this modul
 Ensemble file format (``ensemble.json``, written by :func:`write_ensemble`, read by :func:`read_ensemble`)::
 
     {"format_version": 1, "members": ["member-0", ...], "backbone": "causal" | "encoder",
-     "max_length": int, "max_prompt_length": int | null, "eval": {metric: value}}
+     "max_length": int, "max_prompt_length": int | null, "eval": {metric: value},
+     "pooling": "last" | "cls" | "mean" | "response_mean", "keep_completion": bool, "temperature": float}
 
-Each member folder is a standalone HF model (a LoRA member is merged before it is written); ``backbone`` and
-the two lengths say how the recipe formatted text, so a scorer formats it the same way.
+Each member folder is a standalone HF model (a LoRA member is merged before it is written); ``backbone``, the
+two lengths and ``keep_completion`` say how the recipe formatted text, so a scorer formats it the same way.
+``pooling`` says which token states feed the linear head (:class:`PooledRewardModel`); ``temperature`` T is
+the post-hoc temperature scaling (Guo et al. 2017, section 4.2) fitted on a calibration split: the scorer
+returns rewards divided by T, so ``sigmoid(r(a) - r(b))`` is a calibrated preference probability. The last
+three fields are optional (older files mean last/CLS pooling, the default truncation and T = 1).
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from alignflow.data.encode import SequenceEncoder, TruncationCounter, model_kwargs, pad_batch
-from alignflow.errors import DataFormatError
+from alignflow.errors import ConfigError, DataFormatError
 from alignflow.models.loading import load_reward_model, load_tokenizer
 
 ENSEMBLE_FILE = "ensemble.json"
 FORMAT_VERSION = 1
+POOLINGS = ("last", "cls", "mean", "response_mean")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the ensemble file
@@ -46,8 +52,16 @@ def write_ensemble(
     max_length: int,
     max_prompt_length: int | None,
     eval_metrics: Mapping[str, Any],
+    pooling: str | None = None,
+    keep_completion: bool = False,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """Write ``root/ensemble.json`` beside the member folders it names; returns the manifest written."""
+    """Write ``root/ensemble.json`` beside the member folders it names; returns the manifest written.
+
+    ``pooling`` defaults to the backbone's own head (``last`` token for causal, ``cls`` for encoders).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
     manifest = {
         "format_version": FORMAT_VERSION,
         "members": list(members),
@@ -55,6 +69,9 @@ def write_ensemble(
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
         "eval": dict(eval_metrics),
+        "pooling": pooling or default_pooling(backbone == "encoder"),
+        "keep_completion": keep_completion,
+        "temperature": float(temperature),
     }
     (root / ENSEMBLE_FILE).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -78,6 +95,79 @@ def is_ensemble(path: str | Path) -> bool:
     return (Path(path) / ENSEMBLE_FILE).is_file()
 
 
+def default_pooling(encoder: bool) -> str:
+    """The pooling of a backbone's own sequence-classification head: CLS for encoders, last token otherwise."""
+    return "cls" if encoder else "last"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pooling
+
+
+class PooledRewardModel(nn.Module):
+    """A BERT-style sequence classifier whose linear head reads the mean of token states, not the CLS pooler.
+
+    ``mean`` averages every attended token (sentence-transformers' pooling, which the packaged MiniLM was
+    trained with); ``response_mean`` averages the response segment only (``token_type_ids == 1``: the
+    response and its closing ``[SEP]``), where chosen and rejected differ. The wrapped model keeps its own
+    parameters (``classifier`` and ``dropout`` are reused), so the member folder is the plain HF model and
+    ``ensemble.json``'s ``pooling`` tells a loader to wrap it again.
+
+    ``forward(input_ids (B, T), attention_mask (B, T), token_type_ids (B, T)) -> .logits (B, 1)``.
+    """
+
+    def __init__(self, model: nn.Module, pooling: str) -> None:
+        super().__init__()
+        if pooling not in ("mean", "response_mean"):
+            raise ConfigError(f"PooledRewardModel pools 'mean' or 'response_mean', not {pooling!r}")
+        if not isinstance(getattr(model, "classifier", None), nn.Linear):
+            raise ConfigError(
+                f"model.pooling={pooling!r} needs a BERT-style classifier head (a Linear 'classifier'); "
+                f"{type(model).__name__} has none"
+            )
+        self.model = model
+        self.pooling = pooling
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model.base_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        token_type_ids: Tensor | None = None,
+    ) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (B, T, H)
+        mask = attention_mask
+        if self.pooling == "response_mean":
+            if token_type_ids is None:
+                raise ValueError("response_mean pooling needs token_type_ids (1 on the response)")
+            mask = attention_mask * token_type_ids
+        m = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+        return SequenceClassifierOutput(logits=self.model.classifier(self.model.dropout(pooled)))
+
+
+def with_pooling(model: nn.Module, pooling: str) -> nn.Module:
+    """``model`` with the head reading ``pooling``'s states; ``last`` / ``cls`` is the model's own head."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    return model if pooling in ("last", "cls") else PooledRewardModel(model, pooling)
+
+
+def unwrap_pooling(model: nn.Module) -> nn.Module:
+    """The HF model inside a :class:`PooledRewardModel` (what is saved as a member folder)."""
+    return model.model if isinstance(model, PooledRewardModel) else model
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # loading and scoring
 
@@ -93,6 +183,10 @@ class RewardModels:
     members: list[nn.Module]
     spec: dict[str, Any] | None
 
+    @property
+    def temperature(self) -> float:
+        return float((self.spec or {}).get("temperature", 1.0))
+
 
 def load_reward_models(path: str | Path, device: str = "cpu") -> RewardModels:
     """Load an ``alignflow rm`` folder (every member, float32) or one HF sequence-classification folder."""
@@ -100,8 +194,14 @@ def load_reward_models(path: str | Path, device: str = "cpu") -> RewardModels:
     if is_ensemble(root):
         spec = read_ensemble(root)
         tokenizer = load_tokenizer(root / spec["members"][0])
+        pooling = spec.get("pooling") or default_pooling(spec["backbone"] == "encoder")
         members = [
-            load_reward_model(root / m, dtype="float32", device=device, pad_token_id=tokenizer.pad_token_id)
+            with_pooling(
+                load_reward_model(
+                    root / m, dtype="float32", device=device, pad_token_id=tokenizer.pad_token_id
+                ),
+                pooling,
+            )
             for m in spec["members"]
         ]
     else:
@@ -156,30 +256,35 @@ class RewardModelScorer:
 
     ``path`` is an ``alignflow rm`` folder (its members, and text formatted as the recipe did: the
     :class:`~alignflow.data.encode.SequenceEncoder` with the lengths saved in ``ensemble.json``) or one HF
-    sequence-classification folder (``prompt + response`` as one string, cut at ``max_length`` tokens).
+    sequence-classification folder (``prompt + response`` as one string, cut at ``max_length`` tokens, 1024
+    when unset). ``max_length`` given for an ``alignflow rm`` folder replaces the length it was trained with.
     Loading and the ensemble arithmetic are :mod:`alignflow.models.reward`'s.
 
     ``scorer(prompts, responses) -> (mean (N,), std (N,))``, float32: the members' mean reward and their
-    population std (0 for a single model).
+    population std (0 for a single model), both divided by the checkpoint's fitted ``temperature`` (1 when
+    none was fitted), so a reward gap is a calibrated log-odds.
     """
 
     def __init__(
-        self, path: str | Path, device: str = "cpu", batch_size: int = 16, max_length: int = 1024
+        self, path: str | Path, device: str = "cpu", batch_size: int = 16, max_length: int | None = None
     ) -> None:
         self.path = str(path)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.max_length = max_length
+        self.max_length = max_length or 1024
         loaded = load_reward_models(path, device=device)
         self.tokenizer, self.members = loaded.tokenizer, loaded.members
+        self.spec, self.temperature = loaded.spec, loaded.temperature
+        self.counter = TruncationCounter("scored responses")
         self.encoder: SequenceEncoder | None = None
         if loaded.spec is not None:
             self.encoder = SequenceEncoder(
                 self.tokenizer,
-                loaded.spec["max_length"],
+                max_length or loaded.spec["max_length"],
                 loaded.spec.get("max_prompt_length"),
                 encoder=loaded.spec["backbone"] == "encoder",
-                counter=TruncationCounter("scored responses"),
+                counter=self.counter,
+                keep_completion=bool(loaded.spec.get("keep_completion", False)),
             )
 
     def _batches(self, prompts: Sequence[str], responses: Sequence[str]) -> list[dict[str, Tensor]]:
@@ -208,11 +313,12 @@ class RewardModelScorer:
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Tensor, Tensor]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return ensemble_scores(self.members, self._batches(prompts, responses))
+        mean, std = ensemble_scores(self.members, self._batches(prompts, responses))
+        return mean / self.temperature, std / self.temperature
 
 
 def load_reward_scorer(
-    path: str | Path, device: str = "cpu", batch_size: int = 16, max_length: int = 1024
+    path: str | Path, device: str = "cpu", batch_size: int = 16, max_length: int | None = None
 ) -> RewardModelScorer:
     """Load the reward model(s) in ``path`` (the ``checkpoint_dir`` of ``alignflow rm``, or one HF folder).
 

@@ -6,8 +6,15 @@ checkpoint, held-out scores → ensemble evaluation (accuracy, loss, mean margin
 folder holding K HF checkpoints and ``ensemble.json``. Metric names: ``docs/metrics.md#rm``.
 
 Backbones: a causal LM directory (``AutoModelForSequenceClassification`` pools the last non-pad token) or a
-BERT-style encoder such as the packaged all-MiniLM-L6-v2 (``[CLS] prompt [SEP] response [SEP]``, CLS pooler
-with a fresh linear head). ``model.backbone: auto`` picks the encoder layout when the tokenizer has CLS/SEP.
+BERT-style encoder such as the packaged all-MiniLM-L6-v2 (``[CLS] prompt [SEP] response [SEP]``, a fresh
+linear head on the mean of the token states by default, or on the CLS pooler). ``model.backbone: auto`` picks
+the encoder layout when the tokenizer has CLS/SEP. Options whose best value differs by backbone default to
+``auto`` and resolve in :func:`resolved_options` (measured on HH-harmless: ``benchmarks/RESULTS.md``).
+
+Calibration: ``temperature.fraction`` of the training prompts is held out (by a salted prompt hash, so it is
+prompt-disjoint from both train and eval); after training a temperature T is fitted on those pairs' ensemble
+gaps (never on the eval split) and saved in ``ensemble.json``; ``eval/ece`` is the raw model's,
+``eval/ece_calibrated`` the temperature-scaled one's.
 
 Components live in the library: the encoder, pairs and prompt split in :mod:`alignflow.data.encode`; the packed
 pair forward in :mod:`alignflow.train.logprobs`; freezing layers and the ensemble file in
@@ -49,15 +56,22 @@ from alignflow.data.encode import (
     model_kwargs,
     pack_pairs,
     pad_batch,
+    prompt_bucket,
     rows_to_pairs,
     split_by_prompt,
     steps_for,
 )
 from alignflow.errors import ConfigError, DataFormatError
 from alignflow.evaluate.reward import preference_accuracy, preference_metrics
+from alignflow.evaluate.rm_eval import fit_temperature
 from alignflow.models import load_reward_model, load_tokenizer
 from alignflow.models.export import export_hf
-from alignflow.models.reward import freeze_bottom, write_ensemble
+from alignflow.models.reward import (
+    freeze_bottom,
+    unwrap_pooling,
+    with_pooling,
+    write_ensemble,
+)
 from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.store import Store
 from alignflow.train.accum import example_mean_share, step_weight
@@ -86,6 +100,21 @@ class RewardModelSection(ModelSection):
         description="Freeze the embeddings and the first N transformer layers (full fine-tuning only); "
         "backward then stops at layer N, which cuts the step cost on CPU.",
     )
+    pooling: Literal["auto", "last", "cls", "mean", "response_mean"] = Field(
+        default="auto",
+        description="Token states the linear head reads: last (causal), cls (the encoder's pooler), mean "
+        "(every token), response_mean (the response segment; encoders). auto = mean for encoders, last "
+        "for causal LMs.",
+    )
+
+
+class RewardDataSection(PreferenceDataSection):
+    keep_response: bool | None = Field(
+        default=None,
+        description="Keep each response whole and cut only the prompt, from the left (a response longer than "
+        "the budget is still cut). None = on for encoders, off for causal LMs (their prompt then keeps "
+        "up to max_prompt_length or half the budget).",
+    )
 
 
 class RewardLossSection(StrictModel):
@@ -95,6 +124,23 @@ class RewardLossSection(StrictModel):
     use_weights: bool = Field(default=True, description="Weight each pair's loss by its weight column.")
     margin: float | None = Field(default=None, description="Required reward gap (Llama-2 margin loss).")
     center_coef: float = Field(default=0.0, ge=0.0, description="Reward-centering coefficient (0 = off).")
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=0.5,
+        description="eps: the target P(chosen better) becomes 1 - eps (a soft label p becomes "
+        "eps + (1 - 2 eps) p); keeps a noisy-label model from driving gaps to infinity.",
+    )
+
+
+class TemperatureSection(StrictModel):
+    fraction: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the training prompts held out to fit a temperature after training "
+        "(0 = no temperature scaling). None = 0.1 for encoders, 0 for causal LMs.",
+    )
 
 
 class EnsembleSection(StrictModel):
@@ -111,13 +157,42 @@ class RewardConfig(StageConfig):
     stage: Literal["rm"] = "rm"
     model: RewardModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
-    data: PreferenceDataSection
+    data: RewardDataSection
     loss: RewardLossSection = Field(default_factory=RewardLossSection)
     ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
     calibration_bins: int = Field(default=10, ge=1, description="Bins of the reliability diagram / ECE.")
+    temperature: TemperatureSection = Field(default_factory=TemperatureSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+
+@dataclass(frozen=True)
+class RewardOptions:
+    """The backbone-dependent options of a run, ``auto`` / ``None`` resolved."""
+
+    encoder: bool
+    pooling: str
+    keep_response: bool
+    calibration_fraction: float
+
+
+def resolved_options(cfg: RewardConfig, encoder: bool) -> RewardOptions:
+    """Resolve ``model.pooling``, ``data.keep_response`` and ``temperature.fraction`` for the backbone.
+
+    The encoder values are the best measured on HH-harmless (``benchmarks/bench_hh_reward.py``); the causal
+    ones keep the recipe's earlier behaviour (last-token head, half-budget prompt, no temperature).
+    """
+    pooling = cfg.model.pooling if cfg.model.pooling != "auto" else ("mean" if encoder else "last")
+    if pooling in ("cls", "mean", "response_mean") and not encoder:
+        raise ConfigError(f"model.pooling={pooling!r} needs an encoder backbone; causal LMs pool 'last'")
+    if pooling == "last" and encoder:
+        raise ConfigError(
+            "model.pooling='last' is the causal head; encoders pool 'cls', 'mean' or 'response_mean'"
+        )
+    keep = cfg.data.keep_response if cfg.data.keep_response is not None else encoder
+    frac = cfg.temperature.fraction if cfg.temperature.fraction is not None else (0.1 if encoder else 0.0)
+    return RewardOptions(encoder, pooling, keep, frac)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,19 +215,25 @@ class _Data:
 
     train: list[EncodedPair]
     held: list[EncodedPair]
+    calib: list[EncodedPair]
     tok: Any
-    encoder: bool
+    opts: RewardOptions
     device: torch.device
+
+    @property
+    def encoder(self) -> bool:
+        return self.opts.encoder
 
 
 @dataclass
 class _Member:
-    """One trained member: its last training metrics and held-out scores ``(N,)`` chosen and rejected."""
+    """One trained member: its last training metrics, held-out and calibration scores ``(N,)`` chosen and rejected."""
 
     metrics: dict[str, float]
     held_scores: tuple[torch.Tensor, torch.Tensor] | None
     total_steps: int
     stopped_at: int | None = None
+    calib_scores: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
@@ -162,10 +243,10 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
         raise ConfigError("model.freeze_layers applies to full fine-tuning; with LoRA set it to 0")
     device = resolve_device(cfg.model)
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    encoder = _is_encoder(cfg, tok)
+    opts = resolved_options(cfg, _is_encoder(cfg, tok))
     counter = TruncationCounter("responses")
-    train, held = _load_data(cfg, r, tok, encoder, counter)
-    data = _Data(train, held, tok, encoder, device)
+    train, held, calib = _load_data(cfg, r, tok, opts, counter)
+    data = _Data(train, held, calib, tok, opts, device)
     r.model_dir(cfg.model.path)
     K = cfg.ensemble.size
     out_root = r.run_dir / "final"
@@ -185,28 +266,43 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
                 }
             members.append(member)
 
-    # ---------------------------------------------------------------- ensemble evaluation
+    # ---------------------------------------------------------------- temperature, then ensemble evaluation
     final: dict[str, Any] = {f"train/{key}": v for key, v in members[-1].metrics.items()} if K == 1 else {}
+    temperature = 1.0
+    if calib:
+        cal_c, cal_r = _ensemble_mean([m.calib_scores for m in members if m.calib_scores])
+        temperature = fit_temperature(cal_c - cal_r)
+        final["calibration/temperature"] = temperature
+        final["calibration/pairs"] = len(calib)
     reliability: list[dict[str, float]] = []
     if held:
         evaluation = _evaluate_ensemble(
-            [m.held_scores for m in members if m.held_scores], cfg.calibration_bins
+            [m.held_scores for m in members if m.held_scores], cfg.calibration_bins, temperature
         )
         reliability = evaluation.pop("reliability")
+        reliability_calibrated = evaluation.pop("reliability_calibrated", None)
         final.update(evaluation)
         r.log(members[-1].total_steps, {k: v for k, v in final.items() if isinstance(v, float | int)})
-        (r.run_dir / "reliability.json").write_text(
-            json.dumps({"bins": reliability, "ece": final["eval/ece"]}, indent=1)
-        )
+        rel: dict[str, Any] = {"bins": reliability, "ece": final["eval/ece"]}
+        if reliability_calibrated is not None:
+            rel.update(
+                temperature=temperature,
+                bins_calibrated=reliability_calibrated,
+                ece_calibrated=final["eval/ece_calibrated"],
+            )
+        (r.run_dir / "reliability.json").write_text(json.dumps(rel, indent=1))
 
     # ---------------------------------------------------------------- register the ensemble
     manifest = write_ensemble(
         out_root,
         [f"member-{k}" for k in range(K)],
-        backbone="encoder" if encoder else "causal",
+        backbone="encoder" if opts.encoder else "causal",
         max_length=cfg.data.max_length,
         max_prompt_length=cfg.data.max_prompt_length,
         eval_metrics={k: v for k, v in final.items() if k.startswith("eval/")},
+        pooling=opts.pooling,
+        keep_completion=opts.keep_response,
+        temperature=temperature,
     )
     ckpt_id = r.register_checkpoint(
         out_root, meta={"kind": "reward_model", "ensemble_size": K, **manifest["eval"]}
@@ -217,7 +313,14 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
         "ensemble_size": K,
         "train_pairs": len(train),
         "eval_pairs": len(held),
+        "calibration_pairs": len(calib),
         "truncated_responses": counter.count,
+        "responses_cut": counter.completions_cut,
+        "options": {
+            "pooling": opts.pooling,
+            "keep_response": opts.keep_response,
+            "calibration_fraction": opts.calibration_fraction,
+        },
     }
     r.finish(summary, outputs={"checkpoint": ckpt_id})
     return {
@@ -246,15 +349,26 @@ def _read_pairs(r: Run, ref: str, fmt: str, role: str) -> list[Pair]:
     return rows_to_pairs(r.store.read_dataset(aid).to_pylist(), fmt)
 
 
+def calibration_split(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
+    """(train, calibration) by a SALTED prompt hash: independent of the eval split's bucket, prompt-disjoint."""
+    train, calib = [], []
+    for p in pairs:
+        (calib if prompt_bucket("calibration\x00" + p.prompt) < fraction else train).append(p)
+    return train, calib
+
+
 def _load_data(
-    cfg: RewardConfig, r: Run, tok: Any, encoder: bool, counter: TruncationCounter
-) -> tuple[list[EncodedPair], list[EncodedPair]]:
-    """Train and held-out pairs (``data.eval``, or split off by prompt), checked and encoded."""
+    cfg: RewardConfig, r: Run, tok: Any, opts: RewardOptions, counter: TruncationCounter
+) -> tuple[list[EncodedPair], list[EncodedPair], list[EncodedPair]]:
+    """Train, held-out (``data.eval``, or split off by prompt) and calibration pairs, checked and encoded."""
     pairs = _read_pairs(r, cfg.data.train, cfg.data.format, "dataset")
     if cfg.data.eval:
         train_pairs, eval_pairs = pairs, _read_pairs(r, cfg.data.eval, cfg.data.format, "eval_dataset")
     else:
         train_pairs, eval_pairs = split_by_prompt(pairs, cfg.data.eval_fraction, lambda p: p.prompt)
+    calib_pairs: list[Pair] = []
+    if opts.calibration_fraction > 0:
+        train_pairs, calib_pairs = calibration_split(train_pairs, opts.calibration_fraction)
     if not train_pairs:
         raise DataFormatError(
             f"{cfg.data.train}: no training pairs left after the eval split ({len(pairs)} pairs)"
@@ -266,11 +380,16 @@ def _load_data(
             "loss.soft_labels=true needs weights in [0, 1]"
         )
     enc = SequenceEncoder(
-        tok, cfg.data.max_length, cfg.data.max_prompt_length, encoder=encoder, counter=counter
+        tok,
+        cfg.data.max_length,
+        cfg.data.max_prompt_length,
+        encoder=opts.encoder,
+        counter=counter,
+        keep_completion=opts.keep_response,
     )
-    train, held = encode_pairs(train_pairs, enc), encode_pairs(eval_pairs, enc)
+    encoded = [encode_pairs(ps, enc) for ps in (train_pairs, eval_pairs, calib_pairs)]
     counter.report()
-    return train, held
+    return encoded[0], encoded[1], encoded[2]
 
 
 def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out_dir: Path) -> _Member:
@@ -296,6 +415,7 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
         pad_token_id=pad_id,
     )
     freeze_bottom(model, cfg.model.freeze_layers)
+    model = with_pooling(model, data.opts.pooling)
     # Packed: a causal trunk whose ``score`` head splits off; encoders attend both ways and always pad.
     packed = cfg.data.packing and not data.encoder and splittable(model, "score")
     sampler = make_sampler(
@@ -363,13 +483,16 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
             ):
                 return _Member(metrics, None, total, stopped_at=step)
 
-    # ---------------------------------------------------------------- held-out scores and export
-    held_scores = None
+    # ---------------------------------------------------------------- held-out and calibration scores, export
+    held_scores = calib_scores = None
     if data.held:
         held_scores = _score_pairs(model, data.held, pad_id, data.device, cfg.train.batch_size, packed)
-    # A LoRA reward model is merged so each member is a standalone scorer (no base model needed).
-    export_hf(model, data.tok, out_dir, merge_lora=True)
-    return _Member(metrics, held_scores, total)
+    if data.calib:
+        calib_scores = _score_pairs(model, data.calib, pad_id, data.device, cfg.train.batch_size, packed)
+    # A LoRA reward model is merged so each member is a standalone scorer (no base model needed); a pooled
+    # one is saved as its HF model (ensemble.json's pooling re-wraps it).
+    export_hf(unwrap_pooling(model), data.tok, out_dir, merge_lora=True)
+    return _Member(metrics, held_scores, total, calib_scores=calib_scores)
 
 
 def _accumulate_gradients(
@@ -388,6 +511,7 @@ def _accumulate_gradients(
     (:func:`alignflow.train.accum.example_mean_share`), whatever the micro-batch split.
     """
     weighted = cfg.loss.use_weights and not cfg.loss.soft_labels
+    eps = cfg.loss.label_smoothing
     pair_weights = [[p.weight if weighted else 1.0 for p in items] for items in micro]
     total_weight = step_weight(pair_weights)
     loss_sum = torch.zeros((), device=device)
@@ -395,13 +519,16 @@ def _accumulate_gradients(
     for items, weights in zip(micro, pair_weights, strict=True):
         chosen, rejected = _pair_scores(model, items, pad_id, device, packed)  # (B,) each
         w = torch.tensor([p.weight for p in items], dtype=chosen.dtype, device=device)
+        target = w if cfg.loss.soft_labels else None
+        if eps > 0:
+            target = eps + (1 - 2 * eps) * (w if cfg.loss.soft_labels else torch.ones_like(w))
         loss = bradley_terry_loss(
             chosen,
             rejected,
             margin=cfg.loss.margin,
             center_coef=cfg.loss.center_coef,
             weights=w if weighted else None,
-            soft_labels=w if cfg.loss.soft_labels else None,
+            soft_labels=target,
         )
         loss = example_mean_share(loss, sum(weights), total_weight)
         check_finite(loss, step, [p.id for p in items], ckpt)
@@ -413,16 +540,36 @@ def _accumulate_gradients(
     return float(loss_sum), correct, margin_sum
 
 
-def _evaluate_ensemble(member_scores: list[tuple[torch.Tensor, torch.Tensor]], bins: int) -> dict[str, Any]:
+def _ensemble_mean(
+    member_scores: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' mean chosen and rejected scores, ``(N,)`` each, from K ``(N,)`` pairs."""
+    return (
+        torch.stack([c for c, _ in member_scores]).mean(0),
+        torch.stack([rj for _, rj in member_scores]).mean(0),
+    )
+
+
+def _evaluate_ensemble(
+    member_scores: list[tuple[torch.Tensor, torch.Tensor]], bins: int, temperature: float = 1.0
+) -> dict[str, Any]:
     """Held-out metrics of the members' mean score (and, for K > 1, the members' spread), ``eval/``-prefixed.
 
-    ``reliability`` (the calibration bins) is returned unprefixed.
+    With a fitted ``temperature`` T != 1 the loss, ECE and bins of the scores divided by T are added as
+    ``eval/loss_calibrated``, ``eval/ece_calibrated`` and ``reliability_calibrated`` (accuracy is unchanged:
+    T > 0 keeps every gap's sign). ``reliability`` (the calibration bins) is returned unprefixed.
     """
     stack_c = torch.stack([c for c, _ in member_scores])  # (K, N)
     stack_r = torch.stack([rj for _, rj in member_scores])  # (K, N)
-    ev = preference_metrics(stack_c.mean(0), stack_r.mean(0), bins)
+    mean_c, mean_r = stack_c.mean(0), stack_r.mean(0)
+    ev = preference_metrics(mean_c, mean_r, bins)
     out: dict[str, Any] = {"reliability": ev.pop("reliability")}
     out.update({f"eval/{key}": v for key, v in ev.items()})
+    if temperature != 1.0:
+        scaled = preference_metrics(mean_c / temperature, mean_r / temperature, bins)
+        out["reliability_calibrated"] = scaled["reliability"]
+        out["eval/loss_calibrated"] = scaled["loss"]
+        out["eval/ece_calibrated"] = scaled["ece"]
     if len(member_scores) > 1:
         accs = [preference_accuracy(c, rj) for c, rj in member_scores]
         out["eval/member_accuracy_mean"] = float(np.mean(accs))
