@@ -253,7 +253,7 @@ def test_migration_0003_keeps_old_attempts_as_failures(db_url):
             {"at": datetime.now(UTC)},
         )
     db.upgrade(eng)
-    assert db.current_revision(eng) == db.head_revision() == "0003"
+    assert db.current_revision(eng) == db.head_revision()  # 0003 or later
     with eng.connect() as conn:
         assert conn.execute(text("SELECT status FROM fb_login_attempts")).scalars().all() == ["failed"]
     eng.dispose()

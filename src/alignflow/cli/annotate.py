@@ -76,31 +76,67 @@ def create_project(
 def import_items(
     project: str = typer.Argument(..., help="Project name."),
     file: Path | None = typer.Argument(
-        None, help="JSONL items: {id, prompt, candidates, gold_label?, priority?, ambiguous?}."
+        None, help="JSONL items: {id, prompt, candidates, gold_label?, priority?, ambiguous?, meta?}."
     ),
     artifact: str | None = typer.Option(
         None,
         "--artifact",
-        help="Instead of FILE: a generation dataset artifact (prompt, response, model, ...).",
+        help="Instead of FILE: a generations dataset artifact (`alignflow generate`; id, prefix or name). "
+        "Rows are grouped by prompt; identical candidates are dropped; K > 2 candidates in a pairwise "
+        "project become disjoint consecutive pairs (<prompt_id>/0, /1, ...; odd K: the last with the first).",
+    ),
+    prioritize_by: str | None = typer.Option(
+        None,
+        "--prioritize-by",
+        help="A reward-model checkpoint (an `alignflow rm` folder or artifact): items get a queue priority "
+        "from its uncertainty (ensemble disagreement and margin), stored with the item.",
+    ),
+    expert_fraction: float = typer.Option(
+        0.0,
+        "--expert-fraction",
+        min=0.0,
+        max=1.0,
+        help="With --prioritize-by: the most uncertain fraction of the items goes to the expert tier.",
     ),
     home: str | None = HOME,
 ) -> None:
-    """Add items from a JSONL file or a generation run's dataset artifact (all-or-nothing)."""
+    """Add items from a JSONL file or a generations dataset artifact (all-or-nothing), optionally prioritised
+    by reward-model uncertainty."""
     from alignflow.feedback import services
 
     if (file is None) == (artifact is None):
         raise AlignflowError("give exactly one of FILE or --artifact")
+    if expert_fraction and prioritize_by is None:
+        raise AlignflowError("--expert-fraction needs --prioritize-by")
+    sessions = _sessions(home)
+    store = None
     if artifact is not None:
         from alignflow.cli.common import open_store
 
         store = open_store(home)
         aid = store.resolve(artifact)
-        rows, source = services.items_from_generation(store.read_dataset(aid)), aid
+        with sessions() as s:
+            spec = services.schema_spec(s, services.get_project(s, project))
+        table = store.read_dataset(aid)
+        rows, source = services.items_from_generation(table, spec.kind, spec.max_candidates), aid
     else:
         rows, source = services.read_items_jsonl(file), str(file)
-    with _sessions(home)() as s:
+    if prioritize_by is not None:
+        from alignflow.cli.common import open_store
+        from alignflow.models.reward import load_reward_scorer
+        from alignflow.rollout.generations import resolve_model_folder
+
+        store = store or open_store(home)
+        path, rm_id, _ = resolve_model_folder(store, prioritize_by, "--prioritize-by")
+        scorer = load_reward_scorer(path)
+        rows = services.prioritize_items(
+            rows, services.scorer_member_rewards(scorer), expert_fraction, reward_model=rm_id
+        )
+    with sessions() as s:
         n = services.import_items(s, project, rows, source=source)
-    console.print(f"imported {n} items into {project}")
+    experts = sum(1 for r in rows if r.get("ambiguous"))
+    routed = f" ({experts} to the expert tier)" if prioritize_by is not None else ""
+    console.print(f"imported {n} items into {project}{routed}")
 
 
 @app.command("status")
@@ -142,21 +178,52 @@ def qc(project: str = typer.Argument(..., help="Project name."), home: str | Non
 @app.command("export")
 def export(
     project: str = typer.Argument(..., help="Project name."),
+    as_: str = typer.Option(
+        "preferences",
+        "--as",
+        help="preferences (every vote + consensus) | pairs or rankings (datasets `alignflow rm` and "
+        "`alignflow dpo` take as data.train; the soft label is the pair's weight) | judgments (the table "
+        "`alignflow quality report` reads).",
+    ),
     method: str = typer.Option(
         "dawid_skene",
         "--method",
         help="Aggregation: majority_vote | dawid_skene | glad | mace | bradley_terry | noisy_bt.",
     ),
+    tie_rule: str = typer.Option(
+        "drop",
+        "--tie-rule",
+        help="--as pairs: a tie consensus is dropped (drop) or kept as both orders at weight 0.5 (both-half).",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Also write the exported dataset to this .jsonl or .parquet file."
+    ),
     home: str | None = HOME,
 ) -> None:
-    """Write the preference dataset (every vote + aggregated label) with lineage to the individual annotations."""
+    """Export the project's annotations as a dataset artifact with lineage to the individual annotations, the
+    annotators, the guideline versions and the aggregation method."""
     from alignflow.cli.common import open_store
-    from alignflow.feedback.export import export_project
+    from alignflow.feedback.export import export_as
 
     store = open_store(home)
     with _sessions(home)() as s:
-        out = export_project(s, store, project, method)
+        res = export_as(s, store, project, as_, method, tie_rule)  # type: ignore[arg-type]
+    if out is not None:
+        _write(store, res, out)
+    unit = "pairs" if res["kind"] in ("preferences", "pairs") else "rows"
     console.print(
-        f"preferences [bold]{out['preferences']}[/] ({out['n_pairs']} pairs) <- annotations {out['annotations']} "
-        f"({out['n_judgments']} judgments)"
+        f"{res['kind']} [bold]{res['artifact']}[/] ({res['n_rows']} {unit}) <- annotations "
+        f"{res['annotations']} ({res['n_judgments']} judgments)"
     )
+
+
+def _write(store, res: dict, out: Path) -> None:
+    if res["kind"] == "judgments":
+        from alignflow.quality.schema import write_judgments
+
+        write_judgments(store.read_dataset(res["artifact"]).to_pandas(), out)
+    else:
+        from alignflow.data.io import export_dataset
+
+        export_dataset(store, res["artifact"], out)
+    console.print(f"wrote {out}")

@@ -30,22 +30,38 @@ def _policy(path: Path | None) -> QCPolicy | None:
         raise ConfigError(f"{path}: invalid QC policy: {exc}") from exc
 
 
+def _judgments(source: str, home: str | None):
+    """(validated judgments, display name) of a file, or else of a workspace artifact."""
+    from alignflow.quality.schema import load_judgments, read_judgments_artifact
+
+    path = Path(source)
+    if path.exists() or path.suffix in (".jsonl", ".json", ".ndjson", ".parquet"):
+        return load_judgments(path), path.name
+    from alignflow.cli.common import open_store
+
+    return read_judgments_artifact(open_store(home), source), source
+
+
 @app.command("report")
 def report(
-    source: Path = typer.Argument(..., help="A judgments file (.jsonl or .parquet)."),
+    source: str = typer.Argument(
+        ...,
+        help="A judgments file (.jsonl or .parquet), or a judgments/annotations dataset artifact "
+        "(`alignflow annotate export --as judgments`).",
+    ),
     out: Path = typer.Option(..., "--out", help="Folder for report.html and one CSV per table."),
     policy: Path | None = typer.Option(None, "--policy", help="A QC policy YAML (default: built-in policy)."),
     window: str = typer.Option("7D", "--window", help="Time window for agreement over time (pandas freq)."),
     quiet: bool = typer.Option(False, "--quiet", help="Do not print the tables."),
+    home: str | None = typer.Option(
+        None, "--home", help="Workspace folder for an artifact SOURCE (default $ALIGNFLOW_HOME)."
+    ),
 ) -> None:
     """Compute agreement, annotator figures, aggregation and QC actions for SOURCE and write a report."""
     from alignflow.quality.report import build_report, render_terminal, write_report
-    from alignflow.quality.schema import load_judgments
 
-    judgments = load_judgments(source)
-    rep = build_report(
-        judgments, policy=_policy(policy), window=window, title=f"Annotation quality: {source.name}"
-    )
+    judgments, name = _judgments(source, home)
+    rep = build_report(judgments, policy=_policy(policy), window=window, title=f"Annotation quality: {name}")
     if not quiet:
         render_terminal(rep, console)
     paths = write_report(rep, out)

@@ -12,6 +12,12 @@ Artifacts written (all content-addressed, so re-exporting unchanged data returns
 Edges: preferences <- annotations ("annotations"), <- annotation_project ("project"), <- guideline ("guideline"),
 <- each item source artifact ("items"); annotations <- the same project and guideline artifacts.
 
+`export_as(..., as_="pairs"|"rankings"|"judgments")` (``alignflow annotate export --as``) also writes
+    pairs / rankings    the trainable kinds `alignflow rm` and `alignflow dpo` take as ``data.train``, with edges to
+                        the preferences, annotations, guideline versions, every annotator (an ``annotator`` JSON
+                        artifact each) and the aggregation method (an ``aggregation`` JSON artifact)
+    judgments           the quality contract's table, what ``alignflow quality report`` reads
+
 `preferences_to_pairs(rows)` turns preference rows into rows of the trainable `pairs` kind (what `alignflow rm`
 and `alignflow dpo` read), with the aggregated soft label as the pair's weight and a stated rule for ties.
 """
@@ -34,7 +40,15 @@ from alignflow.store import Store
 
 def _annotation_rows(s: Session, project_id: int) -> list[dict[str, Any]]:
     q = (
-        select(Response, Item.external_id, Item.is_gold, User.username, User.pod, Assignment.display_order)
+        select(
+            Response,
+            Item.external_id,
+            Item.is_gold,
+            Item.gold_label,
+            User.username,
+            User.pod,
+            Assignment.display_order,
+        )
         .join(Item, Item.id == Response.item_id)
         .join(User, User.id == Response.user_id)
         .join(Assignment, Assignment.id == Response.assignment_id)
@@ -42,7 +56,7 @@ def _annotation_rows(s: Session, project_id: int) -> list[dict[str, Any]]:
         .order_by(Response.id)
     )
     rows = []
-    for r, ext, is_gold, username, pod, order in s.execute(q).all():
+    for r, ext, is_gold, gold_label, username, pod, order in s.execute(q).all():
         payload = r.payload or {}
         rows.append(
             {
@@ -54,6 +68,7 @@ def _annotation_rows(s: Session, project_id: int) -> list[dict[str, Any]]:
                 "review_of": r.review_of,
                 "review_action": r.review_action,
                 "is_gold": bool(is_gold),
+                "gold_label": json.dumps(gold_label) if is_gold else None,
                 "label": json.dumps(r.label),
                 "strength": payload.get("strength"),
                 "dimension_labels": json.dumps(r.dimension_labels or {}, sort_keys=True),
@@ -150,13 +165,14 @@ def _preference_rows(s: Session, p: Any, method: str) -> list[dict[str, Any]]:
                     ]
                 ),
                 "guideline_versions": sorted({int(x) for x in votes["guideline_version"]}),
+                "item_meta": json.dumps(item.meta or {}, sort_keys=True),
             }
         )
     return out
 
 
-TieRule = Literal["drop", "both"]
-TIE_RULES: tuple[str, ...] = ("drop", "both")
+TieRule = Literal["drop", "both-half", "both"]
+TIE_RULES: tuple[str, ...] = ("drop", "both-half", "both")  # "both" is the older name of "both-half"
 
 
 def _pair(pair_id: str, prompt: str, chosen: str, rejected: str, weight: float, meta: str) -> dict[str, Any]:
@@ -181,7 +197,7 @@ def preferences_to_pairs(
 
     Ties (consensus label "tie"), by `tie_rule`:
         drop: left out; a tie says neither reply is better, and training on it as a win teaches noise.
-        both: kept as two pairs, A over B and B over A, each with weight 0.5: the pair then adds no net
+        both-half (or "both"): kept as two pairs, A over B and B over A, each with weight 0.5: the pair then adds no net
             preference, only pressure toward equal scores (ids ``<item>/ab`` and ``<item>/ba``).
 
     Texts are copied as stored; `meta` is a JSON object with the item's ``n_votes`` and aggregation ``method``.
@@ -192,7 +208,7 @@ def preferences_to_pairs(
     for r in rows:
         meta = json.dumps({"n_votes": r["n_votes"], "method": r["method"]})
         if r["label"] == "tie":
-            if tie_rule == "both":
+            if tie_rule in ("both", "both-half"):
                 a, b = r["chosen"], r["rejected"]  # a tie keeps candidate A as `chosen`
                 out.append(_pair(f"{r['item_id']}/ab", r["prompt"], a, b, 0.5, meta))
                 out.append(_pair(f"{r['item_id']}/ba", r["prompt"], b, a, 0.5, meta))
@@ -286,3 +302,143 @@ def export_project(
         "n_pairs": len(pref_rows),
         "n_judgments": len(ann_rows),
     }
+
+
+ExportAs = Literal["preferences", "pairs", "rankings", "judgments"]
+EXPORT_AS: tuple[str, ...] = ("preferences", "pairs", "rankings", "judgments")
+
+
+def _ranking_rows(s: Session, p: Any, pref_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the `rankings` kind: every candidate of the item, the Borda consensus as indices best first, and
+    each candidate's mean Borda score per annotator (position i of a k-way ranking scores k-1-i)."""
+    items = {it.external_id: it for it in s.scalars(select(Item).where(Item.project_id == p.id))}
+    out = []
+    for r in pref_rows:
+        cands = items[r["item_id"]].candidates
+        index = {c["id"]: i for i, c in enumerate(cands)}
+        order = json.loads(r["label"])
+        votes = [json.loads(v["label"]) for v in r["votes"]]
+        score = [0.0] * len(cands)
+        for rk in votes:
+            for pos, cid in enumerate(rk):
+                score[index[cid]] += (len(rk) - 1 - pos) / len(votes)
+        meta = json.dumps({"n_votes": r["n_votes"], "method": r["method"], "item_id": r["item_id"]})
+        out.append(
+            {
+                "id": r["item_id"],
+                "prompt": r["prompt"],
+                "completions": [c["text"] for c in cands],
+                "ranking": [index[c] for c in order],
+                "scores": score,
+                "meta": meta,
+            }
+        )
+    return out
+
+
+def judgments_table(s: Session, project: Any) -> Any:
+    """The project's judgments in the quality contract (:mod:`alignflow.quality.schema`), ready for
+    ``alignflow quality report``: one row per annotation and dimension, labels in the item's canonical order,
+    an explicit ``kind`` (pairwise or ranking), gold answers on gold items, reviewers' labels."""
+    p = services.get_project(s, project)
+    df = services.load_judgments(s, p)
+    if df.empty:
+        raise services.Conflict(f"project {p.name!r} has no annotations to export")
+    df["kind"] = ["ranking" if isinstance(v, list) else "pairwise" for v in df["label"]]
+    df["created_at"] = [ts.isoformat() for ts in df["created_at"]]
+    return df
+
+
+def _context_artifacts(s: Session, store: Store, p: Any, method: str, tie_rule: str | None) -> list[tuple]:
+    """The annotators (one `annotator` JSON each: name, role, pod) and the aggregation method (an
+    `aggregation` JSON) as artifacts, so a trained model's lineage names who labelled and how votes were
+    combined."""
+    names = sorted(set(services.load_judgments(s, p)["annotator_id"]))
+    edges = []
+    for name in names:
+        u = services.get_user(s, name)
+        doc = {"username": u.username, "role": u.role, "pod": u.pod}
+        edges.append((store.put_json(doc, kind="annotator", name=f"annotator:{u.username}"), "annotator"))
+    agg = {"method": method, "tie_rule": tie_rule, "project": p.name}
+    edges.append(
+        (store.put_json(agg, kind="aggregation", name=f"{p.name}-aggregation-{method}"), "aggregation")
+    )
+    return edges
+
+
+def export_as(
+    s: Session,
+    store: Store,
+    project: Any,
+    as_: ExportAs = "pairs",
+    method: str = "dawid_skene",
+    tie_rule: TieRule = "drop",
+    actor: User | int | str | None = None,
+) -> dict[str, Any]:
+    """Export a project as a dataset a later stage reads directly; returns ``{"artifact", "kind", "n_rows",
+    ...}`` plus the ids `export_project` returns (every export writes the annotations and preferences too).
+
+    as_:
+        preferences  `export_project`'s table (every vote and the consensus).
+        pairs        the `pairs` kind `alignflow rm` and `alignflow dpo` take as ``data.train``:
+                     :func:`preferences_to_pairs` with `tie_rule`, the weight the aggregation's soft label
+                     P(chosen better) (a probability, so ``loss.soft_labels: true`` reads it as the target).
+        rankings     the `rankings` kind, for ranking projects: every candidate, the Borda consensus, mean
+                     Borda scores. A pairwise project is refused (its soft labels fit `pairs` only).
+        judgments    the table ``alignflow quality report`` reads (:func:`judgments_table`).
+    Edges of pairs/rankings: <- preferences ("preferences"), <- annotations ("annotations"), <- each guideline
+    version ("guideline"), <- each annotator ("annotator"), <- the aggregation ("aggregation"), <- the items'
+    source artifacts ("items"). Judgments: <- annotations, guidelines, annotators.
+    """
+    from alignflow.data.formats import SCHEMAS
+
+    if as_ not in EXPORT_AS:
+        raise services.Invalid(f"export as must be one of {EXPORT_AS}, got {as_!r}")
+    if tie_rule not in TIE_RULES:
+        raise services.Invalid(f"tie rule must be one of {TIE_RULES}, got {tie_rule!r}")
+    p = services.get_project(s, project)
+    kind = services.schema_spec(s, p).kind
+    if as_ == "rankings" and kind == "pairwise":
+        raise services.Invalid(
+            f"project {p.name!r} is pairwise: export it --as pairs (a ranking of two keeps no soft label)"
+        )
+    base = export_project(s, store, p, method, actor=actor)
+    out = {**base, "kind": as_}
+    if as_ == "preferences":
+        return {**out, "artifact": base["preferences"], "n_rows": base["n_pairs"]}
+    context = [(g, "guideline") for g in base["guidelines"]]
+    context += _context_artifacts(s, store, p, method if kind == "pairwise" else "borda", tie_rule)
+    info = store.get(base["preferences"])
+    sources = [
+        (pid, "items") for pid, _c, role in store.lineage(info.id, "up", max_depth=1).edges if role == "items"
+    ]
+    if as_ == "judgments":
+        df = judgments_table(s, p)
+        aid = store.put_dataset(
+            df.to_dict(orient="records"),
+            kind="judgments",
+            name=f"{p.name}-judgments",
+            meta={"project": p.name},
+            parents=[(base["annotations"], "annotations"), *context],
+        )
+        return {**out, "artifact": aid, "n_rows": len(df)}
+    pref_rows = store.read_dataset(info.id).to_pylist()
+    import pyarrow as pa
+
+    if as_ == "pairs":
+        rows = preferences_to_pairs(pref_rows, tie_rule)
+        if not rows:
+            raise services.Conflict(
+                f"project {p.name!r}: every consensus is a tie; nothing to export as pairs"
+            )
+    else:
+        rows = _ranking_rows(s, p, pref_rows)
+    parents = [(base["preferences"], "preferences"), (base["annotations"], "annotations"), *context, *sources]
+    aid = store.put_dataset(
+        pa.Table.from_pylist(rows, schema=SCHEMAS[as_]),
+        kind=as_,
+        name=f"{p.name}-{as_}",
+        meta={"project": p.name, "method": method, "tie_rule": tie_rule, "source": "annotate export"},
+        parents=parents,
+    )
+    return {**out, "artifact": aid, "n_rows": len(rows)}

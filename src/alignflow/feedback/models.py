@@ -139,6 +139,7 @@ class Item(Base):
     gold_label: Mapped[Any | None] = mapped_column(JSON, nullable=True)
     slots_taken: Mapped[int] = mapped_column(Integer, default=0)  # leased + submitted annotation slots
     source: Mapped[str | None] = mapped_column(String(128), nullable=True)  # artifact id or file name
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # e.g. {"uncertainty": {...}}
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (UniqueConstraint("project_id", "external_id", name="uq_fb_items_project_external"),)

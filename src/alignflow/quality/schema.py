@@ -17,6 +17,9 @@ A judgments table has one row per judgment:
 | `pod` | str or null | the annotator's pod (team) |
 | `reviewer_label` | like `label` | a QA re-rating of the same item, when sampled for review |
 
+`load_judgments` also reads the annotation platform's `annotations` export (`kind` = "annotate"/"review", JSON
+labels) through `from_annotations`; ``alignflow annotate export --as judgments`` writes this contract directly.
+
 Every function in `alignflow.quality` that returns a table reports an undefined statistic as a `None` value with a
 reason in a sibling `<name>_note` column, never a NaN; scalar functions return `Undefined(reason)`.
 """
@@ -176,7 +179,12 @@ def validate_judgments(
                 )
             kinds[row] = kind
         elif kind not in KINDS:
-            raise _row_error(row, "kind", f"must be one of {KINDS}, got {kind!r}", source)
+            hint = (
+                " (an annotations export: read it with load_judgments, or export --as judgments)"
+                if kind in ("annotate", "review")
+                else ""
+            )
+            raise _row_error(row, "kind", f"must be one of {KINDS}, got {kind!r}{hint}", source)
         _check_label(label, kinds[row], row, "label", source)
     df["kind"] = kinds
 
@@ -244,6 +252,73 @@ def validate_judgments(
     return df
 
 
+ANNOTATIONS_COLUMNS = ("response_id", "review_of", "kind", "label", "dimension_labels")
+
+
+def is_annotations_table(df: pd.DataFrame) -> bool:
+    """True for the annotation platform's `annotations` export (one row per response, JSON-encoded labels,
+    `kind` = "annotate" or "review"), which :func:`from_annotations` turns into judgments."""
+    return all(c in df.columns for c in ANNOTATIONS_COLUMNS) and set(df["kind"].dropna()) <= {
+        "annotate",
+        "review",
+    }
+
+
+def _json_value(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def from_annotations(df: pd.DataFrame) -> pd.DataFrame:
+    """Judgments from an `annotations` export (``alignflow annotate export``; its `kind` column is the
+    response kind, annotate or review, not the judgment kind): one row per annotate response and dimension
+    ("overall" plus each of its `dimension_labels`), labels decoded from JSON, and a review's label as the
+    `reviewer_label` of the response it reviews. Gold answers are kept when the export carries `gold_label`
+    (exports before it did not: their gold items count as regular items)."""
+    reviews = {
+        int(r["review_of"]): r
+        for r in df.to_dict(orient="records")
+        if r["kind"] == "review" and r["review_of"]
+    }
+    has_gold = "gold_label" in df.columns
+    rows = []
+    for r in df.to_dict(orient="records"):
+        if r["kind"] != "annotate":
+            continue
+        rv = reviews.get(int(r["response_id"]))
+        gold = bool(r.get("is_gold")) and has_gold and not _is_missing(r.get("gold_label"))
+        base = {
+            "item_id": r["item_id"],
+            "annotator_id": r["annotator_id"],
+            "shown_swapped": r.get("shown_swapped", False),
+            "duration_s": r.get("duration_s"),
+            "created_at": r.get("created_at"),
+            "pod": r.get("pod"),
+        }
+        rows.append(
+            {
+                **base,
+                "label": _json_value(r["label"]),
+                "dimension": "overall",
+                "is_gold": gold,
+                "gold_label": _json_value(r["gold_label"]) if gold else None,
+                "reviewer_label": None if rv is None else _json_value(rv["label"]),
+            }
+        )
+        review_dims = {} if rv is None else _json_value(rv.get("dimension_labels")) or {}
+        for dim, lab in (_json_value(r.get("dimension_labels")) or {}).items():
+            rows.append(
+                {
+                    **base,
+                    "label": lab,
+                    "dimension": dim,
+                    "is_gold": False,
+                    "gold_label": None,
+                    "reviewer_label": review_dims.get(dim),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def load_judgments(path: str | Path, **kwargs: Any) -> pd.DataFrame:
     """Read a judgments file (`.jsonl`/`.json` lines, or `.parquet`) and validate it.
 
@@ -278,7 +353,24 @@ def load_judgments(path: str | Path, **kwargs: Any) -> pd.DataFrame:
             raise JudgmentError(f"{path}: no judgments")
     else:
         raise JudgmentError(f"{path}: unsupported judgments format {path.suffix!r} (use .jsonl or .parquet)")
+    if is_annotations_table(df):
+        df = from_annotations(df)
     return validate_judgments(df, source=str(path), **kwargs)
+
+
+def read_judgments_artifact(store: Any, ref: str) -> pd.DataFrame:
+    """Validated judgments from a `judgments` or `annotations` dataset artifact (``alignflow annotate export``)
+    of a workspace :class:`alignflow.store.Store`; `ref` is an id, prefix or name."""
+    info = store.get(ref)
+    if info.kind not in ("judgments", "annotations"):
+        raise JudgmentError(f"artifact {ref!r} is a {info.kind}; expected a judgments or annotations dataset")
+    df = store.read_dataset(info.id).to_pandas()
+    for column in ("label", "gold_label", "reviewer_label"):
+        if column in df.columns:
+            df[column] = [v.tolist() if isinstance(v, np.ndarray) else v for v in df[column]]
+    if is_annotations_table(df):
+        df = from_annotations(df)
+    return validate_judgments(df, source=f"artifact {info.name or info.id[:12]}")
 
 
 def write_judgments(judgments: pd.DataFrame, path: str | Path) -> Path:

@@ -9,7 +9,7 @@ Modules (each imports only those above it):
     sessions  `connect`: the workspace database's session factory
     users     users, API tokens, QC actions and `can_manage`, the one rule of who may manage whom
     projects  projects, guideline and question-schema versions
-    items     item normalising and import, the JSONL reader, `items_from_generation`, expert routing
+    items     item normalising and import, the JSONL reader, `items_from_generation`, uncertainty priorities, expert routing
     tasks     current / next / submit / skip
     views     read-only views: a response, progress, queue, throughput, judgments, QC actions, the journal
 
@@ -23,7 +23,9 @@ from alignflow.feedback.services.items import (
     import_items,
     items_from_generation,
     mark_ambiguous,
+    prioritize_items,
     read_items_jsonl,
+    scorer_member_rewards,
 )
 from alignflow.feedback.services.projects import (
     create_project,
@@ -99,6 +101,7 @@ __all__ = [
     "new_schema_version",
     "next_task",
     "own_qc_state",
+    "prioritize_items",
     "progress",
     "qc_actions",
     "queue_state",
@@ -107,6 +110,7 @@ __all__ = [
     "revert_qc",
     "revoke_token",
     "schema_spec",
+    "scorer_member_rewards",
     "set_disabled",
     "skip",
     "submit",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -29,12 +30,14 @@ from alignflow.feedback.services.errors import Conflict, Invalid, NotFound
 from alignflow.feedback.services.projects import get_project, schema_spec
 from alignflow.feedback.services.users import get_user
 
+MAX_META_CHARS = 4096  # an item's meta is bookkeeping (uncertainty figures), not content
+
 
 def _normalise_item(raw: Any, where: str, spec: SchemaSpec) -> dict[str, Any]:
     """Check one item row (the limits of `fields.py`, the same as the API's `ItemIn`) and normalise it."""
     if not isinstance(raw, dict):
         raise Invalid(f"{where}: expected a JSON object, got {type(raw).__name__}")
-    allowed = {"id", "prompt", "candidates", "priority", "gold_label", "ambiguous"}
+    allowed = {"id", "prompt", "candidates", "priority", "gold_label", "ambiguous", "meta"}
     extra = sorted(set(raw) - allowed)
     if extra:
         raise Invalid(f"{where}: unknown field(s) {extra}; allowed {sorted(allowed)}")
@@ -76,6 +79,16 @@ def _normalise_item(raw: Any, where: str, spec: SchemaSpec) -> dict[str, Any]:
     ambiguous = raw.get("ambiguous", False)
     if not isinstance(ambiguous, bool):
         raise Invalid(f"{where}: field 'ambiguous' must be true or false")
+    meta = raw.get("meta")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise Invalid(f"{where}: field 'meta' must be a JSON object")
+        try:
+            size = len(json.dumps(meta, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise Invalid(f"{where}: field 'meta' is not JSON ({exc})") from exc
+        if size > MAX_META_CHARS:
+            raise Invalid(f"{where}: field 'meta' longer than {MAX_META_CHARS} characters as JSON")
     return {
         "external_id": raw["id"],
         "prompt": raw["prompt"],
@@ -84,6 +97,7 @@ def _normalise_item(raw: Any, where: str, spec: SchemaSpec) -> dict[str, Any]:
         "is_gold": gold is not None,
         "gold_label": gold,
         "tier": "expert" if ambiguous else "standard",
+        "meta": meta,
     }
 
 
@@ -182,11 +196,21 @@ def read_items_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def items_from_generation(table: Any) -> list[dict[str, Any]]:
+def items_from_generation(
+    table: Any, kind: str = "pairwise", max_candidates: int | None = None
+) -> list[dict[str, Any]]:
     """Turn a generation dataset (pyarrow/pandas; one row per prompt x response) into item rows.
 
     Columns: `prompt`, `response` (or `completion`), optional `prompt_id`, `model`, `model_version`, `sampling`
-    (dict or JSON string). Rows are grouped by prompt in first-seen order.
+    (dict or JSON string). Rows are grouped by prompt (`prompt_id` when present) in first-seen order, and a
+    candidate whose text repeats an earlier one of the same prompt is dropped (a comparison of identical
+    replies carries no preference); a prompt left with fewer than two distinct candidates gives no item.
+
+    `kind` is the project's question kind. A ranking project gets one item per prompt with every candidate
+    (more than `max_candidates` is an error). A pairwise project gets one item per prompt when it has two
+    candidates, with the prompt's id; K > 2 candidates are split into disjoint consecutive pairs
+    (c0, c1), (c2, c3), ... with ids ``<prompt_id>/0``, ``<prompt_id>/1``, ..., and for odd K the last candidate
+    is paired with the first, so every candidate is judged at least once and no pair is asked twice.
     """
     df = table.to_pandas() if hasattr(table, "to_pandas") else pd.DataFrame(table)
     text_col = (
@@ -204,6 +228,8 @@ def items_from_generation(table: Any) -> list[dict[str, Any]]:
         sampling = r.get("sampling")
         if isinstance(sampling, str):
             sampling = json.loads(sampling)
+        if any(c["text"] == r[text_col] for c in g["candidates"]):
+            continue
         g["candidates"].append(
             {
                 "id": f"c{len(g['candidates'])}",
@@ -213,7 +239,105 @@ def items_from_generation(table: Any) -> list[dict[str, Any]]:
                 "sampling": sampling or {},
             }
         )
-    return list(groups.values())
+    out: list[dict[str, Any]] = []
+    for g in groups.values():
+        cands = g["candidates"]
+        if len(cands) < 2:
+            continue
+        if kind != "pairwise":
+            if max_candidates is not None and len(cands) > max_candidates:
+                raise Invalid(
+                    f"generation dataset: prompt {g['id']!r} has {len(cands)} distinct candidates but the "
+                    f"project's schema allows {max_candidates}; raise max_candidates or generate fewer"
+                )
+            out.append(g)
+        elif len(cands) == 2:
+            out.append(g)
+        else:
+            pairs = [(i, i + 1) for i in range(0, len(cands) - 1, 2)]
+            if len(cands) % 2:
+                pairs.append((len(cands) - 1, 0))
+            for j, (a, b) in enumerate(pairs):
+                out.append(
+                    {"id": f"{g['id']}/{j}", "prompt": g["prompt"], "candidates": [cands[a], cands[b]]}
+                )
+    return out
+
+
+MemberRewards = Callable[[list[str], list[str]], np.ndarray]  # (prompts, responses) -> (M, N) member rewards
+
+
+def scorer_member_rewards(scorer: Any) -> MemberRewards:
+    """`member_rewards` for :func:`prioritize_items` from a reward-model text scorer
+    (:class:`alignflow.models.reward.RewardModelScorer`): the scorer returns only the members' mean and std,
+    and the disagreement about a reward *difference* needs each member's reward, so each member scores
+    through a copy of the scorer that holds only it (the same text formatting and temperature)."""
+    import copy
+
+    def rewards(prompts: list[str], responses: list[str]) -> np.ndarray:
+        rows = []
+        for member in scorer.members:
+            view = copy.copy(scorer)
+            view.members = [member]
+            rows.append(np.asarray(view(prompts, responses)[0], dtype=np.float64))
+        return np.stack(rows)
+
+    return rewards
+
+
+def prioritize_items(
+    rows: list[dict[str, Any]],
+    member_rewards: MemberRewards,
+    expert_fraction: float = 0.0,
+    reward_model: str | None = None,
+) -> list[dict[str, Any]]:
+    """Item rows with a queue priority, an expert tier and their uncertainty figures from a reward model.
+
+    `member_rewards(prompts, responses)` returns every ensemble member's reward, shape ``(M, N)``. The figures
+    are :mod:`alignflow.quality.uncertainty`'s: the disagreement (std across members of the reward
+    difference), the margin ``|P(A > B) - 1/2|`` and the moderated-margin priority in [0, 1], of an item's most
+    uncertain candidate pair. The queue priority is ``round(1000 * priority)`` (higher is served first), the
+    ``round(expert_fraction * N)`` most uncertain items go to the expert tier, and ``meta["uncertainty"]``
+    keeps the score, the method, the two figures, the pair and `reward_model` (e.g. its artifact id).
+    """
+    from alignflow.quality.uncertainty import METHOD, expert_mask, queue_priorities, ranking_uncertainty
+
+    if not rows:
+        return []
+    priority = np.zeros(len(rows))
+    figures: list[dict[str, Any]] = [{} for _ in rows]
+    by_size: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_size.setdefault(len(r["candidates"]), []).append(i)
+    for size, idx in by_size.items():
+        prompts = [rows[i]["prompt"] for i in idx for _ in range(size)]
+        texts = [c["text"] if isinstance(c, dict) else c for i in idx for c in rows[i]["candidates"]]
+        rewards = np.asarray(member_rewards(prompts, texts), dtype=np.float64)
+        if rewards.ndim != 2 or rewards.shape[1] != len(texts):
+            raise ValueError(f"member_rewards: expected shape (M, {len(texts)}), got {rewards.shape}")
+        u = ranking_uncertainty(rewards.reshape(rewards.shape[0], len(idx), size))
+        for k, i in enumerate(idx):
+            priority[i] = u.priority[k]
+            figures[i] = {
+                "method": METHOD,
+                "priority": float(u.priority[k]),
+                "disagreement": float(u.disagreement[k]),
+                "margin": float(u.margin[k]),
+                "pair": [int(x) for x in u.pair[k]],
+                "members": int(rewards.shape[0]),
+                "reward_model": reward_model,
+            }
+    experts = expert_mask(priority, expert_fraction)
+    levels = queue_priorities(priority)
+    return [
+        {
+            **r,
+            "priority": int(levels[i]),
+            "ambiguous": bool(experts[i]),
+            "meta": {**(r.get("meta") or {}), "uncertainty": {**figures[i], "expert": bool(experts[i])}},
+        }
+        for i, r in enumerate(rows)
+    ]
 
 
 def gold_answer(s: Session, project: Project | str, item_id: str) -> Item:
