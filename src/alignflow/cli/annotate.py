@@ -208,13 +208,13 @@ def export(
     store = open_store(home)
     with _sessions(home)() as s:
         res = export_as(s, store, project, as_, method, tie_rule)  # type: ignore[arg-type]
-    if out is not None:
-        _write(store, res, out)
     unit = "pairs" if res["kind"] in ("preferences", "pairs") else "rows"
     console.print(
         f"{res['kind']} [bold]{res['artifact']}[/] ({res['n_rows']} {unit}) <- annotations "
         f"{res['annotations']} ({res['n_judgments']} judgments)"
     )
+    if out is not None:
+        _write(store, res, out)
 
 
 def _write(store, res: dict, out: Path) -> None:

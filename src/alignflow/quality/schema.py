@@ -252,7 +252,8 @@ def validate_judgments(
     return df
 
 
-ANNOTATIONS_COLUMNS = ("response_id", "review_of", "kind", "label", "dimension_labels")
+# `review_of` is not required: a JSONL export leaves out null fields, and only review rows have one.
+ANNOTATIONS_COLUMNS = ("response_id", "kind", "label", "dimension_labels")
 
 
 def is_annotations_table(df: pd.DataFrame) -> bool:
