@@ -26,6 +26,7 @@ CANDIDATES = {
     "p2": ["Same.", "Same.", "Other."],  # a repeat: two distinct candidates left
     "p3": ["Echo.", "Echo."],  # nothing to compare
     "p4": ["a", "b", "c", "d"],
+    "p5": ["ok", "bad\x00", "fine"],  # a sampled NUL: that reply is left out, the rest imports
 }
 
 
@@ -92,7 +93,9 @@ def _items(sessions, project: str) -> dict[str, Item]:
 
 def test_pairwise_project_splits_k_candidates_into_pairs(cli, sessions, tmp_path, generations):
     _project(cli, tmp_path, "pw")
-    assert "imported 6 items into pw" in cli("annotate", "import-items", "pw", "--artifact", "gens").output
+    out = cli("annotate", "import-items", "pw", "--artifact", "gens").output
+    assert "imported 7 items into pw" in out
+    assert "left out prompt p5 candidate 1: the reply contains a NUL character" in out
     items = _items(sessions, "pw")
     texts = {k: [c["text"] for c in it.candidates] for k, it in items.items()}
     assert texts == {
@@ -102,6 +105,7 @@ def test_pairwise_project_splits_k_candidates_into_pairs(cli, sessions, tmp_path
         "p2": ["Same.", "Other."],  # the repeated reply is dropped; p3 had one distinct reply: no item
         "p4/0": ["a", "b"],
         "p4/1": ["c", "d"],
+        "p5": ["ok", "fine"],
     }
     assert all(it.source == generations and it.priority == 0 and it.meta is None for it in items.values())
 
@@ -110,7 +114,7 @@ def test_ranking_project_keeps_every_candidate_and_refuses_too_many(cli, session
     _project(cli, tmp_path, "rk", "kind: ranking\nmax_candidates: 4\ndimensions: []\n")
     cli("annotate", "import-items", "rk", "--artifact", generations)
     items = _items(sessions, "rk")
-    assert {k: len(it.candidates) for k, it in items.items()} == {"p0": 2, "p1": 3, "p2": 2, "p4": 4}
+    assert {k: len(it.candidates) for k, it in items.items()} == {"p0": 2, "p1": 3, "p2": 2, "p4": 4, "p5": 2}
     _project(cli, tmp_path, "rk3", "kind: ranking\nmax_candidates: 3\ndimensions: []\n")
     r = cli("annotate", "import-items", "rk3", "--artifact", generations, ok=False)
     assert r.exit_code != 0 and "'p4' has 4 distinct candidates" in str(r.exception)
@@ -169,7 +173,7 @@ def test_cli_prioritize_by_a_reward_model(cli, sessions, tmp_path, generations, 
         "--expert-fraction",
         "0.5",
     )
-    assert "imported 6 items into act (3 to the expert tier)" in r.output
+    assert "imported 7 items into act (4 to the expert tier)" in r.output
     items = _items(sessions, "act")
     scorer = load_reward_scorer(rm)
     ordered = sorted(items.values(), key=lambda it: it.id)  # import order: the batches the import scored
@@ -183,7 +187,7 @@ def test_cli_prioritize_by_a_reward_model(cli, sessions, tmp_path, generations, 
         assert m["margin"] == pytest.approx(abs(1 / (1 + np.exp(rb - ra)) - 0.5), abs=1e-6)
         assert it.priority == round(1000 * m["priority"])
     ranked = sorted(items.values(), key=lambda it: -it.meta["uncertainty"]["priority"])
-    assert [it.tier for it in ranked] == ["expert"] * 3 + ["standard"] * 3
+    assert [it.tier for it in ranked] == ["expert"] * 4 + ["standard"] * 3
     store = Store.open(workspace)
     assert m["reward_model"] == store.lookup_directory(rm.resolve())
     store.close()

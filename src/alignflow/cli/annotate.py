@@ -117,8 +117,12 @@ def import_items(
         aid = store.resolve(artifact)
         with sessions() as s:
             spec = services.schema_spec(s, services.get_project(s, project))
-        table = store.read_dataset(aid)
-        rows, source = services.items_from_generation(table, spec.kind, spec.max_candidates), aid
+        table, dropped = store.read_dataset(aid), []
+        rows, source = services.items_from_generation(table, spec.kind, spec.max_candidates, dropped), aid
+        for d in dropped:
+            console.print(
+                f"left out prompt {d['prompt_id']} candidate {d['candidate']}: the reply {d['reason']}"
+            )
     else:
         rows, source = services.read_items_jsonl(file), str(file)
     if prioritize_by is not None:

@@ -22,6 +22,7 @@ from alignflow.feedback.fields import (
     MAX_CANDIDATE_CHARS,
     MAX_PROMPT_CHARS,
     first_text_problem,
+    text_problem,
 )
 from alignflow.feedback.journal import record
 from alignflow.feedback.models import Item, Project, User
@@ -197,7 +198,10 @@ def read_items_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def items_from_generation(
-    table: Any, kind: str = "pairwise", max_candidates: int | None = None
+    table: Any,
+    kind: str = "pairwise",
+    max_candidates: int | None = None,
+    dropped: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Turn a generation dataset (pyarrow/pandas; one row per prompt x response) into item rows.
 
@@ -211,6 +215,10 @@ def items_from_generation(
     candidates, with the prompt's id; K > 2 candidates are split into disjoint consecutive pairs
     (c0, c1), (c2, c3), ... with ids ``<prompt_id>/0``, ``<prompt_id>/1``, ..., and for odd K the last candidate
     is paired with the first, so every candidate is judged at least once and no pair is asked twice.
+
+    A reply the platform cannot show (a NUL character or a lone surrogate, which a sampled model can emit, or
+    longer than `MAX_CANDIDATE_CHARS`) is left out rather than failing the whole import; each one left out is
+    appended to `dropped` (when given) as ``{"prompt_id", "candidate", "reason"}``.
     """
     df = table.to_pandas() if hasattr(table, "to_pandas") else pd.DataFrame(table)
     text_col = (
@@ -229,6 +237,18 @@ def items_from_generation(
         if isinstance(sampling, str):
             sampling = json.loads(sampling)
         if any(c["text"] == r[text_col] for c in g["candidates"]):
+            continue
+        text = r[text_col]
+        problem = (
+            "is not a string"
+            if not isinstance(text, str)
+            else f"is longer than {MAX_CANDIDATE_CHARS} characters"
+            if len(text) > MAX_CANDIDATE_CHARS
+            else text_problem(text)
+        )
+        if problem:
+            if dropped is not None:
+                dropped.append({"prompt_id": g["id"], "candidate": r.get("candidate"), "reason": problem})
             continue
         g["candidates"].append(
             {
