@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from alignflow.domains import support
 from alignflow.store import Store
 from alignflow.workspace import Workspace
 
@@ -47,7 +48,14 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((home / "pipelines" / "quickstart" / "state.json").read_text())
-    return {"home": home, "env": env, "cmd": cmd, "state": state, "stdout": proc.stdout}
+    return {
+        "home": home,
+        "env": env,
+        "cmd": cmd,
+        "state": state,
+        "stdout": proc.stdout,
+        "stderr": proc.stderr,
+    }
 
 
 @pytest.mark.slow
@@ -79,6 +87,28 @@ def test_loop_closes_and_ppo_beats_sft(quickstart_run: dict) -> None:
     rows = store.read_dataset(ann.id).to_pylist()
     assert len(rows) >= state["feedback"]["outputs"]["n_judgments"]
     assert {"annotator_id", "item_id"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_report_has_greedy_beside_sampled_and_the_dimension_table(quickstart_run: dict) -> None:
+    ev = quickstart_run["state"]["evaluate"]["outputs"]
+    for section in (ev, ev["greedy"]):
+        assert set(section["policies"]) == {"sft", "ppo", "dpo"}
+        assert {"mean", "lo", "hi"} <= set(section["diff_vs_sft"]["ppo"]) and "dpo" in section["diff_vs_sft"]
+    for decoding in ("sampled", "greedy"):
+        for policy in ("sft", "ppo", "dpo"):
+            assert {"utility", *support.DIMENSIONS} <= set(ev["dimensions"][decoding][policy])
+    assert set(ev["reward_model"]["per_dimension"]) == set(support.DIMENSIONS)
+    page = Path(quickstart_run["state"]["report"]["outputs"]["report_path"]).read_text()
+    assert 'id="dimensions"' in page
+    for col in ("Δ vs sft, sampled", "Δ vs sft, greedy", *support.DIMENSIONS):
+        assert f">{col}</th>" in page, col
+
+
+@pytest.mark.slow
+def test_model_loads_print_no_progress_bars(quickstart_run: dict) -> None:
+    console = quickstart_run["stdout"] + quickstart_run["stderr"]
+    assert "Loading weights" not in console
 
 
 @pytest.mark.slow

@@ -335,20 +335,32 @@ def collect_feedback(params: dict[str, Any], ctx: StageContext) -> dict[str, Any
 
 def _gold_utilities(
     policies: dict[str, str], prompts: list[str], temperature: float, k: int, max_new_tokens: int, seed: int
-) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
-    """Per policy: its first reply to each prompt, and the gold utility of its `k` replies averaged per prompt
-    (so that policies are paired by prompt)."""
+) -> tuple[dict[str, list[list[str]]], dict[str, list[float]]]:
+    """Per policy: its `k` replies to each prompt, and their gold utility averaged per prompt (so that
+    policies are paired by prompt)."""
     responses, utilities = {}, {}
     for name, model_dir in policies.items():
         samples = generate(
             model_dir, prompts, n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
         )
-        responses[name] = [r[0] for r in samples]
+        responses[name] = samples
         utilities[name] = [
             float(np.mean(support.gold_utility_batch([p] * k, r)))
             for p, r in zip(prompts, samples, strict=True)
         ]
     return responses, utilities
+
+
+def _dimension_means(prompts: list[str], samples: list[list[str]]) -> dict[str, float]:
+    """Mean gold utility, each gold dimension and the reply length in words over all of a policy's replies:
+    the table that shows which dimension a policy gains or trades away."""
+    scores = [support.gold_scores(p, r) for p, rs in zip(prompts, samples, strict=True) for r in rs]
+    out = {
+        "utility": float(np.mean([sum(support.WEIGHTS[d] * s[d] for d in support.WEIGHTS) for s in scores]))
+    }
+    out.update({d: float(np.mean([s[d] for s in scores])) for d in support.DIMENSIONS})
+    out["words"] = float(np.mean([len(r.split()) for rs in samples for r in rs]))
+    return out
 
 
 def _compare(utilities: dict[str, list[float]], base: str, seed: int) -> tuple[dict, dict, dict]:
@@ -387,9 +399,18 @@ def _reward_model_vs_gold(
     acc, n_used = reward.gold_agreement(score_gap, gold_gap)
     keep = np.abs(gold_gap) > 1e-9
     probs = 1.0 / (1.0 + np.exp(-score_gap[keep]))
+    # Per gold dimension: does the reward model order the pairs that differ on it the way gold does?
+    dims_a = [support.gold_scores(p, r) for p, r in zip(prompts, a, strict=True)]
+    dims_b = [support.gold_scores(p, r) for p, r in zip(prompts, b, strict=True)]
+    per_dimension = {}
+    for d in support.DIMENSIONS:
+        gap = np.array([x[d] - y[d] for x, y in zip(dims_a, dims_b, strict=True)])
+        d_acc, d_n = reward.gold_agreement(score_gap, gap)
+        per_dimension[d] = {"agreement": d_acc, "n_pairs": d_n}
     return {
         "gold_accuracy": acc,
         "n_pairs": n_used,
+        "per_dimension": per_dimension,
         "calibration": reward.calibration(probs, (gold_gap[keep] > 0).astype(float)),
     }
 
@@ -425,16 +446,20 @@ def evaluate(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     max_new = params.get("max_new_tokens", 48)
     policies = params["policies"]
 
-    # Primary: each policy's own sampling distribution (what RLHF optimises).
+    # Primary: each policy's own sampling distribution (what RLHF optimises). Greedy decoding (how many teams
+    # deploy) is reported beside it, never instead of it.
     temperature, k = params.get("temperature", 1.0), params.get("samples_per_prompt", 4)
-    responses, utilities = _gold_utilities(policies, prompts, temperature, k, max_new, seed)
+    samples, utilities = _gold_utilities(policies, prompts, temperature, k, max_new, seed)
     summary, diffs, wins = _compare(utilities, base, seed)
     out: dict[str, Any] = {"policies": summary, "diff_vs_" + base: diffs, "win_rates": wins}
+    dimensions = {"sampled": {n: _dimension_means(prompts, r) for n, r in samples.items()}}
     if params.get("greedy", True):
-        # Secondary: greedy decoding. Reported beside the primary figures, never instead of them.
-        _, greedy_u = _gold_utilities(policies, prompts, 0.0, 1, max_new, seed)
-        g_summary, g_diffs, _ = _compare(greedy_u, base, seed)
-        out["greedy"] = {"policies": g_summary, "diff_vs_" + base: g_diffs}
+        greedy_samples, greedy_u = _gold_utilities(policies, prompts, 0.0, 1, max_new, seed)
+        g_summary, g_diffs, g_wins = _compare(greedy_u, base, seed)
+        out["greedy"] = {"policies": g_summary, "diff_vs_" + base: g_diffs, "win_rates": g_wins}
+        dimensions["greedy"] = {n: _dimension_means(prompts, r) for n, r in greedy_samples.items()}
+    out["dimensions"] = dimensions
+    responses = {name: [r[0] for r in rs] for name, rs in samples.items()}
     if params.get("reward_model_dir"):
         out["reward_model"] = _reward_model_vs_gold(
             params["reward_model_dir"], policies[base], prompts, max_new, seed + 1
@@ -450,9 +475,11 @@ def evaluate(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
         for i in range(min(3, len(prompts)))
         for name in responses
     ]
-    (ctx.work_dir / "responses.json").write_text(
-        json.dumps({"prompts": prompts, "responses": responses, "utilities": utilities}, indent=1)
-    )
+    dump = {"prompts": prompts, "responses": responses, "utilities": utilities}
+    if "greedy" in out:
+        dump["greedy"] = {"responses": {n: [r[0] for r in rs] for n, rs in greedy_samples.items()}}
+        dump["greedy"]["utilities"] = greedy_u
+    (ctx.work_dir / "responses.json").write_text(json.dumps(dump, indent=1))
     return out
 
 
@@ -486,9 +513,7 @@ def _stage_times(ctx: StageContext, pipeline: str) -> dict[str, float]:
     return {k: round(v.get("seconds", 0.0), 1) for k, v in state.items() if "seconds" in v}
 
 
-def _facts(ev: dict[str, Any], fb: dict[str, Any], base: str) -> dict[str, Any]:
-    from alignflow.evaluate.report import ci_text
-
+def _facts(ev: dict[str, Any], fb: dict[str, Any]) -> dict[str, Any]:
     facts = {
         "reward model accuracy vs gold": ev.get("reward_model", {}).get("gold_accuracy"),
         "feedback judgments": fb.get("n_judgments"),
@@ -497,10 +522,8 @@ def _facts(ev: dict[str, Any], fb: dict[str, Any], base: str) -> dict[str, Any]:
         "unreliable-annotator detection precision": fb.get("detection_precision"),
         "unreliable-annotator detection recall": fb.get("detection_recall"),
     }
-    for name, d in ev.get("greedy", {}).get(f"diff_vs_{base}", {}).items():
-        facts[f"greedy decoding: {name} − {base} gold utility"] = ci_text(
-            d["mean"], d["lo"], d["hi"], signed=True
-        )
+    for dim, agree in ev.get("reward_model", {}).get("per_dimension", {}).items():
+        facts[f"reward model agreement with gold {dim}"] = agree["agreement"]
     return facts
 
 
@@ -510,7 +533,14 @@ def report(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
 
     from rich.console import Console
 
-    from alignflow.evaluate.report import comparison_rows, print_summary, verdict_text, write_report
+    from alignflow.evaluate.report import (
+        comparison_rows,
+        decoding_rows,
+        dimension_rows,
+        print_summary,
+        verdict_text,
+        write_report,
+    )
     from alignflow.store.render import to_tree_lines
 
     o = ctx.outputs
@@ -523,12 +553,32 @@ def report(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     verdicts = [
         verdict_text(name.upper(), base.upper(), d["mean"], d["lo"], d["hi"]) for name, d in diffs.items()
     ]
+    greedy = ev.get("greedy")
+    if greedy:
+        verdicts += [
+            verdict_text(name.upper(), base.upper(), d["mean"], d["lo"], d["hi"], "gold utility (greedy)")
+            for name, d in greedy[f"diff_vs_{base}"].items()
+        ]
+        summary_rows = decoding_rows(
+            {
+                "sampled": {"policies": ev["policies"], "diffs": diffs, "win_rates": ev["win_rates"]},
+                "greedy": {
+                    "policies": greedy["policies"],
+                    "diffs": greedy[f"diff_vs_{base}"],
+                    "win_rates": greedy.get("win_rates", {}),
+                },
+            },
+            base,
+        )
+    else:
+        summary_rows = comparison_rows(ev["policies"], diffs, ev["win_rates"], base)
     final = params.get("final_policy")
     data = {
         "title": "alignflow quickstart: the RLHF loop on customer support",
         "created_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "verdict": " · ".join(verdicts),
-        "summary_rows": comparison_rows(ev["policies"], diffs, ev["win_rates"], base),
+        "summary_rows": summary_rows,
+        "dimensions": dimension_rows(ev.get("dimensions", {})),
         "warnings": ev.get("warnings", []),
         "stage_times": stage_times,
         "policies": ev["policies"],
@@ -539,7 +589,7 @@ def report(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
         "annotators": fb.get("annotators", []),
         "lineage": to_tree_lines(ctx.store.lineage(final)) if final else [],
         "samples": ev.get("samples", []),
-        "facts": _facts(ev, fb, base),
+        "facts": _facts(ev, fb),
     }
     path: Path = write_report(ctx.store.workspace.reports_dir / params.get("name", params["pipeline"]), data)
     print_summary(data, Console(), path)

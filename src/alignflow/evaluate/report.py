@@ -15,6 +15,8 @@ an unknown top-level key is an error, to catch typos):
     summary_rows:   [ {column: value, ...}, ... ]         summary table (columns: union of keys, in order)
     warnings:       [ str, ... ]                          highlighted box under the header
     facts:          { label: value }                      key figures (a two-column table)
+    dimensions:     [ {"policy", "decoding", metric: value, ...} ]   per-dimension scores, one row per policy
+                                                          and decoding (e.g. from `dimension_rows(...)`)
     stage_times:    { stage: seconds }                    table with proportional bars
     policies:       { name: {"mean", "lo", "hi", "n"} }   bar chart of mean gold utility with 95% CI
     win_rates:      { name: {"rate", "lo", "hi"} }        bar chart of win rate vs the reference (SFT)
@@ -56,6 +58,7 @@ KNOWN_KEYS = (
     "summary_rows",
     "warnings",
     "facts",
+    "dimensions",
     "stage_times",
     "policies",
     "win_rates",
@@ -234,6 +237,49 @@ def comparison_rows(
             row[f"Δ vs {baseline}"] = ci_text(d["mean"], d["lo"], d["hi"], signed=True)
             row[f"win rate vs {baseline}"] = ci_text(w["rate"], w["lo"], w["hi"], digits=2)
         rows.append(row)
+    return rows
+
+
+def decoding_rows(
+    by_decoding: Mapping[str, Mapping[str, Any]], baseline: str, metric: str = "gold utility"
+) -> list[dict[str, str]]:
+    """Summary rows with the decodings side by side: one row per policy, for each decoding its `metric` with a
+    CI and its paired gain over `baseline` with a CI (prompt-paired, `stats.paired_diff_ci`).
+
+    `by_decoding`: {decoding label: {"policies": ..., "diffs": ..., "win_rates": ...}}, each as for
+    `comparison_rows`, e.g. {"sampled": {...}, "greedy": {...}}; the policies are those of the first decoding.
+    """
+    if not by_decoding:
+        return []
+    first = next(iter(by_decoding.values()))
+    rows = []
+    for name in first["policies"]:
+        row = {"policy": name}
+        for label, dec in by_decoding.items():
+            p = dec["policies"].get(name)
+            row[f"{metric}, {label}"] = ci_text(p["mean"], p["lo"], p["hi"]) if p else "—"
+            d, w = dec["diffs"].get(name), dec.get("win_rates", {}).get(name)
+            row[f"Δ vs {baseline}, {label}"] = ci_text(d["mean"], d["lo"], d["hi"], signed=True) if d else "—"
+            if w is not None:
+                row[f"win rate vs {baseline}, {label}"] = ci_text(w["rate"], w["lo"], w["hi"], digits=2)
+        rows.append(row)
+    return rows
+
+
+def dimension_rows(
+    by_decoding: Mapping[str, Mapping[str, Mapping[str, float]]], digits: int = 3
+) -> list[dict[str, Any]]:
+    """Rows of the per-dimension table: `by_decoding` is {decoding: {policy: {metric: mean}}}; one row per
+    policy and decoding, policies grouped, values rounded to `digits`."""
+    policies: list[str] = []
+    for per_policy in by_decoding.values():
+        policies += [n for n in per_policy if n not in policies]
+    rows = []
+    for name in policies:
+        for decoding, per_policy in by_decoding.items():
+            if name in per_policy:
+                vals = {k: round(float(v), digits) for k, v in per_policy[name].items()}
+                rows.append({"policy": name, "decoding": decoding, **vals})
     return rows
 
 
@@ -613,6 +659,14 @@ def render_html(data: Mapping[str, Any]) -> str:
         sections.append(
             ("facts", "Key figures", _section("facts", "Key figures", _table(rows, "data['facts']")))
         )
+    if data.get("dimensions"):
+        rows = _seq(data["dimensions"], "data['dimensions']")
+        note = (
+            "Mean gold score per dimension over every evaluated reply: which dimension a policy gains, "
+            "and which it trades away."
+        )
+        table = _table(rows, "data['dimensions']")
+        sections.append(("dimensions", "Per dimension", _section("dimensions", "Per dimension", table, note)))
     if policies:
         sections.append(("policies", "Policies", _policies_section(policies, colors)))
     if data.get("win_rates"):

@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from alignflow.models.loading import quiet_transformers_progress
+
 
 def export_hf(model: nn.Module, tokenizer: Any, out_dir: Path, merge_lora: bool = False) -> Path:
     """Write a Hugging Face folder: the full model, or the LoRA adapter only (``merge_lora`` folds it in first)."""
@@ -15,6 +17,7 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: Path, merge_lora: bool 
     out_dir.mkdir(parents=True, exist_ok=True)
     if merge_lora and isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    model.save_pretrained(str(out_dir))
+    with quiet_transformers_progress():
+        model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir

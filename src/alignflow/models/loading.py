@@ -149,6 +149,25 @@ def _translate_errors(path: Path, what: str) -> Iterator[None]:
         raise ModelLoadError(f"could not load {what} from {path}: {first}") from exc
 
 
+@contextlib.contextmanager
+def quiet_transformers_progress() -> Iterator[None]:
+    """Silence transformers' own tqdm bars ("Loading weights", "Writing model shards") inside the block.
+
+    transformers draws one bar per ``from_pretrained``/``save_pretrained``; a stage loads and saves many
+    models in well under a second each, so those bars bury the stage's own progress (one bar per long
+    step). The previous setting is restored on exit, so a user's own loads outside alignflow keep theirs.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # tokenizer
 
@@ -216,7 +235,7 @@ def _apply_lora(model: nn.Module, lora: LoraSpec, task_type: str) -> nn.Module:
             raise ModelLoadError(
                 f"LoRA adapter directory {ap} must hold adapter_config.json and adapter_model.safetensors"
             )
-        with _translate_errors(ap, "LoRA adapter"):
+        with _translate_errors(ap, "LoRA adapter"), quiet_transformers_progress():
             return PeftModel.from_pretrained(model, str(ap), is_trainable=True)
     cfg = LoraConfig(
         r=lora.r,
@@ -240,7 +259,7 @@ def load_policy(
     from transformers import AutoModelForCausalLM
 
     p = _check_model_dir(path)
-    with _translate_errors(p, "policy"):
+    with _translate_errors(p, "policy"), quiet_transformers_progress():
         model = AutoModelForCausalLM.from_pretrained(
             str(p), **_common_kwargs(dtype, device, attn_implementation)
         )
@@ -306,7 +325,7 @@ def load_reward_model(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     p = _check_model_dir(path)
-    with _translate_errors(p, "reward model"):
+    with _translate_errors(p, "reward model"), quiet_transformers_progress():
         cfg = AutoConfig.from_pretrained(str(p))
         cfg.num_labels = 1
         if pad_token_id is not None:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from alignflow.models.loading import quiet_transformers_progress
+
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>")
 
@@ -223,5 +225,6 @@ def make_tiny_model_dir(
         eos_token_id=tok.eos_token_id,
     )
     tok.save_pretrained(str(out))
-    model.save_pretrained(str(out))
+    with quiet_transformers_progress():
+        model.save_pretrained(str(out))
     return out
