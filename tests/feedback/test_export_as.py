@@ -181,3 +181,48 @@ def test_rm_trains_on_the_exported_pairs_artifact_id(cli, workspace, tie_project
     ]
     assert ckpt, "the reward model's lineage does not reach the exported pairs"
     store.close()
+
+
+def test_annotations_export_keeps_gold_answers_and_reviews_as_judgments(cli, sessions, workspace, tmp_path):
+    """The raw `annotations` artifact read by `quality report` gives the same judgments as `--as judgments`:
+    gold answers on gold items and a reviewer's label on the response it reviewed."""
+    with sessions() as s:
+        make_users(s, {"a1": "annotator", "a2": "annotator", "rev": "reviewer"})
+        services.create_project(s, "qa", "# Guide", overlap=2, gold_rate=1.0, qa_rate=1.0)
+        services.import_items(s, "qa", pair_items(2, gold=1), source="items.jsonl")
+        for name in ("a1", "a2"):
+            while (t := services.next_task(s, name, "qa")) is not None:
+                services.submit(
+                    s, name, t["assignment_id"], answer(t, "left"), f"{name}-{t['assignment_id']}"
+                )
+        rt = services.next_task(s, "rev", "qa")
+        body = {"review_action": "correct", "answer": answer(rt, "right")}
+        services.submit(
+            s, "rev", rt["assignment_id"], {**body["answer"], "review_action": "correct"}, "rev-0001"
+        )
+    out = cli("annotate", "export", "qa", "--as", "judgments").output
+    aid = out.split()[1]
+    store = Store.open(workspace)
+    ann = next(p for p, c, r in store.lineage(aid, "up", max_depth=1).edges if r == "annotations")
+    from alignflow.quality.schema import read_judgments_artifact
+
+    a, b = (
+        read_judgments_artifact(store, ref)
+        .sort_values(["item_id", "annotator_id", "dimension"])
+        .reset_index(drop=True)
+        for ref in (ann, aid)
+    )
+    store.close()
+    cols = [
+        "item_id",
+        "annotator_id",
+        "dimension",
+        "label",
+        "kind",
+        "is_gold",
+        "gold_label",
+        "reviewer_label",
+    ]
+    assert a[cols].equals(b[cols])
+    assert a["is_gold"].any() and (a.loc[a["is_gold"], "gold_label"] == "A").all()
+    assert a["reviewer_label"].notna().any()

@@ -346,7 +346,9 @@ def judgments_table(s: Session, project: Any) -> Any:
         raise services.Conflict(f"project {p.name!r} has no annotations to export")
     df["kind"] = ["ranking" if isinstance(v, list) else "pairwise" for v in df["label"]]
     df["created_at"] = [ts.isoformat() for ts in df["created_at"]]
-    return df
+    # Parquet columns need one type: pandas fills a missing value of a text column (a label no reviewer
+    # gave) with NaN, which must be a null instead.
+    return df.astype(object).where(df.notna(), None)
 
 
 def _context_artifacts(s: Session, store: Store, p: Any, method: str, tie_rule: str | None) -> list[tuple]:
