@@ -92,11 +92,13 @@ def test_reference_pairs_llmbar_and_pandalm(tmp_path: Path) -> None:
                 {**base, "idx": 2, "annotator1": 0, "annotator2": 0, "annotator3": 1, "cmp_key": "a_b"},
                 {**base, "idx": 3, "annotator1": 0, "annotator2": 1, "annotator3": 2, "cmp_key": "a_b"},
                 {**base, "idx": 4, "annotator1": 2, "annotator2": 2, "annotator3": 2, "cmp_key": "c_d"},
+                {**base, "idx": 5, "response2": True, "annotator1": 1, "annotator2": 1, "annotator3": 1},
             ]
         )
     )
     rows = reference_pairs("pandalm", panda)
-    assert [r["id"] for r in rows] == ["pandalm-1", "pandalm-4"]  # tie majority and no majority left out
+    # Left out: a tie majority, no majority, a response that is not text (PandaLM has JSON booleans).
+    assert [r["id"] for r in rows] == ["pandalm-1", "pandalm-4"]
     assert rows[0]["chosen"] == "the cat" and rows[1]["chosen"] == "teh cat"
     assert rows[0]["prompt"] == "Fix it.\n\nteh cat" and rows[1]["subset"] == "c_d"
     with pytest.raises(DataFormatError, match="unknown reference"):

@@ -304,7 +304,8 @@ def reference_pairs(name: str, path: str | Path) -> list[dict[str, Any]]:
     ``llmbar``: LLMBar ``natural.json`` (``input``, ``output_1``, ``output_2``, ``label`` 1 or 2), subset
     ``llmbar-natural`` as in RewardBench. ``pandalm``: PandaLM ``testset-v1.json``; the prompt is the
     instruction and its input, the label the majority of the three annotators; items whose majority is a tie
-    (0) or that have no majority are left out, since a pair needs a preferred side.
+    (0) or that have no majority are left out, since a pair needs a preferred side, and so are items whose
+    responses are not text (a few are JSON booleans) or are identical.
     """
     path = Path(path)
     records = json.loads(path.read_text(encoding="utf-8"))
@@ -338,6 +339,9 @@ def reference_pairs(name: str, path: str | Path) -> list[dict[str, Any]]:
                 continue
             prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
             better, worse = ("response1", "response2") if top == 1 else ("response2", "response1")
+            # A few PandaLM responses are JSON booleans, not text: no response to score, left out.
+            if not (isinstance(rec[better], str) and isinstance(rec[worse], str)):
+                continue
             if rec[better].strip() == rec[worse].strip():
                 continue
             rows.append(
