@@ -30,7 +30,9 @@ def rm_eval(
     out: Path | None = typer.Option(
         None, "--out", help="Folder for evaluation.json and report.html (default: ./rm-eval)."
     ),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    batch_size: int = typer.Option(
+        16, "--batch-size", min=1, help="Pairs per scoring forward (memory, not results)."
+    ),
     home: str | None = typer.Option(None, "--home", help="Workspace folder."),
 ) -> None:
     """Accuracy (95% CI, per subset, RewardBench score), ties, ECE and margins of a reward model on pairs."""
