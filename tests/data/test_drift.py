@@ -112,3 +112,37 @@ def test_cli_drift_gate_on_minilm_embeddings(sqlite_workspace, tmp_path) -> None
     assert json.loads(res.stdout)["new_by"] == "response"
     res = runner.invoke(app, ["data", "drift", "ref", "mt", "--by", "title"])
     assert isinstance(res.exception, CurationError) and "--by" in str(res.exception)
+
+
+@pytest.mark.slow
+def test_drift_gate_as_a_pipeline_stage(sqlite_workspace, tmp_path) -> None:
+    """`call: alignflow.data.curation.drift:drift_stage` stops a pipeline on drift (fail) or only warns (warn)."""
+    from alignflow.pipeline import PipelineError, run_pipeline
+    from alignflow.store import Store
+
+    hh = _hh_prompts(60)
+    mt = [json.loads(line)["turns"][0] for line in open(SHARED / "mt-bench" / "question.jsonl")][:40]
+    write_jsonl(tmp_path / "ref.jsonl", [{"prompt": p, "completion": "x"} for p in hh[:40]])
+    write_jsonl(tmp_path / "mt.jsonl", [{"prompt": p, "completion": "x"} for p in mt])
+    for name in ("ref", "mt"):
+        res = runner.invoke(
+            app, ["data", "import", str(tmp_path / f"{name}.jsonl"), "--kind", "sft", "--name", name]
+        )
+        assert res.exit_code == 0, res.output
+    pipe = tmp_path / "gate.yaml"
+    pipe.write_text(
+        "name: gate\nstages:\n"
+        "  gate:\n    call: alignflow.data.curation.drift:drift_stage\n"
+        "    params: {ref: ref, new: mt, permutations: 99, on_drift: ACTION}\n"
+    )
+    store = Store.open(sqlite_workspace)
+    logs: list[str] = []
+    warned = run_pipeline(pipe, ["gate.params.on_drift=warn"], store=store, log=logs.append)
+    assert warned["outputs"]["gate"]["drift"] is True and warned["outputs"]["gate"]["classifier_auc"] > 0.8
+    assert any("warning: gate: drift" in m for m in logs)
+    assert warned["ran"] == ["gate"]  # a warning lets the pipeline go on
+    with pytest.raises((PipelineError, CurationError), match="drift between ref and mt"):
+        run_pipeline(pipe, ["gate.params.on_drift=fail"], store=store, log=lambda m: None)
+    with pytest.raises((PipelineError, CurationError), match="on_drift must be fail or warn"):
+        run_pipeline(pipe, ["gate.params.on_drift=stop"], store=store, log=lambda m: None)
+    store.close()

@@ -110,3 +110,28 @@ def test_sft_nan_loss_stops_naming_step_examples_and_checkpoint(
     msg = str(res.exception)
     assert "at step 2" in msg and "batch example ids: [s" in msg
     assert "step-000001" in msg
+
+
+def test_sft_trains_on_a_mixture_spec_given_as_data_train(cli, tiny_model, toy_data, tmp_path: Path) -> None:
+    """`data.train: "mix:A:w,B:w;rows=N"` builds the mixture version and trains on it; lineage reaches A and B."""
+    from alignflow.cli.common import open_store
+
+    rows = toy.sft_rows(48)
+    half_a, half_b = (
+        toy.write_jsonl(tmp_path / "a.jsonl", rows[:24]),
+        toy.write_jsonl(tmp_path / "b.jsonl", rows[24:]),
+    )
+    for name, path in (("mix-a", half_a), ("mix-b", half_b)):
+        assert cli("data", "import", path, "--kind", "sft", "--name", name).exit_code == 0
+    out = tmp_path / "run"
+    cfg = base_config("sft", tiny_model, toy_data["sft"], out, train={"max_steps": 2})
+    cfg["data"]["train"] = "mix:mix-a:0.75,mix-b:0.25;rows=32;seed=3"
+    res = cli("sft", write_config(tmp_path / "sft.yaml", cfg))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    checkpoint = json.loads((out / "summary.json").read_text())["outputs"]["checkpoint"]
+    store = open_store()
+    names = {node.name for node in store.lineage(checkpoint).nodes.values()}
+    assert {"mix-a", "mix-b"} <= names, names
+    bad = dict(cfg, data=dict(cfg["data"], train="mix:mix-a:0.75,mix-b:0.5"))
+    res = cli("sft", write_config(tmp_path / "bad.yaml", bad))
+    assert res.exit_code != 0 and "weight" in (res.output + str(res.exception)).lower()

@@ -316,7 +316,7 @@ def drift(
             seed=seed,
             progress=advance,
         )
-    drifted = report["drift"] or (fail_above is not None and report["classifier"]["auc"] > fail_above)
+    drifted = drift_lib.is_drift(report, fail_above)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:

@@ -181,3 +181,66 @@ def drift_datasets(
         report, kind="drift-report", name=f"drift-{rid[:8]}-{nid[:8]}", parents=[(rid, "ref"), (nid, "new")]
     )
     return report
+
+
+def is_drift(report: dict[str, Any], fail_above: float | None = None) -> bool:
+    """The gate's verdict: either test significant, or (with `fail_above`) the classifier AUC above that bar."""
+    return bool(report["drift"] or (fail_above is not None and report["classifier"]["auc"] > fail_above))
+
+
+DRIFT_STAGE_PARAMS = {
+    "ref",
+    "new",
+    "by",
+    "new_by",
+    "alpha",
+    "fail_above",
+    "on_drift",
+    "max_rows",
+    "permutations",
+    "seed",
+}
+
+
+def drift_stage(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """A pipeline gate (``call: alignflow.data.curation.drift:drift_stage``): drift between ``params.ref`` and
+    ``params.new`` (dataset ids or names, e.g. ``${data.train}``); on drift the stage fails
+    (``on_drift: fail``, the default: the pipeline stops before training on shifted data) or logs a warning
+    (``on_drift: warn``). Outputs the report id, the verdict and both tests' p-values."""
+    unknown = set(params) - DRIFT_STAGE_PARAMS
+    if unknown:
+        raise CurationError(
+            f"{ctx.stage}: unknown drift parameter(s) {sorted(unknown)}; known: {sorted(DRIFT_STAGE_PARAMS)}"
+        )
+    for key in ("ref", "new"):
+        if not params.get(key):
+            raise CurationError(f"{ctx.stage}: params.{key} is required (a dataset id or name)")
+    action = params.get("on_drift", "fail")
+    if action not in ("fail", "warn"):
+        raise CurationError(f"{ctx.stage}: params.on_drift must be fail or warn, got {action!r}")
+    report = drift_datasets(
+        ctx.store,
+        str(params["ref"]),
+        str(params["new"]),
+        by=params.get("by", "prompt"),
+        new_by=params.get("new_by"),
+        max_rows=int(params.get("max_rows", 2000)),
+        alpha=float(params.get("alpha", 0.05)),
+        n_perm=int(params.get("permutations", 500)),
+        seed=int(params.get("seed", 0)),
+    )
+    drifted = is_drift(report, params.get("fail_above"))
+    summary = (
+        f"MMD p = {report['mmd']['p_value']:.4f}, classifier AUC {report['classifier']['auc']:.3f} "
+        f"(p = {report['classifier']['p_value']:.4g}); report {report['id'][:12]}"
+    )
+    if drifted and action == "fail":
+        raise CurationError(f"{ctx.stage}: drift between {params['ref']} and {params['new']}: {summary}")
+    if drifted:
+        ctx.log(f"warning: {ctx.stage}: drift between {params['ref']} and {params['new']}: {summary}")
+    return {
+        "report": report["id"],
+        "drift": drifted,
+        "mmd_p_value": report["mmd"]["p_value"],
+        "classifier_auc": report["classifier"]["auc"],
+    }
