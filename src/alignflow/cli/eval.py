@@ -89,5 +89,14 @@ def eval_(
         console,
         result.report,
     )
+    eff = summary.get("annotation_efficiency") or {}
+    if eff.get("curve"):
+        last = eff["curve"][-1]
+        console.print(
+            f"annotation efficiency: held-out RM accuracy {last['accuracy']:.3f} after {last['n_labels']} of the "
+            f"reward model's training pairs ({len(eff['curve'])} points in summary.json and the report)"
+        )
+    elif eff.get("note"):
+        console.print(f"[dim]annotation efficiency: {escape(eff['note'])}[/]")
     console.print(f"summary: {escape(str(result.out_dir / 'summary.json'))}")
     console.print(f"evaluation artifact: [bold]{result.artifact_id}[/]")

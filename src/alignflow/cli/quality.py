@@ -31,15 +31,57 @@ def _policy(path: Path | None) -> QCPolicy | None:
 
 
 def _judgments(source: str, home: str | None):
-    """(validated judgments, display name) of a file, or else of a workspace artifact."""
+    """(validated judgments, display name, item texts or None, why no texts, annotator tiers) of a file, or
+    else of a workspace artifact (judgments, annotations or preferences)."""
     from alignflow.quality.schema import load_judgments, read_judgments_artifact
 
     path = Path(source)
     if path.exists() or path.suffix in (".jsonl", ".json", ".ndjson", ".parquet"):
-        return load_judgments(path), path.name
+        df = load_judgments(path)
+        if {"prompt", "response_a", "response_b"} <= set(df.columns):
+            texts = df.drop_duplicates("item_id").set_index("item_id")[["prompt", "response_a", "response_b"]]
+            return df, path.name, texts, "", {}
+        why = f"{path.name} has no prompt, response_a and response_b columns (export the project as an artifact)"
+        return df, path.name, None, why, {}
     from alignflow.cli.common import open_store
+    from alignflow.quality.report import annotations_of, item_texts
 
-    return read_judgments_artifact(open_store(home), source), source
+    store = open_store(home)
+    ref = source
+    if store.get(source).kind == "preferences":
+        ref = annotations_of(store, source) or source
+    judgments = read_judgments_artifact(store, ref)
+    texts, why = item_texts(store, source)
+    return judgments, source, texts, why, _tiers(store, sorted(set(judgments["annotator_id"])))
+
+
+def _tiers(store, names: list[str]) -> dict[str, str]:
+    """Annotator -> tier from the workspace's annotation platform (absent accounts are left out)."""
+    from alignflow.feedback import services
+
+    out = {}
+    with services.connect(store.workspace)() as s:
+        for name in names:
+            try:
+                out[name] = services.get_user(s, name).tier
+            except services.NotFound:
+                continue
+    return out
+
+
+def _label_costs(specs: list[str]) -> dict[str, float]:
+    from alignflow.errors import ConfigError
+
+    out = {}
+    for spec in specs:
+        tier, sep, rate = spec.partition("=")
+        try:
+            out[tier.strip()] = float(rate)
+        except ValueError:
+            sep = ""
+        if not sep or not tier.strip() or out[tier.strip()] < 0:
+            raise ConfigError(f"--label-cost {spec!r}: expected TIER=RATE with a rate >= 0, e.g. expert=1.0")
+    return out
 
 
 @app.command("report")
@@ -56,12 +98,28 @@ def report(
     home: str | None = typer.Option(
         None, "--home", help="Workspace folder for an artifact SOURCE (default $ALIGNFLOW_HOME)."
     ),
+    label_cost: list[str] = typer.Option(
+        [],
+        "--label-cost",
+        help="TIER=RATE, repeatable: cost of one label by an annotator of that tier (tiers from the workspace's "
+        "annotation accounts; unknown annotators are 'standard'); adds cost and gain per unit of cost.",
+    ),
 ) -> None:
-    """Compute agreement, annotator figures, aggregation and QC actions for SOURCE and write a report."""
+    """Compute agreement, annotator figures, aggregation and QC actions for SOURCE and write a report; with
+    item texts (an exported artifact), also the annotation-efficiency learning curve."""
     from alignflow.quality.report import build_report, render_terminal, write_report
 
-    judgments, name = _judgments(source, home)
-    rep = build_report(judgments, policy=_policy(policy), window=window, title=f"Annotation quality: {name}")
+    judgments, name, texts, why, tiers = _judgments(source, home)
+    rep = build_report(
+        judgments,
+        policy=_policy(policy),
+        window=window,
+        title=f"Annotation quality: {name}",
+        texts=texts,
+        texts_missing=why,
+        cost_per_label=_label_costs(label_cost) or None,
+        tier_of=tiers,
+    )
     if not quiet:
         render_terminal(rep, console)
     paths = write_report(rep, out)

@@ -318,6 +318,18 @@ def render_html(
                 f"<th>score</th></tr></thead><tbody>{body}</tbody></table>",
             )
         )
+    eff = summary.get("annotation_efficiency")
+    if eff:
+        if eff.get("curve"):
+            body = _table(eff["curve"], "efficiency")
+            text = (
+                f"Held-out accuracy of an embedding Bradley-Terry reward model (MiniLM) after the first n of the "
+                f"reward model's training pairs ({_e(eff['pairs'][:12])}, at most {eff['capped_at']}; "
+                f"dataset order, and shuffled: mean of 3 orders); held-out = {_e(eff['heldout'])}."
+            )
+        else:
+            body, text = "", f"No curve: {_e(eff['note'])}."
+        parts.append(_section("efficiency", "Annotation efficiency", body, text))
     verdict = "".join(f"<div>{_e(v)}</div>" for v in verdicts(summary))
     created = f'<div class="meta">{_e(created_at)}</div>' if created_at else ""
     head = f'<div class="verdict" id="verdict">{verdict}</div>' if verdict else ""

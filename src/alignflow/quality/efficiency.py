@@ -223,3 +223,54 @@ def labels_to_reach(curve: pd.DataFrame, accuracy: float) -> int | None:
     """The first n_labels of a learning curve whose accuracy is at least `accuracy` (None if it never is)."""
     hit = curve[curve["accuracy"] >= accuracy]
     return int(hit["n_labels"].iat[0]) if len(hit) else None
+
+
+def prompt_disjoint_split(
+    rows: pd.DataFrame, fraction: float = 0.2, prompt: str = "prompt"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out) with every row of a prompt on one side; held-out takes the prompts of lowest sha256
+    bucket (:func:`alignflow.data.encode.prompt_bucket`) until it holds at least ``fraction`` of the rows, so a
+    small table still gets a non-empty held-out set (a bucket threshold alone can leave it empty)."""
+    from alignflow.data.encode import prompt_bucket
+
+    prompts = sorted(set(rows[prompt]), key=lambda p: prompt_bucket(str(p)))
+    counts = rows[prompt].value_counts()
+    held: set[Any] = set()
+    taken = 0
+    for p in prompts:
+        if taken >= fraction * len(rows) or len(held) == len(prompts) - 1:
+            break
+        held.add(p)
+        taken += int(counts[p])
+    mask = rows[prompt].isin(held)
+    return rows[~mask].reset_index(drop=True), rows[mask].reset_index(drop=True)
+
+
+def efficiency_table(
+    pool: pd.DataFrame,
+    heldout: pd.DataFrame,
+    fit_and_score: FitAndScore,
+    *,
+    cost: str | None = None,
+    shuffles: int = 3,
+    seed: int = 0,
+    sizes: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """The annotation-efficiency table: :func:`learning_curve` in the pool's own order (the order the labels
+    were collected) beside the mean over ``shuffles`` random orders.
+
+    Returns:
+        columns n_labels, accuracy, gain_per_100_labels (given order), shuffled_accuracy, shuffled_sd,
+        shuffled_gain_per_100_labels; with ``cost`` also cost and gain_per_unit_cost (given order).
+    """
+    given = learning_curve(pool, heldout, fit_and_score, sizes=sizes, order="given", cost=cost)
+    sizes = given["n_labels"].tolist()
+    mixed = learning_curve(pool, heldout, fit_and_score, sizes=sizes, repeats=shuffles, seed=seed)
+    out = given[["n_labels", "accuracy", "gain_per_100_labels"]].copy()
+    out["shuffled_accuracy"] = mixed["accuracy"].to_numpy()
+    out["shuffled_sd"] = mixed["accuracy_sd"].to_numpy()
+    out["shuffled_gain_per_100_labels"] = mixed["gain_per_100_labels"].to_numpy()
+    if cost is not None:
+        out["cost"] = given["cost"].to_numpy()
+        out["gain_per_unit_cost"] = given["gain_per_unit_cost"].to_numpy()
+    return nan_to_none(out)

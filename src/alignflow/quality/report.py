@@ -8,6 +8,7 @@ import base64
 import html
 import io
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import pandas as pd
 
 from alignflow.quality import agreement as agr
 from alignflow.quality import annotators as ann
+from alignflow.quality import efficiency
 from alignflow.quality.aggregate import aggregate
+from alignflow.quality.efficiency import FitAndScore
 from alignflow.quality.policy import QCPolicy, evaluate_policy
 from alignflow.quality.schema import nan_to_none
 
@@ -38,13 +41,20 @@ def build_report(
     methods: tuple[str, ...] = ("majority_vote", "dawid_skene"),
     window: str = "7D",
     title: str = "Annotation quality report",
+    texts: pd.DataFrame | None = None,
+    texts_missing: str = "the source carries no item texts",
+    cost_per_label: Mapping[str, float] | None = None,
+    tier_of: Mapping[str, str] | None = None,
+    fit_and_score: FitAndScore | None = None,
 ) -> QualityReport:
     """Compute every table of the report from validated judgments.
 
     Tables: overview (per dimension), agreement_by_pod, agreement_over_time (when timestamps exist),
     kappa_pairs (Cohen's kappa per annotator pair, first dimension), annotators (per dimension of the first
     pairwise dimension, or all rows), review_by_pod, aggregation (methods compared per item: agreement between
-    methods and, on gold items, accuracy), qc_actions.
+    methods and, on gold items, accuracy), qc_actions, and annotation_efficiency (see
+    :func:`annotation_efficiency`) when ``texts`` (item_id -> prompt, response_a, response_b) are given; else a
+    note saying why it is missing (``texts_missing``).
     """
     report = QualityReport(title=title)
     report.tables["overview"] = agr.agreement_by(judgments.assign(project="all"), "project")
@@ -88,8 +98,142 @@ def build_report(
         )
     else:
         report.notes.append("Aggregation and QC need at least two annotators on non-ranking judgments.")
+    if texts is None:
+        report.notes.append(f"No annotation-efficiency table: {texts_missing}.")
+    else:
+        table, notes = annotation_efficiency(
+            judgments, texts, cost_per_label=cost_per_label, tier_of=tier_of, fit_and_score=fit_and_score
+        )
+        report.notes += notes
+        if table is not None:
+            report.tables["annotation_efficiency"] = table
     report.tables = {name: nan_to_none(table) for name, table in report.tables.items()}
     return report
+
+
+MIN_GOLD_HELDOUT = 20  # fewer decisive gold items give an accuracy too coarse to read a curve from
+
+
+def annotation_efficiency(
+    judgments: pd.DataFrame,
+    texts: pd.DataFrame,
+    *,
+    cost_per_label: Mapping[str, float] | None = None,
+    tier_of: Mapping[str, str] | None = None,
+    fit_and_score: FitAndScore | None = None,
+    shuffles: int = 3,
+    seed: int = 0,
+) -> tuple[pd.DataFrame | None, list[str]]:
+    """Held-out accuracy of a reward model against the number of labels: (table or None, notes).
+
+    One label is one pairwise judgment of the "overall" dimension (or the first dimension), taken in the order
+    the judgments were collected (``created_at``, then table order) and, beside it, the mean of ``shuffles``
+    random orders (:func:`alignflow.quality.efficiency.efficiency_table`). The reward model is
+    ``fit_and_score`` (default: the embedding Bradley-Terry model on MiniLM); several votes on one pair train
+    it as that pair's soft label would. Held-out: the gold answers of gold items when at least
+    ``MIN_GOLD_HELDOUT`` decisive gold items have texts; else a prompt-disjoint 20% of the regular items,
+    labelled by their majority-vote consensus over all their votes, whose votes stay out of the pool.
+    Cost: with ``cost_per_label`` (tier -> rate), each label costs its annotator's tier rate (``tier_of``;
+    an annotator not in it is in the "standard" tier).
+
+    Args:
+        judgments: validated judgments.
+        texts: indexed by item_id, columns prompt, response_a, response_b (the item's canonical order).
+    """
+    notes: list[str] = []
+    dims = sorted(judgments["dimension"].unique())
+    dim = "overall" if "overall" in dims else dims[0]
+    rows = judgments[(judgments["dimension"] == dim) & (judgments["kind"] == "pairwise")]
+    rows = rows[rows["item_id"].isin(texts.index)]
+    if rows.empty:
+        return None, [f"No annotation-efficiency table: no pairwise {dim!r} judgment has item texts."]
+    order = rows.assign(_pos=np.arange(len(rows))).sort_values(["created_at", "_pos"], na_position="last")
+    order = order.join(texts[["prompt", "response_a", "response_b"]], on="item_id")
+    gold = order[order["is_gold"] & order["gold_label"].isin(("A", "B"))].drop_duplicates("item_id")
+    regular = order[~order["is_gold"]]
+    if len(gold) >= MIN_GOLD_HELDOUT:
+        heldout = gold.assign(label=gold["gold_label"])
+        pool = regular
+        which = f"the gold answers of {len(heldout)} gold items"
+    else:
+        consensus = aggregate(regular.drop(columns=["prompt", "response_a", "response_b"]), "majority_vote")
+        items = consensus.set_index("item_id")["label"].rename("consensus").to_frame().join(texts)
+        train_items, held_items = efficiency.prompt_disjoint_split(items.reset_index())
+        heldout = held_items.assign(label=held_items["consensus"])
+        pool = regular[regular["item_id"].isin(set(train_items["item_id"]))]
+        which = (
+            f"the majority-vote consensus of a prompt-disjoint 20% of the items ({len(heldout)} items; "
+            f"{len(gold)} gold items with texts are fewer than {MIN_GOLD_HELDOUT})"
+        )
+    heldout = heldout[heldout["label"].isin(("A", "B"))]
+    if len(pool) < 4 or heldout.empty:
+        return None, [
+            f"No annotation-efficiency table: {len(pool)} labels to train on and {len(heldout)} decisive "
+            "held-out items are too few."
+        ]
+    pool = pool[["item_id", "annotator_id", "prompt", "response_a", "response_b", "label"]].reset_index(
+        drop=True
+    )
+    cost = None
+    if cost_per_label:
+        tiers = {a: (tier_of or {}).get(a, "standard") for a in pool["annotator_id"]}
+        unpriced = sorted(set(tiers.values()) - set(cost_per_label))
+        if unpriced:
+            raise ValueError(f"--label-cost: no cost per label for tier(s) {unpriced}")
+        pool["cost"] = pool["annotator_id"].map(tiers).map(cost_per_label).astype(float)
+        cost = "cost"
+    table = efficiency.efficiency_table(
+        pool, heldout, fit_and_score or efficiency.embedding_fit_and_score(), cost=cost, shuffles=shuffles,
+        seed=seed,
+    )  # fmt: skip
+    notes.append(
+        f"Annotation efficiency: held-out accuracy of an embedding Bradley-Terry reward model (MiniLM) after the "
+        f"first n of {len(pool)} {dim!r} labels in the order collected (shuffled: mean of {shuffles} random "
+        f"orders); held-out = {which}."
+    )
+    return table, notes
+
+
+def annotations_of(store: Any, ref: str) -> str | None:
+    """The `annotations` artifact behind a judgments, annotations or preferences artifact (None if none)."""
+    info = store.get(ref)
+    if info.kind == "annotations":
+        return info.id
+    ups = store.lineage(info.id, "up", max_depth=1).edges
+    return next((p for p, c, role in ups if c == info.id and role == "annotations"), None)
+
+
+def item_texts(store: Any, ref: str) -> tuple[pd.DataFrame | None, str]:
+    """(item_id -> prompt, response_a, response_b, or None; why None) for an exported artifact.
+
+    The texts come from the `preferences` artifact exported with the same annotations (``annotate export``
+    writes it beside every annotations artifact): prompt, chosen and rejected with the consensus label, from
+    which the canonical A/B order follows. Gold items are not in it, so they have no texts here.
+    """
+    info = store.get(ref)
+    if info.kind == "preferences":
+        prefs = [info]
+    else:
+        ann_id = annotations_of(store, ref)
+        if ann_id is None:
+            return None, f"artifact {ref!r} has no annotations artifact in its lineage to find item texts by"
+        downs = store.lineage(ann_id, "down", max_depth=1).edges
+        prefs = [store.get(c) for p, c, role in downs if p == ann_id and role == "annotations"]
+        prefs = [a for a in prefs if a.kind == "preferences"]
+        if not prefs:
+            return None, f"no preferences artifact (with the item texts) was exported from {ann_id[:12]}"
+    latest = max(prefs, key=lambda a: a.created_at)
+    rows = store.read_dataset(latest.id).to_pandas()
+    b_won = rows["label"] == "B"
+    texts = pd.DataFrame(
+        {
+            "item_id": rows["item_id"].astype(str),
+            "prompt": rows["prompt"],
+            "response_a": rows["rejected"].where(b_won, rows["chosen"]),
+            "response_b": rows["chosen"].where(b_won, rows["rejected"]),
+        }
+    )
+    return texts.set_index("item_id"), ""
 
 
 def _fmt(v: Any) -> str:
@@ -202,6 +346,18 @@ def _plots(report: QualityReport) -> list[tuple[str, str]]:
         ax.legend(fontsize=7)
         fig.autofmt_xdate()
         plots.append(("Agreement over time", _png(fig)))
+    e = report.tables.get("annotation_efficiency")
+    if e is not None and len(e):
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        n = e["n_labels"].astype(float)
+        ax.plot(n, e["accuracy"].astype(float), marker="o", label="order collected")
+        sd = e["shuffled_sd"].astype(float)
+        ax.errorbar(n, e["shuffled_accuracy"].astype(float), yerr=sd, marker="s", capsize=2, label="shuffled")
+        ax.set_xlabel("labels")
+        ax.set_ylabel("held-out RM accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+        plots.append(("Annotation efficiency", _png(fig)))
     return plots
 
 
