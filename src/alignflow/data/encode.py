@@ -14,7 +14,6 @@ counted by a :class:`TruncationCounter` (cut completions separately); nothing is
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from rich.console import Console
 from alignflow.data.packing import TokenBudgetSampler, TreeBatch, pack_prefix_trees, shared_prefix_length
 from alignflow.data.prompts import bos_prefix
 from alignflow.errors import DataFormatError
+from alignflow.splits import prompt_bucket
 from alignflow.train.logprobs import IGNORE_INDEX
 
 console = Console(stderr=True, soft_wrap=True)
@@ -57,12 +57,6 @@ class TruncationCounter:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # splitting
-
-
-def prompt_bucket(prompt: str) -> float:
-    """A deterministic number in [0, 1) from the prompt text (sha256), used to split train/eval BY PROMPT."""
-    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def split_by_prompt(

@@ -229,9 +229,9 @@ def prompt_disjoint_split(
     rows: pd.DataFrame, fraction: float = 0.2, prompt: str = "prompt"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, held-out) with every row of a prompt on one side; held-out takes the prompts of lowest sha256
-    bucket (:func:`alignflow.data.encode.prompt_bucket`) until it holds at least ``fraction`` of the rows, so a
+    bucket (:func:`alignflow.splits.prompt_bucket`) until it holds at least ``fraction`` of the rows, so a
     small table still gets a non-empty held-out set (a bucket threshold alone can leave it empty)."""
-    from alignflow.data.encode import prompt_bucket
+    from alignflow.splits import prompt_bucket
 
     prompts = sorted(set(rows[prompt]), key=lambda p: prompt_bucket(str(p)))
     counts = rows[prompt].value_counts()
