@@ -56,7 +56,6 @@ from alignflow.data.encode import (
     model_kwargs,
     pack_pairs,
     pad_batch,
-    prompt_bucket,
     rows_to_pairs,
     split_by_prompt,
     steps_for,
@@ -73,6 +72,7 @@ from alignflow.models.reward import (
     write_ensemble,
 )
 from alignflow.recipes.common import Run, check_finite, set_seed, start_run
+from alignflow.splits import prompt_bucket
 from alignflow.store import Store
 from alignflow.train.accum import example_mean_share, step_weight
 from alignflow.train.checkpoint import CheckpointManager
