@@ -1,7 +1,10 @@
 """Crash test: 50 concurrent simulated annotators while the server is SIGKILLed and restarted.
 
 Every submission that got a 2xx must be in the database exactly once, and no item may exceed its overlap.
-The suite runs 15 s; benchmarks/bench_annotation.py runs the full 60 s and reports latencies.
+The run is measured in progress, not seconds: two kills, and every phase between restarts lasts until 30
+submissions were acknowledged in it (at least 2 s), capped at 240 s. A fixed 15 s clock once let a loaded CI
+machine spend the whole run restarting (34 acknowledged). benchmarks/bench_annotation.py runs a fixed 60 s and
+reports latencies.
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ def test_kill_and_restart_loses_and_duplicates_nothing(workspace, sessions):
     server = loadgen.ServerProcess(workspace.home, workspace.db_url, workers=1 if workspace.is_sqlite else 2)
     server.start()
     try:
-        result, kills = loadgen.run_with_kills(server, tokens, "crash", duration_s=15, kill_every_s=3)
+        result, kills = loadgen.run_with_kills(
+            server, tokens, "crash", duration_s=240, kill_every_s=2, kills_wanted=2, acks_per_phase=30
+        )
     finally:
         server.stop()
     with sessions() as s:
         check = loadgen.check_exactly_once(s, "crash", result.acked)
     print(f"\ncrash test: kills={kills} acked={check['acked']} stored_total={check['stored_total']} "
           f"connection_errors={result.connection_errors} http_errors={result.http_errors}")  # fmt: skip
-    assert kills >= 1  # restarts take seconds here (two workers on PostgreSQL), so 15 s fits one to three
-    assert check["acked"] > 50, "the load generator made too little progress to test anything"
+    assert kills == 2
+    # Three phases of at least 30 acknowledgements each, unless the 240 s cap cut the run short.
+    assert check["acked"] >= 90, "the load generator made too little progress in 240 s to test anything"
     assert check["acked_distinct"] == check["acked"]
     assert check["stored_for_acked"] == check["acked"] and check["missing_acked"] == 0
     assert check["duplicates"] == 0

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -77,8 +78,14 @@ async def _annotator(
     result: LoadResult,
     seed: int,
     think_s: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> None:
     import httpx
+
+    def running() -> bool:
+        return (
+            time.monotonic() < deadline and sent < max_requests and not (stop is not None and stop.is_set())
+        )
 
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {token}"}
@@ -87,7 +94,7 @@ async def _annotator(
         # People do not all click at the same instant: stagger the first request over one think time.
         await asyncio.sleep(rng.uniform(0, think_s))
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(10.0)) as client:
-        while time.monotonic() < deadline and sent < max_requests:
+        while running():
             sent += 1
             t0 = time.perf_counter()
             try:
@@ -109,7 +116,7 @@ async def _annotator(
             task = r.json()
             body = {"client_id": uuid.uuid4().hex, "answer": _answer(task, rng)}
             # Retry the same submission (same client id) through server restarts until the deadline.
-            while time.monotonic() < deadline and sent < max_requests:
+            while running():
                 sent += 1
                 t0 = time.perf_counter()
                 try:
@@ -140,21 +147,33 @@ async def run_load(
     max_requests_per_user: int = 100_000,
     seed: int = 0,
     think_s: float = 0.0,
+    result: LoadResult | None = None,
+    stop: threading.Event | None = None,
 ) -> LoadResult:
     """Run one simulated annotator per token for `duration_s` seconds against a LOOPBACK server.
 
     `think_s` = 0 is a closed loop (each annotator sends its next request as soon as the last one returns);
-    otherwise each annotator pauses about `think_s` seconds per task, like a person reading.
+    otherwise each annotator pauses about `think_s` seconds per task, like a person reading. Setting `stop`
+    ends the run early; `result` lets another thread watch progress while it runs.
     """
     host = urlparse(base_url).hostname
     if host not in LOOPBACK:
         raise ValueError(f"base_url: the load generator only targets loopback, got host {host!r}")
-    result = LoadResult()
+    result = result if result is not None else LoadResult()
     deadline = time.monotonic() + duration_s
     await asyncio.gather(
         *(
             _annotator(
-                base_url, tok, owner, project, deadline, max_requests_per_user, result, seed + i, think_s
+                base_url,
+                tok,
+                owner,
+                project,
+                deadline,
+                max_requests_per_user,
+                result,
+                seed + i,
+                think_s,
+                stop,
             )
             for i, (owner, tok) in enumerate(sorted(tokens.items()))
         )
@@ -224,32 +243,55 @@ def run_with_kills(
     duration_s: float,
     kill_every_s: float,
     seed: int = 0,
+    kills_wanted: int | None = None,
+    acks_per_phase: int = 0,
 ) -> tuple[LoadResult, int]:
-    """Run the load while SIGKILLing and restarting the server every `kill_every_s` seconds.
+    """Run the load while SIGKILLing and restarting the server; return the load result and the number of kills.
 
-    Returns the load result and the number of kills.
+    A phase is the time the server is up between restarts. It lasts at least `kill_every_s` seconds and until
+    `acks_per_phase` submissions were acknowledged in it, so a slow machine still tests something in every
+    phase (a fixed clock let a loaded machine spend a whole run restarting). With `kills_wanted` set, the run
+    ends after that many kills and one more full phase; `duration_s` is then only a cap. Without it, the server
+    is killed until `duration_s` runs out (the benchmark's fixed-length mode).
     """
-    import threading
-
     kills = 0
     stop = threading.Event()
+    result = LoadResult()
+    failure: list[BaseException] = []
+
+    def phase_done(t0: float, acks0: int) -> bool:
+        return time.monotonic() - t0 >= kill_every_s and len(result.acked) - acks0 >= acks_per_phase
 
     def killer() -> None:
         nonlocal kills
-        while not stop.wait(kill_every_s):
-            server.kill()
-            kills += 1
-            time.sleep(0.5)
-            if not stop.is_set():
-                server.start()
+        try:
+            while True:
+                t0, acks0 = time.monotonic(), len(result.acked)
+                while not stop.is_set() and not phase_done(t0, acks0):
+                    stop.wait(0.05)
+                if stop.is_set():
+                    return
+                if kills_wanted is not None and kills >= kills_wanted:
+                    stop.set()
+                    return
+                server.kill()
+                kills += 1
+                time.sleep(0.5)
+                if not stop.is_set():
+                    server.start()
+        except BaseException as exc:  # a restart that fails must fail the run, not leave a dead server
+            failure.append(exc)
+            stop.set()
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
-        result = asyncio.run(run_load(server.url, tokens, project, duration_s, seed=seed))
+        asyncio.run(run_load(server.url, tokens, project, duration_s, seed=seed, result=result, stop=stop))
     finally:
         stop.set()
         t.join(timeout=120)
+    if failure:
+        raise RuntimeError(f"restarting the server failed after {kills} kill(s)") from failure[0]
     if server.proc is None or server.proc.poll() is not None:
         server.start()
     return result, kills
