@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -242,13 +242,24 @@ def model_kwargs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Pair:
-    """One preference pair after expansion: ``weight`` is the dataset's weight / soft label."""
+    """One preference pair after expansion: ``weight`` is the dataset's weight / soft label; ``labels`` the
+    per-dimension P(chosen better) of a pairs row's ``meta["labels"]`` (empty when it has none)."""
 
     id: str
     prompt: str
     chosen: str
     rejected: str
     weight: float = 1.0
+    labels: Mapping[str, float] = field(default_factory=dict)
+
+
+def pair_labels(meta: str | Mapping[str, Any] | None) -> dict[str, float]:
+    """The per-dimension labels of a stored pairs row (``meta["labels"]``, validated at import), as floats."""
+    if not meta:
+        return {}
+    obj = json.loads(meta) if isinstance(meta, str) else meta
+    labels = obj.get("labels") if isinstance(obj, Mapping) else None
+    return {str(k): float(v) for k, v in labels.items() if v is not None} if labels else {}
 
 
 def rows_to_pairs(rows: Sequence[Mapping[str, Any]], kind: str) -> list[Pair]:
@@ -264,6 +275,7 @@ def rows_to_pairs(rows: Sequence[Mapping[str, Any]], kind: str) -> list[Pair]:
                     r["chosen"],
                     r["rejected"],
                     1.0 if w is None else float(w),
+                    pair_labels(r.get("meta")),
                 )
             )
         return out
@@ -284,6 +296,7 @@ class EncodedPair:
     chosen: Encoded
     rejected: Encoded
     weight: float
+    labels: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -292,7 +305,9 @@ class EncodedPair:
 
 def encode_pairs(pairs: Sequence[Pair], encoder: SequenceEncoder) -> list[EncodedPair]:
     return [
-        EncodedPair(p.id, encoder.encode(p.prompt, p.chosen), encoder.encode(p.prompt, p.rejected), p.weight)
+        EncodedPair(
+            p.id, encoder.encode(p.prompt, p.chosen), encoder.encode(p.prompt, p.rejected), p.weight, p.labels
+        )
         for p in pairs
     ]
 

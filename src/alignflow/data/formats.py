@@ -5,9 +5,15 @@ Normalised rows by kind (every row also has `id` and `meta`, a JSON object of ex
 | kind       | accepted input columns                                   | stored columns                          |
 |------------|----------------------------------------------------------|-----------------------------------------|
 | `sft`      | `prompt` + `completion`, or `messages` [{role, content}] | prompt, completion, messages            |
-| `pairs`    | `prompt` + `chosen` + `rejected`; or HH-style `chosen`/`rejected` transcripts sharing the text up to the last `\\n\\nAssistant:` | prompt, chosen, rejected, weight |
+| `pairs`    | `prompt` + `chosen` + `rejected`; or HH-style `chosen`/`rejected` transcripts sharing the text up to the last `\\n\\nAssistant:`; optional `labels` | prompt, chosen, rejected, weight |
 | `rankings` | `prompt` + `completions` + (`ranking` best-first indices, or `scores`, higher is better) | prompt, completions, ranking, scores |
 | `prompts`  | TRL's prompt-only format: `prompt` (text, or a conversation [{role, content}] ending with the user's turn), or `messages` ending with the user's turn; MT-bench's `turns` (the first turn is the prompt) | prompt, messages |
+
+A `pairs` row may carry per-dimension labels, `labels`: an object mapping a dimension name (letters, digits,
+`_` or `-`; not `overall`, which is the pair's own preference) to P(chosen is better on that dimension) in
+[0, 1]: 1 chosen better, 0 rejected better, 0.5 a tie, anything between a soft label. A dimension left out
+is unlabelled for that pair. `labels` is validated and kept in `meta` (``meta["labels"]``); multi-head reward
+models (`alignflow rm` with `heads:`) train one head per dimension on it. Pairs without it train as before.
 
 A `prompts` row keeps other columns in `meta` (an SFT file imported as prompts keeps its completions there, and
 an MT-bench row its `question_id`, `category` and `turns`); its `id` defaults to MT-bench's `question_id`.
@@ -447,7 +453,28 @@ def _pair(rec: dict[str, Any]) -> dict[str, Any]:
     weight = _number(rec.get("weight", 1.0), "weight", what)
     if weight < 0:
         raise _RowError("weight", f"{what}, got {_show(rec['weight'])}")
+    if rec.get("labels") is not None:
+        _dimension_labels(rec["labels"])
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "weight": weight}
+
+
+def _dimension_labels(labels: Any) -> None:
+    """Check a pair's `labels`: {dimension: P(chosen better on it) in [0, 1]}."""
+    if not isinstance(labels, dict):
+        raise _RowError(
+            "labels", f"field 'labels' must be an object {{dimension: number}}, got {_type_name(labels)}"
+        )
+    for name, value in labels.items():
+        if not name or not all(ch.isalnum() or ch in "_-" for ch in name) or len(name) > 64:
+            raise _RowError(
+                "labels", f"dimension name {_show(name)} must be 1-64 letters, digits, '_' or '-'"
+            )
+        if name == "overall":
+            raise _RowError("labels.overall", "'overall' is the pair's own preference (chosen over rejected)")
+        what = f"field 'labels.{name}' must be P(chosen better) in [0, 1]"
+        v = _number(value, f"labels.{name}", what)
+        if not 0.0 <= v <= 1.0:
+            raise _RowError(f"labels.{name}", f"{what}, got {_show(value)}")
 
 
 def _ranking(rec: dict[str, Any]) -> dict[str, Any]:

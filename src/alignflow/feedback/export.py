@@ -109,6 +109,7 @@ def _preference_rows(s: Session, p: Any, method: str) -> list[dict[str, Any]]:
     pairwise = overall["label"].map(lambda v: isinstance(v, str)).all()
     consensus: dict[str, dict[str, Any]] = {}
     dim_consensus: dict[str, dict[str, str]] = {}
+    dim_p_a: dict[str, dict[str, float]] = {}
     if pairwise:
         from alignflow.quality.schema import validate_judgments
 
@@ -118,6 +119,8 @@ def _preference_rows(s: Session, p: Any, method: str) -> list[dict[str, Any]]:
                 consensus[row["item_id"]] = row
             else:
                 dim_consensus.setdefault(row["item_id"], {})[row["dimension"]] = row["label"]
+                if row.get("p_a") is not None and row["p_a"] == row["p_a"]:  # NaN: not a pairwise dimension
+                    dim_p_a.setdefault(row["item_id"], {})[row["dimension"]] = float(row["p_a"])
     out = []
     for item_id, votes in overall.groupby("item_id", sort=True):
         item = items[item_id]
@@ -158,6 +161,7 @@ def _preference_rows(s: Session, p: Any, method: str) -> list[dict[str, Any]]:
                 "method": method if pairwise else "borda",
                 "votes": vote_rows,
                 "dimension_labels": json.dumps(dim_consensus.get(item_id, {}), sort_keys=True),
+                "dimension_p_a": json.dumps(dim_p_a.get(item_id, {}), sort_keys=True),
                 "dimension_votes": json.dumps(
                     [
                         {"annotator_id": d.annotator_id, "dimension": d.dimension, "label": d.label}
@@ -173,6 +177,30 @@ def _preference_rows(s: Session, p: Any, method: str) -> list[dict[str, Any]]:
 
 TieRule = Literal["drop", "both-half", "both"]
 TIE_RULES: tuple[str, ...] = ("drop", "both-half", "both")  # "both" is the older name of "both-half"
+
+
+def _dimension_p_chosen(row: Mapping[str, Any], tie_rule: str) -> dict[str, float]:
+    """Per dimension, P(chosen better on it) in canonical A/B terms flipped to the pair's chosen side.
+
+    The aggregation's own soft label ``p_a`` per dimension (Dawid-Skene per dimension by default) where the
+    export has it, else the consensus label (A 1, B 0, tie 0.5). A dimension whose consensus is a tie follows
+    the tie rule: left out under ``drop``, 0.5 under ``both-half``.
+    """
+    labels = json.loads(row.get("dimension_labels") or "{}")
+    p_a = json.loads(row.get("dimension_p_a") or "{}")
+    chosen_is_a = row["label"] != "B"
+    out = {}
+    for dim, label in sorted(labels.items()):
+        if label == "tie" and tie_rule == "drop":
+            continue
+        if dim in p_a:
+            pa = float(p_a[dim])
+        elif label in ("A", "B", "tie"):
+            pa = {"A": 1.0, "B": 0.0, "tie": 0.5}[label]
+        else:
+            continue  # not a pairwise verdict (a rating dimension): no pair label
+        out[dim] = round(pa if chosen_is_a else 1.0 - pa, 6)
+    return out
 
 
 def _pair(pair_id: str, prompt: str, chosen: str, rejected: str, weight: float, meta: str) -> dict[str, Any]:
@@ -200,18 +228,25 @@ def preferences_to_pairs(
         both-half (or "both"): kept as two pairs, A over B and B over A, each with weight 0.5: the pair then adds no net
             preference, only pressure toward equal scores (ids ``<item>/ab`` and ``<item>/ba``).
 
-    Texts are copied as stored; `meta` is a JSON object with the item's ``n_votes`` and aggregation ``method``.
+    Texts are copied as stored; `meta` is a JSON object with the item's ``n_votes``, aggregation ``method`` and,
+    when annotators rated dimensions, ``labels``: {dimension: P(chosen better on it)} (see
+    :func:`_dimension_p_chosen`; the `pairs` format in :mod:`alignflow.data.formats` documents it). For a tie kept
+    as two pairs the ``ba`` pair's labels are flipped.
     """
     if tie_rule not in TIE_RULES:
         raise ValueError(f"tie_rule must be one of {TIE_RULES}, got {tie_rule!r}")
     out = []
     for r in rows:
-        meta = json.dumps({"n_votes": r["n_votes"], "method": r["method"]})
+        base = {"n_votes": r["n_votes"], "method": r["method"]}
+        labels = _dimension_p_chosen(r, tie_rule) if r.get("p_a") is not None else {}
+        meta = json.dumps({**base, "labels": labels} if labels else base)
         if r["label"] == "tie":
             if tie_rule in ("both", "both-half"):
                 a, b = r["chosen"], r["rejected"]  # a tie keeps candidate A as `chosen`
+                flipped = {d: round(1.0 - v, 6) for d, v in labels.items()}
+                meta_ba = json.dumps({**base, "labels": flipped} if labels else base)
                 out.append(_pair(f"{r['item_id']}/ab", r["prompt"], a, b, 0.5, meta))
-                out.append(_pair(f"{r['item_id']}/ba", r["prompt"], b, a, 0.5, meta))
+                out.append(_pair(f"{r['item_id']}/ba", r["prompt"], b, a, 0.5, meta_ba))
             continue
         p_a = r.get("p_a")
         if p_a is None:

@@ -315,8 +315,10 @@ def load_reward_model(
     gradient_checkpointing: bool = False,
     lora: LoraSpec | None = None,
     pad_token_id: int | None = None,
+    num_labels: int = 1,
 ) -> nn.Module:
-    """Load a scalar reward model: ``AutoModelForSequenceClassification`` with ``num_labels=1``.
+    """Load a reward model: ``AutoModelForSequenceClassification`` with ``num_labels`` outputs (1 = scalar; a
+    multi-head reward model has one per head, in the order ``ensemble.json``'s ``heads`` gives).
 
     The sequence-classification head pools the last non-pad token, which it finds through
     ``config.pad_token_id``; we set it (from ``pad_token_id`` or the saved config) and fail if neither
@@ -327,7 +329,7 @@ def load_reward_model(
     p = _check_model_dir(path)
     with _translate_errors(p, "reward model"), quiet_transformers_progress():
         cfg = AutoConfig.from_pretrained(str(p))
-        cfg.num_labels = 1
+        cfg.num_labels = num_labels
         if pad_token_id is not None:
             cfg.pad_token_id = pad_token_id
         if cfg.pad_token_id is None:

@@ -12,14 +12,18 @@ Ensemble file format (``ensemble.json``, written by :func:`write_ensemble`, read
 
     {"format_version": 1, "members": ["member-0", ...], "backbone": "causal" | "encoder",
      "max_length": int, "max_prompt_length": int | null, "eval": {metric: value},
-     "pooling": "last" | "cls" | "mean" | "response_mean", "keep_completion": bool, "temperature": float}
+     "pooling": "last" | "cls" | "mean" | "response_mean", "keep_completion": bool, "temperature": float,
+     "heads": ["overall", "accuracy", ...]}
 
 Each member folder is a standalone HF model (a LoRA member is merged before it is written); ``backbone``, the
 two lengths and ``keep_completion`` say how the recipe formatted text, so a scorer formats it the same way.
 ``pooling`` says which token states feed the linear head (:class:`PooledRewardModel`); ``temperature`` T is
 the post-hoc temperature scaling (Guo et al. 2017, section 4.2) fitted on a calibration split: the scorer
 returns rewards divided by T, so ``sigmoid(r(a) - r(b))`` is a calibrated preference probability. The last
-three fields are optional (older files mean last/CLS pooling, the default truncation and T = 1).
+three fields are optional (older files mean last/CLS pooling, the default truncation and T = 1). ``heads``
+names the model's outputs in order (a multi-head reward model: one Bradley-Terry head per rated dimension on
+a shared trunk, ``overall`` first); a file without it has the one head ``overall``. The temperature is fitted
+on the overall head and divides every head.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from alignflow.models.loading import load_reward_model, load_tokenizer
 ENSEMBLE_FILE = "ensemble.json"
 FORMAT_VERSION = 1
 POOLINGS = ("last", "cls", "mean", "response_mean")
+OVERALL = "overall"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the ensemble file
@@ -55,6 +60,7 @@ def write_ensemble(
     pooling: str | None = None,
     keep_completion: bool = False,
     temperature: float = 1.0,
+    heads: Sequence[str] = (OVERALL,),
 ) -> dict[str, Any]:
     """Write ``root/ensemble.json`` beside the member folders it names; returns the manifest written.
 
@@ -62,6 +68,8 @@ def write_ensemble(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not heads or heads[0] != OVERALL or len(set(heads)) != len(heads):
+        raise ValueError(f"heads must start with {OVERALL!r} and not repeat, got {list(heads)!r}")
     manifest = {
         "format_version": FORMAT_VERSION,
         "members": list(members),
@@ -72,6 +80,7 @@ def write_ensemble(
         "pooling": pooling or default_pooling(backbone == "encoder"),
         "keep_completion": keep_completion,
         "temperature": float(temperature),
+        "heads": list(heads),
     }
     (root / ENSEMBLE_FILE).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -88,6 +97,11 @@ def read_ensemble(root: Path) -> dict[str, Any]:
     for key in ("members", "backbone", "max_length"):
         if key not in spec:
             raise DataFormatError(f"{spec_file}: missing field {key!r}")
+    heads = spec.setdefault("heads", [OVERALL])
+    if not isinstance(heads, list) or not heads or heads[0] != OVERALL:
+        raise DataFormatError(
+            f"{spec_file}: field 'heads' must be a list starting with {OVERALL!r}, got {heads!r}"
+        )
     return spec
 
 
@@ -187,6 +201,10 @@ class RewardModels:
     def temperature(self) -> float:
         return float((self.spec or {}).get("temperature", 1.0))
 
+    @property
+    def heads(self) -> list[str]:
+        return list((self.spec or {}).get("heads", [OVERALL]))
+
 
 def load_reward_models(path: str | Path, device: str = "cpu") -> RewardModels:
     """Load an ``alignflow rm`` folder (every member, float32) or one HF sequence-classification folder."""
@@ -198,7 +216,11 @@ def load_reward_models(path: str | Path, device: str = "cpu") -> RewardModels:
         members = [
             with_pooling(
                 load_reward_model(
-                    root / m, dtype="float32", device=device, pad_token_id=tokenizer.pad_token_id
+                    root / m,
+                    dtype="float32",
+                    device=device,
+                    pad_token_id=tokenizer.pad_token_id,
+                    num_labels=len(spec["heads"]),
                 ),
                 pooling,
             )
@@ -214,22 +236,32 @@ def load_reward_models(path: str | Path, device: str = "cpu") -> RewardModels:
 
 
 @torch.no_grad()
-def ensemble_scores(
-    members: Sequence[nn.Module], batches: Iterable[Mapping[str, torch.Tensor]]
+def ensemble_head_scores(
+    members: Sequence[nn.Module], batches: Iterable[Mapping[str, torch.Tensor]], n_heads: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and population std over the members of their scalar rewards, float32 ``(N,)`` each on the CPU.
+    """Mean and population std over the members of every head's reward, float32 ``(N, H)`` each on the CPU.
 
     ``batches`` are model inputs (``input_ids``, ``attention_mask``, ...) of consecutive chunks of the N
     sequences; every member scores every batch. One member gives std 0.
     """
     batches = list(batches)
     per_member = [
-        torch.cat([model(**b).logits[:, 0].float().cpu() for b in batches]) if batches else torch.zeros(0)
+        torch.cat([model(**b).logits[:, :n_heads].float().cpu() for b in batches])
+        if batches
+        else torch.zeros(0, n_heads)
         for model in members
     ]
-    stack = torch.stack(per_member)  # (K, N)
+    stack = torch.stack(per_member)  # (K, N, H)
     std = stack.std(0, unbiased=False) if len(members) > 1 else torch.zeros_like(stack[0])
     return stack.mean(0), std
+
+
+def ensemble_scores(
+    members: Sequence[nn.Module], batches: Iterable[Mapping[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ensemble_head_scores` of the first head (``overall``): ``(N,)`` mean and std."""
+    mean, std = ensemble_head_scores(members, batches, 1)
+    return mean[:, 0], std[:, 0]
 
 
 def freeze_bottom(model: Any, n_layers: int) -> None:
@@ -262,7 +294,9 @@ class RewardModelScorer:
 
     ``scorer(prompts, responses) -> (mean (N,), std (N,))``, float32: the members' mean reward and their
     population std (0 for a single model), both divided by the checkpoint's fitted ``temperature`` (1 when
-    none was fitted), so a reward gap is a calibrated log-odds.
+    none was fitted), so a reward gap is a calibrated log-odds. That is the ``overall`` head; a multi-head
+    checkpoint's every head is ``scorer.score_heads(prompts, responses) -> (mean (N, H), std (N, H))`` in the
+    order of ``scorer.heads``.
     """
 
     def __init__(
@@ -275,6 +309,7 @@ class RewardModelScorer:
         loaded = load_reward_models(path, device=device)
         self.tokenizer, self.members = loaded.tokenizer, loaded.members
         self.spec, self.temperature = loaded.spec, loaded.temperature
+        self.heads = loaded.heads
         self.counter = TruncationCounter("scored responses")
         self.encoder: SequenceEncoder | None = None
         if loaded.spec is not None:
@@ -309,6 +344,14 @@ class RewardModelScorer:
             )
             for i in range(0, n, size)
         ]
+
+    def score_heads(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Every head's ``(mean (N, H), std (N, H))``, divided by the temperature; columns as ``self.heads``."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        batches = self._batches(prompts, responses)
+        mean, std = ensemble_head_scores(self.members, batches, len(self.heads))
+        return mean / self.temperature, std / self.temperature
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[Tensor, Tensor]:
         if len(prompts) != len(responses):

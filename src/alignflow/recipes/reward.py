@@ -66,6 +66,7 @@ from alignflow.evaluate.rm_eval import fit_temperature
 from alignflow.models import load_reward_model, load_tokenizer
 from alignflow.models.export import export_hf
 from alignflow.models.reward import (
+    OVERALL,
     freeze_bottom,
     unwrap_pooling,
     with_pooling,
@@ -77,7 +78,7 @@ from alignflow.store import Store
 from alignflow.train.accum import example_mean_share, step_weight
 from alignflow.train.checkpoint import CheckpointManager
 from alignflow.train.logprobs import splittable, tree_pair_scores
-from alignflow.train.losses import bradley_terry_loss
+from alignflow.train.losses import bradley_terry_loss, multi_head_bradley_terry_sums
 from alignflow.train.optim import (
     StepTimer,
     build_optimizer,
@@ -118,6 +119,12 @@ class RewardDataSection(PreferenceDataSection):
 
 
 class RewardLossSection(StrictModel):
+    head_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Weight of each dimension head's Bradley-Terry loss beside the overall head's (multi-head "
+        "models; heads: [...]).",
+    )
     soft_labels: bool = Field(
         default=False, description="Treat the pairs' weight column as P(chosen better)."
     )
@@ -156,6 +163,13 @@ class RewardConfig(StageConfig):
 
     stage: Literal["rm"] = "rm"
     model: RewardModelSection
+    heads: list[str] | Literal["auto"] | None = Field(
+        default=None,
+        description="Reward heads on one trunk: 'overall' (the pair's preference) and one per rated dimension, "
+        "trained on the pairs' labels (pairs format: labels {dimension: P(chosen better)}); a pair without a "
+        "dimension's label is masked for that head. auto = overall plus every dimension the training pairs "
+        "label. None = one overall head.",
+    )
     lora: LoraSection = Field(default_factory=LoraSection)
     data: RewardDataSection
     loss: RewardLossSection = Field(default_factory=RewardLossSection)
@@ -219,6 +233,7 @@ class _Data:
     tok: Any
     opts: RewardOptions
     device: torch.device
+    heads: list[str]
 
     @property
     def encoder(self) -> bool:
@@ -227,7 +242,8 @@ class _Data:
 
 @dataclass
 class _Member:
-    """One trained member: its last training metrics, held-out and calibration scores ``(N,)`` chosen and rejected."""
+    """One trained member: its last training metrics, held-out and calibration scores ``(N, H)`` chosen and
+    rejected (one column per head, ``overall`` first)."""
 
     metrics: dict[str, float]
     held_scores: tuple[torch.Tensor, torch.Tensor] | None
@@ -246,7 +262,8 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
     opts = resolved_options(cfg, _is_encoder(cfg, tok))
     counter = TruncationCounter("responses")
     train, held, calib = _load_data(cfg, r, tok, opts, counter)
-    data = _Data(train, held, calib, tok, opts, device)
+    heads = resolve_heads(cfg.heads, train, cfg.data.train)
+    data = _Data(train, held, calib, tok, opts, device, heads)
     r.model_dir(cfg.model.path)
     K = cfg.ensemble.size
     out_root = r.run_dir / "final"
@@ -271,14 +288,17 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
     temperature = 1.0
     if calib:
         cal_c, cal_r = _ensemble_mean([m.calib_scores for m in members if m.calib_scores])
-        temperature = fit_temperature(cal_c - cal_r)
+        temperature = fit_temperature(cal_c[:, 0] - cal_r[:, 0])
         final["calibration/temperature"] = temperature
         final["calibration/pairs"] = len(calib)
     reliability: list[dict[str, float]] = []
     if held:
+        held_scores = [m.held_scores for m in members if m.held_scores]
         evaluation = _evaluate_ensemble(
-            [m.held_scores for m in members if m.held_scores], cfg.calibration_bins, temperature
+            [(c[:, 0], rj[:, 0]) for c, rj in held_scores], cfg.calibration_bins, temperature
         )
+        if len(data.heads) > 1:
+            evaluation.update(head_metrics(*_ensemble_mean(held_scores), held, data.heads))
         reliability = evaluation.pop("reliability")
         reliability_calibrated = evaluation.pop("reliability_calibrated", None)
         final.update(evaluation)
@@ -303,14 +323,17 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
         pooling=opts.pooling,
         keep_completion=opts.keep_response,
         temperature=temperature,
+        heads=data.heads,
     )
     ckpt_id = r.register_checkpoint(
-        out_root, meta={"kind": "reward_model", "ensemble_size": K, **manifest["eval"]}
+        out_root,
+        meta={"kind": "reward_model", "ensemble_size": K, "heads": data.heads, **manifest["eval"]},
     )
     summary = {
         "metrics": final,
         "reliability": reliability,
         "ensemble_size": K,
+        "heads": data.heads,
         "train_pairs": len(train),
         "eval_pairs": len(held),
         "calibration_pairs": len(calib),
@@ -342,6 +365,66 @@ def _is_encoder(cfg: RewardConfig, tok: Any) -> bool:
     if cfg.model.backbone != "auto":
         return cfg.model.backbone == "encoder"
     return tok.cls_token_id is not None and tok.sep_token_id is not None
+
+
+def resolve_heads(spec: list[str] | str | None, train: list[EncodedPair], source: str) -> list[str]:
+    """The model's heads, ``overall`` first: ``None`` one head, ``auto`` every dimension the pairs label.
+
+    A named dimension that no training pair labels is an error naming it and the dimensions there are.
+    """
+    present = sorted({d for p in train for d in p.labels})
+    if spec is None:
+        return [OVERALL]
+    if spec == "auto":
+        if not present:
+            raise DataFormatError(
+                f"{source}: heads: auto, but no training pair has per-dimension labels (pairs field 'labels')"
+            )
+        return [OVERALL, *present]
+    names = [h for h in spec if h != OVERALL]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"heads: {spec!r} names a head twice")
+    missing = [h for h in names if h not in present]
+    if missing:
+        have = ", ".join(present) or "none"
+        raise ConfigError(
+            f"heads: no training pair in {source} labels {', '.join(map(repr, missing))} (labelled: {have})"
+        )
+    return [OVERALL, *names]
+
+
+def _head_targets(
+    items: list[EncodedPair], heads: list[str], eps: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets (B, H-1), mask (B, H-1))`` of the dimension heads: P(chosen better), label-smoothed."""
+    dims = heads[1:]
+    mask = torch.tensor([[d in p.labels for d in dims] for p in items], dtype=torch.bool, device=device)
+    p = torch.tensor([[p.labels.get(d, 0.5) for d in dims] for p in items], device=device)
+    return eps + (1 - 2 * eps) * p, mask
+
+
+def head_metrics(
+    chosen: torch.Tensor, rejected: torch.Tensor, items: list[EncodedPair], heads: list[str]
+) -> dict[str, float]:
+    """Held-out agreement with each dimension's labels, of its own head and of the overall head.
+
+    A pair counts for dimension d when its label is decided (P(chosen better on d) != 0.5); the head agrees
+    when its reward gap has the label's sign. ``eval/head/<d>/overall_accuracy`` is the overall head on the
+    same pairs: the comparison that says whether the dimension head sees what the overall model misses.
+    """
+    out: dict[str, float] = {}
+    for h, d in enumerate(heads[1:], start=1):
+        rows = [(i, p.labels[d]) for i, p in enumerate(items) if d in p.labels and p.labels[d] != 0.5]
+        if not rows:
+            continue
+        idx = torch.tensor([i for i, _ in rows])
+        want = torch.tensor([v > 0.5 for _, v in rows])
+        own = (chosen[idx, h] - rejected[idx, h]) > 0
+        overall = (chosen[idx, 0] - rejected[idx, 0]) > 0
+        out[f"eval/head/{d}/accuracy"] = float((own == want).float().mean())
+        out[f"eval/head/{d}/overall_accuracy"] = float((overall == want).float().mean())
+        out[f"eval/head/{d}/pairs"] = float(len(rows))
+    return out
 
 
 def _read_pairs(r: Run, ref: str, fmt: str, role: str) -> list[Pair]:
@@ -413,6 +496,7 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         lora=lora_spec(cfg.lora),
         pad_token_id=pad_id,
+        num_labels=len(data.heads),
     )
     freeze_bottom(model, cfg.model.freeze_layers)
     model = with_pooling(model, data.opts.pooling)
@@ -445,7 +529,7 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
         for step in range(start + 1, total + 1):
             micro = [[data.train[idx[j]] for j in next(batches)] for _ in range(cfg.train.grad_accum)]
             loss, correct, margin_sum = _accumulate_gradients(
-                cfg, model, micro, pad_id, data.device, packed, step, ckpt
+                cfg, model, micro, pad_id, data.device, packed, step, ckpt, data.heads
             )
             grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
             scheduler.step()  # once per optimizer step
@@ -462,9 +546,8 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
             if step % cfg.train.log_every == 0 or step == total:
                 r.log(step, {prefix + key: v for key, v in metrics.items()})
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and data.held:
-                ev = preference_metrics(
-                    *_score_pairs(model, data.held, pad_id, data.device, cfg.train.batch_size, packed)
-                )
+                hc, hr = _score_pairs(model, data.held, pad_id, data.device, cfg.train.batch_size, packed)
+                ev = preference_metrics(hc[:, 0], hr[:, 0])
                 r.log(step, {f"{prefix}eval/{key}": v for key, v in ev.items() if key != "reliability"})
             bar.update(step, metrics)
             state = {"sampler": sampler.state_dict()}
@@ -504,20 +587,30 @@ def _accumulate_gradients(
     packed: bool,
     step: int,
     ckpt: Any,
+    heads: list[str] | None = None,
 ) -> tuple[float, float, float]:
     """Forward and backward over the step's micro-batches; returns ``(loss, n_correct, summed reward gap)``.
 
     The step's loss is the (weighted) mean Bradley-Terry loss over ALL its pairs
-    (:func:`alignflow.train.accum.example_mean_share`), whatever the micro-batch split.
+    (:func:`alignflow.train.accum.example_mean_share`), whatever the micro-batch split. A multi-head model adds,
+    per dimension head, ``loss.head_weight`` times the mean soft Bradley-Terry loss over the step's pairs that
+    label that dimension (:func:`~alignflow.train.losses.multi_head_bradley_terry_sums`); correct and gap are
+    the overall head's.
     """
+    heads = heads or [OVERALL]
     weighted = cfg.loss.use_weights and not cfg.loss.soft_labels
     eps = cfg.loss.label_smoothing
     pair_weights = [[p.weight if weighted else 1.0 for p in items] for items in micro]
     total_weight = step_weight(pair_weights)
+    # Per dimension head: its labelled pairs over the whole step, so the mean does not depend on the split.
+    head_counts = torch.tensor(
+        [sum(d in p.labels for items in micro for p in items) for d in heads[1:]], device=device
+    ).clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     correct = margin_sum = 0.0
     for items, weights in zip(micro, pair_weights, strict=True):
-        chosen, rejected = _pair_scores(model, items, pad_id, device, packed)  # (B,) each
+        scores_c, scores_r = _pair_scores(model, items, pad_id, device, packed)  # (B, H) each
+        chosen, rejected = scores_c[:, 0], scores_r[:, 0]
         w = torch.tensor([p.weight for p in items], dtype=chosen.dtype, device=device)
         target = w if cfg.loss.soft_labels else None
         if eps > 0:
@@ -531,6 +624,10 @@ def _accumulate_gradients(
             soft_labels=target,
         )
         loss = example_mean_share(loss, sum(weights), total_weight)
+        if len(heads) > 1 and cfg.loss.head_weight > 0:
+            targets, mask = _head_targets(items, heads, eps, device)
+            sums = multi_head_bradley_terry_sums(scores_c[:, 1:], scores_r[:, 1:], targets, mask)
+            loss = loss + cfg.loss.head_weight * (sums / head_counts).sum()
         check_finite(loss, step, [p.id for p in items], ckpt)
         loss.backward()
         loss_sum += loss.detach()
@@ -543,7 +640,7 @@ def _accumulate_gradients(
 def _ensemble_mean(
     member_scores: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The members' mean chosen and rejected scores, ``(N,)`` each, from K ``(N,)`` pairs."""
+    """The members' mean chosen and rejected scores, ``(N, ...)`` each, from K pairs of that shape."""
     return (
         torch.stack([c for c, _ in member_scores]).mean(0),
         torch.stack([rj for _, rj in member_scores]).mean(0),
@@ -581,22 +678,24 @@ def _evaluate_ensemble(
 def _pair_scores(
     model: Any, items: list[EncodedPair], pad_id: int, device: torch.device, packed: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scalar rewards of chosen and rejected responses, ``(B,)`` each, in one forward.
+    """Rewards of chosen and rejected responses, ``(B, H)`` each (one column per head), in one forward.
 
     Packed: each pair a prefix tree (prompt once, then chosen and rejected, which never see each other), the
     score head on each response's last token; padded: ``[chosen; rejected]`` rows, last-non-pad pooling.
     """
+    n = len(items)
     if packed:
-        return tree_pair_scores(model, pack_pairs(items, pad_id, device))
+        chosen, rejected = tree_pair_scores(model, pack_pairs(items, pad_id, device))
+        return chosen.reshape(n, -1), rejected.reshape(n, -1)
     batch = pad_batch([p.chosen for p in items] + [p.rejected for p in items], pad_id, device)
-    scores = model(**model_kwargs(batch)).logits.squeeze(-1)  # (2B,)
-    return scores[: len(items)], scores[len(items) :]
+    scores = model(**model_kwargs(batch)).logits.reshape(2 * n, -1)  # (2B, H)
+    return scores[:n], scores[n:]
 
 
 def _score_pairs(
     model: Any, items: list[EncodedPair], pad_id: int, device: torch.device, batch_size: int, packed: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out scores of chosen and rejected responses, float32 ``(N,)`` each on the CPU, without gradients."""
+    """Held-out scores of chosen and rejected responses, float32 ``(N, H)`` each on the CPU, without gradients."""
     model.eval()
     chosen, rejected = [], []
     with torch.no_grad():

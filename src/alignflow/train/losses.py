@@ -143,6 +143,38 @@ def bradley_terry_loss(
 LossAndRewards = tuple[Tensor, Tensor, Tensor]
 
 
+def multi_head_bradley_terry_sums(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, targets: Tensor, mask: Tensor
+) -> Tensor:
+    """Per-head SUMMED soft Bradley-Terry losses of a multi-head reward model over the pairs labelled for it.
+
+    Each head h is its own Bradley-Terry model (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1) of one rated
+    dimension: with ``delta = r_c[:, h] - r_r[:, h]`` and ``p = targets[:, h] = P(chosen better on h)`` a pair
+    costs ``-[p log sigmoid(delta) + (1 - p) log sigmoid(-delta)]``; pairs whose ``mask[:, h]`` is False (no
+    label for h) cost nothing and get no gradient. Sums, not means, so a caller that accumulates micro-batches
+    divides each head by its labelled-pair count over the whole step and gets the same loss for any split.
+
+    Args:
+        chosen_rewards, rejected_rewards: ``(B, H)`` rewards, one column per head.
+        targets: ``(B, H)`` soft labels in ``[0, 1]`` (any value where masked).
+        mask: ``(B, H)`` bool, True where the pair carries the head's label.
+
+    Returns:
+        ``(H,)`` summed losses.
+    """
+    if not (chosen_rewards.shape == rejected_rewards.shape == targets.shape == mask.shape):
+        raise ValueError(
+            f"chosen {tuple(chosen_rewards.shape)}, rejected {tuple(rejected_rewards.shape)}, targets "
+            f"{tuple(targets.shape)} and mask {tuple(mask.shape)} must all be (B, H)"
+        )
+    delta = chosen_rewards - rejected_rewards
+    p = torch.where(mask, targets.to(delta.dtype), torch.zeros_like(delta))
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError("targets must lie in [0, 1]")
+    per_pair = -(p * F.logsigmoid(delta) + (1 - p) * F.logsigmoid(-delta))
+    return torch.where(mask, per_pair, torch.zeros_like(per_pair)).sum(0)
+
+
 def _check_pairs(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
@@ -545,6 +577,7 @@ def entropy_from_logits(
 
 
 __all__: list[str] = [
+    "multi_head_bradley_terry_sums",
     "AGGREGATIONS",
     "DPO_LOSS_TYPES",
     "aggregate_loss",
