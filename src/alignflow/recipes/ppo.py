@@ -14,8 +14,10 @@ Ziegler et al. 2019):
 2. Generate with the KV-cache sampler (:func:`alignflow.rollout.sample`); its log-probs are the "old" log-probs
    ``log pi_old`` (temperature-scaled, see :mod:`alignflow.rollout.generation`) unless
    ``rollout.recompute_logprobs`` asks for a fresh forward in the training layout.
-3. Score the decoded responses (a reward function or reward model ensemble), shape the scores
-   (missing-EOS / length penalties, running normalisation, clipping).
+3. Score the decoded responses (a reward function or reward model ensemble), one score per head; combine the
+   heads (``reward.combine``: weights, and constraints with Lagrange multipliers, Moskovitz et al. 2023, see
+   :mod:`alignflow.train.constraints`) or take the one head; shape the scores (missing-EOS / length
+   penalties, running normalisation, clipping). The multipliers then take a step on this batch's head means.
 4. Reference log-probs (the frozen SFT model, or the LoRA policy with adapters off) give the per-token KL.
 5. Advantages: ``gae`` — per-token reward ``-beta * KL_t`` plus the score at the last token, GAE over the
    critic's values, whitened; ``rloo`` — sequence reward ``score - beta * sum_t KL_t`` with the leave-one-out
@@ -30,14 +32,15 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from torch import Tensor, nn
 
 from alignflow.config import (
@@ -58,21 +61,25 @@ from alignflow.models import (
     load_reference,
     load_tokenizer,
     load_value_model,
+    reference_mode,
 )
 from alignflow.models.export import export_hf
 from alignflow.recipes.common import Run, check_finite, console, set_seed, start_run
 from alignflow.rollout import (
+    OVERALL,
     AdvantageSpec,
-    EnsembleScorer,
+    EnsembleHeadScorer,
     Experience,
     Forwarder,
     ForwardOut,
+    HeadScorer,
     RewardModelScorer,
     Rollout,
     RolloutRows,
     RunningMoments,
     ShapingConfig,
     explained_variance,
+    function_head_scorer,
     function_scorer,
     make_experience,
     sample,
@@ -81,6 +88,7 @@ from alignflow.rollout import (
 from alignflow.store import Store
 from alignflow.train import optim as T
 from alignflow.train.advantages import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
+from alignflow.train.constraints import LagrangeMultipliers, combine_heads, parse_constraint
 from alignflow.train.losses import ppo_policy_loss, value_loss
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -124,9 +132,50 @@ class RolloutSection(StrictModel):
     scoring_batch_size: int = Field(default=32, gt=0, description="Rows per no-grad scoring forward.")
 
 
+def _constraint(spec: str) -> str:
+    try:
+        parse_constraint(spec)
+    except ValueError:
+        raise ValueError("expected '>= reference' or '>= <number>'") from None
+    return spec
+
+
+class CombineSection(StrictModel):
+    """The training reward from several reward heads: weights, and constraints held by Lagrange multipliers."""
+
+    weights: dict[str, Annotated[float, Field(ge=0.0)]] = Field(
+        default_factory=lambda: {OVERALL: 1.0},
+        description="{head: weight >= 0}, at least one positive: the objective's weighted heads.",
+    )
+    constraints: dict[str, Annotated[str, AfterValidator(_constraint)]] = Field(
+        default_factory=dict,
+        description="{head: '>= reference' | '>= <number>'}: keep the head's mean raw score at least this "
+        "(reference: the reference policy's mean on `reference_prompts` training prompts, measured once).",
+    )
+    multiplier_lr: float = Field(
+        default=0.05, gt=0.0, description="Dual step: a multiplier moves by lr x (threshold - batch mean)."
+    )
+    multiplier_init: float = Field(default=0.0, ge=0.0, description="Every multiplier's initial value.")
+    multiplier_max: float = Field(default=10.0, gt=0.0, description="Multipliers are clipped to [0, max].")
+    reference_prompts: int = Field(
+        default=64, gt=0, description="Training prompts sampled once with the reference for '>= reference'."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CombineSection:
+        if not any(w > 0 for w in self.weights.values()):
+            raise ValueError(f"weights needs at least one positive weight, got {self.weights}")
+        if self.multiplier_init > self.multiplier_max:
+            raise ValueError(
+                f"multiplier_init={self.multiplier_init} is above multiplier_max={self.multiplier_max}"
+            )
+        return self
+
+
 class RewardSection(StrictModel):
     fn: str | None = Field(
-        default=None, description="'package.module:function' (prompts, responses) -> list[float]."
+        default=None,
+        description="'package.module:function' (prompts, responses) -> list[float], or {head: list[float]}.",
     )
     models: list[str] = Field(
         default_factory=list, description="Reward model checkpoint dirs (an ensemble if several)."
@@ -138,6 +187,10 @@ class RewardSection(StrictModel):
     length_penalty: float = Field(default=0.0, ge=0.0, description="Subtracted per response token.")
     clip: float | None = Field(default=None, gt=0.0, description="Clip shaped scores to [-clip, clip].")
     normalize: bool = Field(default=False, description="Normalise scores by running mean/std over all steps.")
+    combine: CombineSection | None = Field(
+        default=None,
+        description="Combine reward heads (weights, constraints); unset: the one head, or 'overall'.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSection:
@@ -288,7 +341,7 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     train_ids = [encode_prompt(tok, p.text, cfg.data.max_prompt_length, p.templated) for p in train_prompts]
     stream = PromptStream(len(train_prompts), cfg.train.seed)
     forwarder = _load_models(cfg, r, tok, device)
-    scorer = _reward_source(cfg, r, device)
+    scorer = _reward_source(cfg, r, device)  # (prompts, responses) -> ((B, H), heads)
     monitor_fn = function_scorer(cfg.monitor.score_fn, "monitor.score_fn") if cfg.monitor.score_fn else None
     shaping = ShapingConfig(
         missing_eos_penalty=cfg.reward.missing_eos_penalty,
@@ -327,6 +380,14 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
         moments.load_state_dict(state["moments"])
         kl_ctl.value = float(state["kl_coef"])
         console.print(f"resumed from {loaded.path} (step {start})")
+    multipliers: LagrangeMultipliers | None = None
+    if cfg.reward.combine is not None:  # after the resume: restored thresholds are never measured again
+        saved = state.get("constraints") if loaded is not None else None
+        multipliers = _multipliers(cfg, saved, forwarder, tok, train_prompts, train_ids, scorer, device)
+
+    # the monitor's proxy reward is the training reward: the heads combined with the current multipliers
+    def proxy_reward(prompts: list[str], responses: list[str]) -> Tensor:
+        return _training_reward(*scorer(prompts, responses), cfg.reward, multipliers)
 
     # ================================================================ loop
     metrics: dict[str, float] = {}
@@ -337,10 +398,14 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             batch = [i for i in stream.take(cfg.rollout.batch_size) for _ in range(k)]
             forwarder.eval()
             rollout = _sample(forwarder.policy, [train_ids[i] for i in batch], tok, cfg.rollout, device)
-            # ---- score: reward source, then shaping
+            # ---- score: reward heads, their combination, a multiplier step, then shaping
             t_scoring = time.perf_counter()
             prompts = [train_prompts[i].text for i in batch]
-            raw_scores = scorer(prompts, _decode(tok, rollout)).to(device)
+            head_scores, heads = scorer(prompts, _decode(tok, rollout))  # (B, H)
+            raw_scores = _training_reward(head_scores, heads, cfg.reward, multipliers).to(device)
+            head_metrics = _head_metrics(head_scores, heads, cfg.reward, multipliers)
+            if multipliers is not None:
+                multipliers.update({h: float(head_scores[:, j].mean()) for j, h in enumerate(heads)})
             scores = shape_scores(raw_scores, rollout.finished, rollout.lengths, shaping, moments)
             # ---- make_experience: old/reference log-probs, KL, values, advantages
             t_training = time.perf_counter()
@@ -358,12 +423,13 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
                 "time/training": time.perf_counter() - t_training,
             }
             metrics = _step_metrics(experience, updates, scheduler, times, time.perf_counter() - t_step)
+            metrics.update(head_metrics)
             if cfg.monitor.every and step % cfg.monitor.every == 0:
-                metrics.update(_monitor(forwarder.policy, tok, held, scorer, monitor_fn, cfg, device))
+                metrics.update(_monitor(forwarder.policy, tok, held, proxy_reward, monitor_fn, cfg, device))
             r.log(step, metrics)
             bar.update(step, metrics)
             # ---- end_step: the periodic, stop-requested and final checkpoints
-            state = _data_state(step, stream, moments, kl_ctl)
+            state = _data_state(step, stream, moments, kl_ctl, multipliers)
             if r.end_step(
                 ckpt,
                 stop,
@@ -383,7 +449,7 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     final_step = cfg.train.steps
     final_metrics = {key: metrics[key] for key in PROGRESS_KEYS if key in metrics}
     if held:
-        final_metrics.update(_monitor(forwarder.policy, tok, held, scorer, monitor_fn, cfg, device))
+        final_metrics.update(_monitor(forwarder.policy, tok, held, proxy_reward, monitor_fn, cfg, device))
     if loaded is not None and start >= final_step:
         console.print(f"run already complete at step {start}; re-exporting the final policy")
     out_dir = r.run_dir / "final"
@@ -454,14 +520,141 @@ def _load_models(cfg: PPOConfig, r: Run, tok: Any, device: torch.device) -> Forw
     )
 
 
-def _reward_source(cfg: PPOConfig, r: Run, device: torch.device) -> Callable[[list[str], list[str]], Tensor]:
-    """``(prompts, responses) -> (B,)`` scores: a function by import path, or a reward-model ensemble."""
+def _reward_source(cfg: PPOConfig, r: Run, device: torch.device) -> HeadScorer:
+    """``(prompts, responses) -> (scores (B, H), heads)``: a function by import path, or a reward-model
+    ensemble (per head ``mean - k * std``). A checkpoint's heads are checked against ``reward.combine`` here,
+    a function's when it first returns."""
     if cfg.reward.fn:
-        return function_scorer(cfg.reward.fn, "reward.fn")
+        return function_head_scorer(cfg.reward.fn, "reward.fn")
     for path in cfg.reward.models:
         r.model_dir(path, role="reward_model")
     members = [RewardModelScorer(p, device=str(device)) for p in cfg.reward.models]
-    return EnsembleScorer(members, cfg.reward.ensemble_k)
+    scorer = EnsembleHeadScorer(members, cfg.reward.ensemble_k)
+    _check_heads(scorer.heads, cfg.reward)
+    return scorer
+
+
+def _check_heads(heads: list[str], section: RewardSection) -> None:
+    """ConfigError unless every head ``reward.combine`` names exists (and, without it, there is one to use)."""
+    source = f"reward.fn {section.fn!r}" if section.fn else f"the reward model ({', '.join(section.models)})"
+    if section.combine is None:
+        if section.fn and OVERALL not in heads:
+            raise ConfigError(
+                f"{source} returns heads {heads} but reward.combine is unset: set reward.combine.weights "
+                f"to say how to combine them (or return a list, or an {OVERALL!r} key)"
+            )
+        return
+    for kind, names in (("weights", section.combine.weights), ("constraints", section.combine.constraints)):
+        for head in names:
+            if head not in heads:
+                raise ConfigError(
+                    f"reward.combine.{kind}.{head}: unknown head {head!r}; {source} has heads {heads}"
+                )
+
+
+def _training_reward(
+    head_scores: Tensor, heads: list[str], section: RewardSection, multipliers: LagrangeMultipliers | None
+) -> Tensor:
+    """The raw training reward ``(B,)`` from the head scores ``(B, H)``: ``reward.combine``'s Lagrangian reward
+    with the current multipliers, or without it the one head: ``overall``, else a checkpoint's first head
+    (what :class:`RewardModelScorer` returns when called)."""
+    _check_heads(heads, section)
+    if section.combine is None:
+        return head_scores[:, heads.index(OVERALL) if OVERALL in heads else 0]
+    values = multipliers.values if multipliers is not None else {}
+    return combine_heads(head_scores, heads, section.combine.weights, values)
+
+
+def _head_metrics(
+    head_scores: Tensor, heads: list[str], section: RewardSection, multipliers: LagrangeMultipliers | None
+) -> dict[str, float]:
+    """``reward/head/<h>`` (raw batch mean, with ``reward.combine`` or several heads), and per constraint the
+    multiplier used this step (before its update) and the threshold."""
+    out: dict[str, float] = {}
+    if section.combine is not None or len(heads) > 1:
+        out.update({f"reward/head/{h}": float(head_scores[:, j].mean()) for j, h in enumerate(heads)})
+    if multipliers is not None:
+        for head, value in multipliers.values.items():
+            out[f"reward/multiplier/{head}"] = value
+            out[f"reward/threshold/{head}"] = multipliers.thresholds[head]
+    return out
+
+
+def _multipliers(
+    cfg: PPOConfig,
+    saved: Mapping[str, Any] | None,
+    forwarder: Forwarder,
+    tok: Any,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    scorer: HeadScorer,
+    device: torch.device,
+) -> LagrangeMultipliers:
+    """One Lagrange multiplier per ``reward.combine.constraints`` head: restored exactly from a checkpoint's
+    data state (``saved``), else new, with the thresholds the config gives and those it leaves to the
+    reference policy (``>= reference``) measured now."""
+    combine = cfg.reward.combine
+    assert combine is not None
+    given = {head: parse_constraint(spec) for head, spec in combine.constraints.items()}
+    thresholds = {head: value for head, value in given.items() if value is not None}
+    if saved is None and len(thresholds) < len(given):
+        means = _reference_head_means(cfg, forwarder, tok, prompts, prompt_ids, scorer, device)
+        _check_heads(list(means), cfg.reward)
+        thresholds = {head: means[head] if value is None else value for head, value in given.items()}
+        shown = ", ".join(f"{h} >= {thresholds[h]:.4g}" for h, v in given.items() if v is None)
+        console.print(f"reward.combine: thresholds from the reference policy: {shown}")
+    multipliers = LagrangeMultipliers(
+        {head: thresholds.get(head, 0.0) for head in given},
+        combine.multiplier_lr,
+        combine.multiplier_init,
+        combine.multiplier_max,
+    )
+    if saved is not None:
+        try:
+            multipliers.load_state_dict(saved)
+        except ValueError as exc:
+            raise ConfigError(f"reward.combine.constraints: cannot resume: {exc}") from None
+    return multipliers
+
+
+def _reference_head_means(
+    cfg: PPOConfig,
+    forwarder: Forwarder,
+    tok: Any,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    scorer: HeadScorer,
+    device: torch.device,
+) -> dict[str, float]:
+    """Each head's mean raw score of the reference policy, one sample on each of the first
+    ``reward.combine.reference_prompts`` prompts of the stream order (a fresh stream: the training stream is
+    not consumed) with its own generator (the training RNG is not disturbed)."""
+    assert cfg.reward.combine is not None
+    n = min(cfg.reward.combine.reference_prompts, len(prompts))
+    order = PromptStream(len(prompts), cfg.train.seed).take(n)
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed + 2_000_003)
+    chunk = cfg.rollout.batch_size * cfg.rollout.num_generations
+    parts: list[Tensor] = []
+    heads: list[str] = []
+    forwarder.eval()
+    with _reference_policy(forwarder) as model:
+        for first in range(0, n, chunk):
+            idx = order[first : first + chunk]
+            rollout = _sample(model, [prompt_ids[i] for i in idx], tok, cfg.rollout, device, generator)
+            scores, heads = scorer([prompts[i].text for i in idx], _decode(tok, rollout))
+            parts.append(scores)
+    means = torch.cat(parts).mean(dim=0)  # (H,)
+    return {head: float(means[j]) for j, head in enumerate(heads)}
+
+
+@contextmanager
+def _reference_policy(forwarder: Forwarder) -> Iterator[nn.Module]:
+    """The KL reference as a sampling policy: the frozen model, or the LoRA policy with its adapters off."""
+    if forwarder.reference is not None:
+        yield forwarder.reference
+    else:
+        with reference_mode(forwarder.policy) as model:
+            yield model
 
 
 def _optimizer(cfg: PPOConfig, forwarder: Forwarder) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
@@ -489,15 +682,23 @@ def _checkpoint_module(forwarder: Forwarder) -> nn.Module:
 
 
 def _data_state(
-    step: int, stream: PromptStream, moments: RunningMoments, kl_ctl: FixedKLController | AdaptiveKLController
+    step: int,
+    stream: PromptStream,
+    moments: RunningMoments,
+    kl_ctl: FixedKLController | AdaptiveKLController,
+    multipliers: LagrangeMultipliers | None,
 ) -> dict[str, Any]:
-    """Everything besides weights, optimizer and RNG that an exact resume needs."""
-    return {
+    """Everything besides weights, optimizer and RNG that an exact resume needs (with ``reward.combine``: the
+    constraints' thresholds and multipliers)."""
+    state: dict[str, Any] = {
         "step": step,
         "stream": stream.state_dict(),
         "moments": moments.state_dict(),
         "kl_coef": kl_ctl.value,
     }
+    if multipliers is not None:
+        state["constraints"] = multipliers.state_dict()
+    return state
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -660,7 +861,8 @@ def _monitor(
     cfg: PPOConfig,
     device: torch.device,
 ) -> dict[str, float]:
-    """Proxy reward, reference score and length on held-out prompts; sampling with its own generator."""
+    """Proxy reward (the training reward: combined heads, current multipliers), reference score and length on
+    held-out prompts; sampling with its own generator."""
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed + 1_000_003)
     ids = [encode_prompt(tok, p.text, cfg.data.max_prompt_length, p.templated) for p in held]
     policy.eval()

@@ -22,14 +22,28 @@ from alignflow.rollout.forward import (
     value_forward,
 )
 from alignflow.rollout.generation import Rollout, prompt_position_ids, sample, top_p_filter
-from alignflow.rollout.rewards import EnsembleScorer, RewardModelScorer, function_scorer, import_callable
+from alignflow.rollout.rewards import (
+    OVERALL,
+    EnsembleHeadScorer,
+    EnsembleScorer,
+    HeadScorer,
+    HeadScores,
+    RewardModelScorer,
+    function_head_scorer,
+    function_scorer,
+    import_callable,
+)
 
 __all__ = [
+    "OVERALL",
     "AdvantageSpec",
+    "EnsembleHeadScorer",
     "EnsembleScorer",
     "Experience",
     "ForwardOut",
     "Forwarder",
+    "HeadScorer",
+    "HeadScores",
     "RewardModelScorer",
     "Rollout",
     "RolloutRows",
@@ -37,6 +51,7 @@ __all__ = [
     "RunningMoments",
     "ShapingConfig",
     "explained_variance",
+    "function_head_scorer",
     "function_scorer",
     "import_callable",
     "make_experience",

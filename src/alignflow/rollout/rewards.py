@@ -1,6 +1,10 @@
 """Reward sources for on-policy training: a Python function by import path, or reward model(s).
 
-Both give a callable ``(prompts: list[str], responses: list[str]) -> Tensor (B,)``. A reward-model checkpoint
+Both give a callable ``(prompts: list[str], responses: list[str]) -> Tensor (B,)``, and per head
+``(prompts, responses) -> (scores (B, H), heads)`` (:data:`HeadScorer`): a function may return one list of
+floats (the one head ``overall``) or ``{head: list[float]}``; a reward model has the heads its checkpoint
+records (:attr:`RewardModelScorer.heads`); PPO combines them with
+:func:`~alignflow.train.constraints.combine_heads`. A reward-model checkpoint
 (an ``alignflow rm`` ensemble or a plain HF folder) is scored by the one text scorer,
 :class:`~alignflow.models.reward.RewardModelScorer`, re-exported here because PPO configures it as a
 reward source. :class:`EnsembleScorer` returns the conservative score ``mean - k * std`` over its members
@@ -11,17 +15,30 @@ optimisation" objective), which with ``k = 0`` is the plain mean.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from alignflow.errors import ConfigError
-from alignflow.models.reward import RewardModelScorer, load_reward_scorer
+from alignflow.models.reward import OVERALL, RewardModelScorer, load_reward_scorer
 
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]
-__all__ = ["EnsembleScorer", "RewardModelScorer", "function_scorer", "import_callable", "load_reward_scorer"]
+RewardFn = Callable[[list[str], list[str]], Sequence[float] | Mapping[str, Sequence[float]]]
+HeadScores = tuple[Tensor, list[str]]  # (scores (B, H) float32, the H head names in column order)
+HeadScorer = Callable[[list[str], list[str]], HeadScores]
+__all__ = [
+    "OVERALL",
+    "EnsembleHeadScorer",
+    "EnsembleScorer",
+    "HeadScorer",
+    "HeadScores",
+    "RewardModelScorer",
+    "function_head_scorer",
+    "function_scorer",
+    "import_callable",
+    "load_reward_scorer",
+]
 
 
 def import_callable(spec: str, field: str) -> Callable[..., Any]:
@@ -43,21 +60,52 @@ def import_callable(spec: str, field: str) -> Callable[..., Any]:
     return fn  # type: ignore[return-value]
 
 
+def _checked_rewards(values: Any, n: int, what: str) -> Tensor:
+    """``values`` as a float32 ``(n,)`` tensor; errors name ``what`` and the bad shape or rows."""
+    out = torch.as_tensor(list(values), dtype=torch.float32)
+    if out.shape != (n,):
+        raise ValueError(f"{what} returned {tuple(out.shape)} values for {n} responses")
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).nonzero().flatten().tolist()[:5]
+        raise ValueError(f"{what} returned non-finite rewards at rows {bad}")
+    return out
+
+
 def function_scorer(spec: str, field: str = "reward.fn") -> Callable[[list[str], list[str]], Tensor]:
     """Wrap a rule-based reward ``fn(prompts, responses) -> list[float]`` and check what it returns."""
     fn = import_callable(spec, field)
 
     def score(prompts: list[str], responses: list[str]) -> Tensor:
+        return _checked_rewards(fn(list(prompts), list(responses)), len(responses), f"{field} {spec!r}")
+
+    return score
+
+
+def function_head_scorer(spec: str, field: str = "reward.fn") -> HeadScorer:
+    """Wrap ``fn(prompts, responses) -> list[float] | {head: list[float]}`` as a per-head scorer.
+
+    A list is the one head ``overall``; a mapping gives one head per key, in the mapping's order. Every call
+    must return the same heads. Returns ``(scores (B, H), heads)``.
+    """
+    fn = import_callable(spec, field)
+    what = f"{field} {spec!r}"
+    first: list[str] = []
+
+    def score(prompts: list[str], responses: list[str]) -> HeadScores:
         values = fn(list(prompts), list(responses))
-        out = torch.as_tensor(list(values), dtype=torch.float32)
-        if out.shape != (len(responses),):
-            raise ValueError(
-                f"{field} {spec!r} returned {tuple(out.shape)} values for {len(responses)} responses"
-            )
-        if not torch.isfinite(out).all():
-            bad = (~torch.isfinite(out)).nonzero().flatten().tolist()[:5]
-            raise ValueError(f"{field} {spec!r} returned non-finite rewards at rows {bad}")
-        return out
+        n = len(responses)
+        if isinstance(values, Mapping):
+            heads = [str(h) for h in values]
+            if not heads:
+                raise ValueError(f"{what} returned an empty mapping; expected {{head: list[float]}}")
+            out = torch.stack([_checked_rewards(values[h], n, f"{what} head {h!r}") for h in values], 1)
+        else:
+            heads, out = [OVERALL], _checked_rewards(values, n, what).unsqueeze(1)
+        if not first:
+            first.extend(heads)
+        elif heads != first:
+            raise ValueError(f"{what} returned heads {heads}, but earlier calls returned {first}")
+        return out, heads  # (B, H)
 
     return score
 
@@ -84,3 +132,34 @@ class EnsembleScorer:
             stacked = torch.stack([m(prompts, responses)[0] for m in self.members])  # (M, B)
             mean, std = stacked.mean(dim=0), stacked.std(dim=0)
         return mean - self.k * std
+
+
+class EnsembleHeadScorer:
+    """Per-head conservative reward ``mean - k * std`` (as :class:`EnsembleScorer`, one head at a time).
+
+    Members are :class:`RewardModelScorer` s (``heads``, ``score_heads``); all must have the same heads. One
+    member: its own per-head mean and std; several: the mean and unbiased std across the members' means.
+    ``scorer(prompts, responses) -> (scores (B, H), heads)``.
+    """
+
+    def __init__(self, members: Sequence[Any], k: float = 0.0) -> None:
+        if not members:
+            raise ValueError("EnsembleHeadScorer needs at least one member")
+        self.members = list(members)
+        self.k = k
+        self.heads = list(self.members[0].heads)
+        for m in self.members[1:]:
+            if list(m.heads) != self.heads:
+                raise ConfigError(
+                    f"reward.models: {getattr(m, 'path', m)} has heads {list(m.heads)} but "
+                    f"{getattr(self.members[0], 'path', self.members[0])} has {self.heads}; an ensemble's "
+                    "members must share their heads"
+                )
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> HeadScores:
+        if len(self.members) == 1:
+            mean, std = self.members[0].score_heads(prompts, responses)  # (B, H) each
+        else:
+            stacked = torch.stack([m.score_heads(prompts, responses)[0] for m in self.members])  # (M, B, H)
+            mean, std = stacked.mean(dim=0), stacked.std(dim=0)
+        return mean - self.k * std, list(self.heads)
