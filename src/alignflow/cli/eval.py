@@ -51,9 +51,10 @@ def eval_(
     home: str | None = HOME,
 ) -> None:
     """Per policy and temperature: mean score with a bootstrap CI, win rate and score difference against the
-    baseline (paired by prompt), response lengths; prints a table, writes the JSON summary and an HTML report,
+    baseline (paired by prompt), response lengths; with a multi-head reward model, every head's mean (and its
+    difference from the baseline) per policy; prints the tables, writes the JSON summary and an HTML report,
     and stores an 'evaluation' artifact with lineage to the policies, prompts and scorer."""
-    from alignflow.evaluate.policies import summary_rows, verdicts
+    from alignflow.evaluate.policies import head_rows, summary_rows, verdicts
     from alignflow.evaluate.report import print_summary
     from alignflow.rollout.policy_eval import EvalSettings, evaluate_policies
 
@@ -80,15 +81,20 @@ def eval_(
             progress=update,
         )
     summary = result.summary
-    print_summary(
+    tables = [
         {
             "title": f"scores by {scorer}",
             "summary_rows": summary_rows(summary),
             "verdict": "\n".join(verdicts(summary)),
-        },
-        console,
-        result.report,
-    )
+        }
+    ]
+    if summary.get("heads"):  # a multi-head reward model: the policy × head tables
+        tables.append({"title": "mean reward per head", "summary_rows": head_rows(summary)})
+        if head_rows(summary, diff=True):
+            title = f"per-head difference from {summary['baseline']} (paired by prompt)"
+            tables.append({"title": title, "summary_rows": head_rows(summary, diff=True)})
+    for i, table in enumerate(tables):
+        print_summary(table, console, result.report if i == len(tables) - 1 else None)
     eff = summary.get("annotation_efficiency") or {}
     if eff.get("curve"):
         last = eff["curve"][-1]

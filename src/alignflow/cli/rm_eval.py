@@ -35,8 +35,16 @@ def rm_eval(
     ),
     home: str | None = typer.Option(None, "--home", help="Workspace folder."),
 ) -> None:
-    """Accuracy (95% CI, per subset, RewardBench score), ties, ECE and margins of a reward model on pairs."""
-    from alignflow.evaluate.rm_eval import TABLE_HEADER, evaluate_reward_model, table_rows
+    """Accuracy (95% CI, per subset, RewardBench score), ties, ECE and margins of a reward model on pairs; with a
+    multi-head checkpoint and pairs carrying per-dimension labels, each dimension head's accuracy against its
+    labels beside the overall head's."""
+    from alignflow.evaluate.rm_eval import (
+        HEAD_TABLE_HEADER,
+        TABLE_HEADER,
+        evaluate_reward_model,
+        head_table_rows,
+        table_rows,
+    )
 
     store = open_store(home)
     try:
@@ -56,6 +64,16 @@ def rm_eval(
         table.add_row(*row)
     console.print(table)
     s = ev.summary
+    if "per_head" in s:  # a multi-head checkpoint on pairs with dimension labels
+        heads = Table(
+            *HEAD_TABLE_HEADER, title="accuracy against each dimension's labels", title_justify="left"
+        )
+        for row in head_table_rows(s):
+            heads.add_row(*row)
+        if s["per_head"]:
+            console.print(heads)
+        else:
+            console.print(f"no pair decides a dimension of the heads {', '.join(s['heads'][1:])}")
     console.print(
         f"loss {s['loss']:.4f}  margin {s['margin']:.4f}  ECE {s['ece']:.4f}  temperature {s['temperature']:.3f}"
         f"  ({s['responses_cut']} of {2 * s['overall']['n']} responses cut at {s['max_length']} tokens)",

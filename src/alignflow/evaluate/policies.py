@@ -11,11 +11,15 @@ figures:
 - response length in characters (exact whatever the tokenizer: decoding and re-tokenising a byte-level
   BPE's output does not give back the sampled token count): mean with a CI over prompts, median, 90th
   percentile, min and max;
+- with a multi-head reward model (``heads``): per (policy, temperature) every head's mean with its bootstrap
+  CI over prompts and, against the baseline, every head's paired difference, so the policy × dimension table
+  (:func:`head_rows`) shows which dimension a policy gains on and which it trades away;
 - a terminal table (:func:`summary_rows`), verdicts (:func:`verdicts`) and a self-contained HTML page with
   plots (:func:`render_html`, in the style of :mod:`alignflow.evaluate.report`).
 
 Shapes: ``scores`` and ``lengths`` of a :class:`Condition` are ``(P, S)``: P prompts (the same prompts, in the
-same order, for every condition) by S samples per prompt (1 under greedy decoding).
+same order, for every condition) by S samples per prompt (1 under greedy decoding); ``head_scores`` is
+``(P, S, H)``, one column per head.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ SUMMARY_FORMAT = "alignflow.evaluation/1"
 
 @dataclass(frozen=True)
 class Condition:
-    """One policy sampled at one temperature: scores and response lengths in characters, ``(P, S)`` each."""
+    """One policy sampled at one temperature: scores and response lengths in characters, ``(P, S)`` each, and
+    a multi-head scorer's every head ``(P, S, H)`` (None otherwise)."""
 
     policy: str
     temperature: float
     scores: np.ndarray
     lengths: np.ndarray
+    head_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         s, n = np.asarray(self.scores, dtype=np.float64), np.asarray(self.lengths, dtype=np.float64)
@@ -49,6 +55,14 @@ class Condition:
             )
         object.__setattr__(self, "scores", s)
         object.__setattr__(self, "lengths", n)
+        if self.head_scores is not None:
+            h = np.asarray(self.head_scores, dtype=np.float64)
+            if h.ndim != 3 or h.shape[:2] != s.shape:
+                raise ValueError(
+                    f"{self.label}: head_scores must be (prompts, samples, heads) = {s.shape + ('H',)}, "
+                    f"got {h.shape}"
+                )
+            object.__setattr__(self, "head_scores", h)
 
     @property
     def label(self) -> str:
@@ -58,6 +72,13 @@ class Condition:
     def per_prompt(self) -> np.ndarray:
         """(P,) mean score over each prompt's samples."""
         return self.scores.mean(axis=1)
+
+    @property
+    def per_prompt_heads(self) -> np.ndarray:
+        """(P, H) each head's mean over each prompt's samples."""
+        if self.head_scores is None:
+            raise ValueError(f"{self.label}: no head scores")
+        return self.head_scores.mean(axis=1)
 
 
 def _ci(mean_lo_hi: tuple[float, float, float], key: str = "mean") -> dict[str, float]:
@@ -87,11 +108,15 @@ def summarize(
     n_boot: int = 2000,
     alpha: float = 0.05,
     seed: int = 0,
+    heads: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The evaluation's figures, one result per condition in the given order (see the module docstring).
 
     ``baseline`` names a policy among the conditions; each other policy is compared with it at the same
     temperature (``vs_baseline``). Every interval is a ``1 - alpha`` percentile bootstrap over prompts.
+    ``heads`` names the columns of every condition's ``head_scores``: each result gains ``heads``
+    ({head: {mean, lo, hi}}) and ``vs_baseline.heads`` (the paired difference per head), and the summary the
+    list ``heads``.
     """
     if not conditions:
         raise ValueError("summarize: no conditions")
@@ -103,6 +128,12 @@ def summarize(
     by_key = {(c.policy, c.temperature): c for c in conditions}
     if baseline is not None and not any(c.policy == baseline for c in conditions):
         raise ValueError(f"summarize: baseline {baseline!r} is not among the evaluated policies")
+    if heads is not None:
+        bad = [c.label for c in conditions if c.head_scores is None or c.head_scores.shape[2] != len(heads)]
+        if bad:
+            raise ValueError(
+                f"summarize: {', '.join(bad)}: no head_scores with one column per head {list(heads)}"
+            )
     results = []
     for c in conditions:
         res: dict[str, Any] = {
@@ -119,9 +150,21 @@ def summarize(
                 "diff": _ci(stats.paired_diff_ci(c.per_prompt, ref.per_prompt, n_boot, alpha, seed)),
                 "win_rate": _ci(stats.win_rate(c.per_prompt, ref.per_prompt, n_boot, alpha, seed), "rate"),
             }
+        if heads is not None:
+            mine = c.per_prompt_heads  # (P, H)
+            res["heads"] = {
+                h: _ci(stats.bootstrap_mean_ci(mine[:, k], n_boot=n_boot, alpha=alpha, seed=seed))
+                for k, h in enumerate(heads)
+            }
+            if "vs_baseline" in res:
+                theirs = ref.per_prompt_heads
+                res["vs_baseline"]["heads"] = {
+                    h: _ci(stats.paired_diff_ci(mine[:, k], theirs[:, k], n_boot, alpha, seed))
+                    for k, h in enumerate(heads)
+                }
         res["per_prompt_score"] = c.per_prompt.tolist()
         results.append(res)
-    return {
+    out = {
         "format": SUMMARY_FORMAT,
         "baseline": baseline,
         "confidence": 1.0 - alpha,
@@ -129,6 +172,9 @@ def summarize(
         "bootstrap_seed": seed,
         "results": results,
     }
+    if heads is not None:
+        out["heads"] = list(heads)
+    return out
 
 
 def summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -152,6 +198,29 @@ def summary_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
             row[f"Δ vs {base}"] = ci_text(d["mean"], d["lo"], d["hi"], signed=True) if d else "baseline"
             row[f"win rate vs {base}"] = ci_text(w["rate"], w["lo"], w["hi"], digits=2) if w else ""
         row["length (chars)"] = f"{n['mean']:.1f} (p90 {n['p90']:.0f})"
+        rows.append(row)
+    return rows
+
+
+def head_rows(summary: Mapping[str, Any], diff: bool = False) -> list[dict[str, Any]]:
+    """The policy × head table (empty without ``heads``): per condition, every head's mean score with its
+    interval; ``diff``: every head's paired difference from the baseline instead (compared conditions only)."""
+    from alignflow.evaluate.report import ci_text
+
+    if not summary.get("heads"):
+        return []
+    rows = []
+    for r in summary["results"]:
+        values = (r.get("vs_baseline") or {}).get("heads") if diff else r["heads"]
+        if not values:
+            continue
+        row: dict[str, Any] = {
+            "policy": r["policy"],
+            "T": "greedy" if r["temperature"] == 0 else f"{r['temperature']:g}",
+        }
+        for h in summary["heads"]:
+            v = values[h]
+            row[h] = ci_text(v["mean"], v["lo"], v["hi"], signed=diff)
         rows.append(row)
     return rows
 
@@ -261,6 +330,27 @@ def render_html(
             _section("facts", "Setup", _table([{"": k, "value": v} for k, v in facts.items()], "facts"))
         )
     parts.append(_section("summary", "Summary", _table(summary_rows(summary), "summary")))
+    if summary.get("heads"):
+        parts.append(
+            _section(
+                "heads",
+                "Mean reward per head",
+                _table(head_rows(summary), "heads"),
+                f"Each head of the multi-head reward model ({_e(', '.join(summary['heads']))}; the score above is "
+                f"the first, overall): its mean over prompts with a {level} bootstrap interval.",
+            )
+        )
+        if base is not None and head_rows(summary, diff=True):
+            parts.append(
+                _section(
+                    "head-diffs",
+                    f"Per-head difference from {base}",
+                    _table(head_rows(summary, diff=True), "head-diffs"),
+                    f"Each head's mean paired difference from {_e(base)} at the same temperature, with a {level} "
+                    "bootstrap interval over prompts. A policy that gains overall while a dimension's head "
+                    "falls is trading that dimension away.",
+                )
+            )
     fig = _grouped_bars(
         results, lambda r: (r["score"]["mean"], r["score"]["lo"], r["score"]["hi"]), "mean score"
     )
@@ -348,6 +438,7 @@ def render_html(
 __all__ = [
     "SUMMARY_FORMAT",
     "Condition",
+    "head_rows",
     "length_stats",
     "render_html",
     "summarize",

@@ -15,7 +15,12 @@ dataset. Each pair is scored with :func:`alignflow.models.reward.load_reward_sco
 - calibration: top-label ECE and its reliability bins (:func:`alignflow.evaluate.reward.calibration`, the
   one implementation) of ``sigmoid(gap)``; the checkpoint's scorer already divides rewards by its fitted
   temperature (:func:`fit_temperature`), so this is the calibration a user of the checkpoint gets;
-- a histogram of the reward gaps ``r(chosen) - r(rejected)``.
+- a histogram of the reward gaps ``r(chosen) - r(rejected)``;
+- per dimension head, when the checkpoint has more than one head (``ensemble.json``'s ``heads``) and the
+  pairs carry per-dimension ``labels`` (P(chosen better on it)): over the pairs whose label for that
+  dimension is decided (not 0.5), the dimension head's accuracy against the label and the overall head's on
+  the same pairs, each with its Wilson interval (:func:`head_accuracy`). Whether a dimension head sees what
+  the overall model misses is the gap between the two.
 
 :func:`evaluate_reward_model` writes ``evaluation.json`` and a self-contained ``report.html`` (inline SVG
 reliability diagram and margin histogram) to a folder and registers that folder as an ``rm_evaluation``
@@ -36,6 +41,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from alignflow.data.encode import pair_labels
 from alignflow.data.formats import iter_records
 from alignflow.data.io import resolve_dataset
 from alignflow.errors import DataFormatError
@@ -238,13 +244,64 @@ def summarize(
     return out
 
 
+def head_accuracy(
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    heads: Sequence[str],
+    labels: Sequence[Mapping[str, float]],
+) -> list[dict[str, Any]]:
+    """Each dimension head's agreement with the pairs' labels for its dimension, beside the overall head's.
+
+    ``chosen``, ``rejected``: ``(n, H)`` rewards, columns in the order of ``heads`` (``overall`` first);
+    ``labels``: ``(n,)`` mappings {dimension: P(chosen better on it)}. For dimension d (``heads[h]``, h >= 1) a
+    pair counts when it labels d and the label is decided (``!= 0.5``); the label's side is chosen when it is
+    above 0.5, rejected below. A head is right on a pair when its gap ``r_c - r_r`` points to that side, so
+    its accuracy is :func:`subset_result` of the gap signed by the side (a zero gap counts one half; Wilson
+    interval). ``overall_*`` is the overall head (column 0) on the same pairs. Dimensions without a decided
+    pair are left out. Returns one flat dict per dimension: ``dimension``, ``n``, ``accuracy``, ``ci_low``,
+    ``ci_high``, ``ties`` and ``overall_accuracy``, ``overall_ci_low``, ``overall_ci_high``, ``overall_ties``.
+    """
+    c = np.asarray(chosen, dtype=np.float64)
+    r = np.asarray(rejected, dtype=np.float64)
+    if c.shape != r.shape or c.ndim != 2 or c.shape[1] != len(heads) or c.shape[0] != len(labels):
+        raise ValueError(
+            f"chosen {c.shape} and rejected {r.shape} must be (n={len(labels)}, H={len(heads)}) rewards"
+        )
+    gap = c - r  # (n, H)
+    out: list[dict[str, Any]] = []
+    for h, dim in enumerate(heads[1:], start=1):
+        rows = [(i, lab[dim]) for i, lab in enumerate(labels) if dim in lab and lab[dim] != 0.5]
+        if not rows:
+            continue
+        idx = np.array([i for i, _ in rows])
+        side = np.array([1.0 if v > 0.5 else -1.0 for _, v in rows])  # (m,) +1: chosen better on dim
+        own = subset_result(dim, side * gap[idx, h])
+        overall = subset_result(dim, side * gap[idx, 0])
+        out.append(
+            {
+                "dimension": dim,
+                "n": own.n,
+                "accuracy": own.accuracy,
+                "ci_low": own.ci[0],
+                "ci_high": own.ci[1],
+                "ties": own.ties,
+                "overall_accuracy": overall.accuracy,
+                "overall_ci_low": overall.ci[0],
+                "overall_ci_high": overall.ci[1],
+                "overall_ties": overall.ties,
+            }
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # pairs
 
 
 @dataclass
 class EvalPairs:
-    """Pairs to evaluate: the stored dataset's id and, per pair, ``(n,)`` lists of texts and subset names."""
+    """Pairs to evaluate: the stored dataset's id and, per pair, ``(n,)`` lists of texts, subset names and
+    per-dimension labels ({dimension: P(chosen better)}, empty for a pair without ``labels``)."""
 
     dataset_id: str
     ids: list[str]
@@ -252,6 +309,7 @@ class EvalPairs:
     chosen: list[str]
     rejected: list[str]
     subsets: list[str | None] | None = field(default=None)
+    labels: list[dict[str, float]] = field(default_factory=list)
 
 
 def _check_subset_field(path: Path, subset_field: str) -> None:
@@ -295,6 +353,7 @@ def load_eval_pairs(store: Store, ref: str, subset_field: str | None = None) -> 
         [r["chosen"] for r in rows],
         [r["rejected"] for r in rows],
         subsets,
+        [pair_labels(r.get("meta")) for r in rows],
     )
 
 
@@ -401,9 +460,20 @@ def evaluate_reward_model(
     scorer = load_reward_scorer(ckpt_dir, batch_size=batch_size, max_length=max_length)
     if ckpt_id is None:
         ckpt_id = store.put_directory(ckpt_dir.resolve(), kind="model", name=ckpt_dir.name)
-    chosen = scorer(data.prompts, data.chosen)[0].numpy().astype(np.float64)
-    rejected = scorer(data.prompts, data.rejected)[0].numpy().astype(np.float64)
+    # A multi-head checkpoint on pairs with dimension labels: score every head (column 0 is the overall head,
+    # the same rewards as scorer(...)); otherwise the overall head alone, as for any checkpoint.
+    by_head = len(scorer.heads) > 1 and any(data.labels)
+    if by_head:
+        chosen_h = scorer.score_heads(data.prompts, data.chosen)[0].numpy().astype(np.float64)  # (n, H)
+        rejected_h = scorer.score_heads(data.prompts, data.rejected)[0].numpy().astype(np.float64)
+        chosen, rejected = chosen_h[:, 0], rejected_h[:, 0]
+    else:
+        chosen = scorer(data.prompts, data.chosen)[0].numpy().astype(np.float64)
+        rejected = scorer(data.prompts, data.rejected)[0].numpy().astype(np.float64)
     summary = summarize(chosen, rejected, data.subsets, n_bins)
+    if by_head:
+        summary["heads"] = list(scorer.heads)
+        summary["per_head"] = head_accuracy(chosen_h, rejected_h, scorer.heads, data.labels)
     summary.update(
         checkpoint=str(checkpoint),
         checkpoint_id=ckpt_id,
@@ -420,6 +490,9 @@ def evaluate_reward_model(
         {"id": i, "chosen": float(a), "rejected": float(b), **({"subset": s} if s is not None else {})}
         for i, a, b, s in zip(data.ids, chosen, rejected, data.subsets or [None] * len(data.ids), strict=True)
     ]
+    if by_head:  # every head's rewards, in the order of summary["heads"]
+        for row, ch, rj in zip(per_pair, chosen_h, rejected_h, strict=True):
+            row.update(chosen_heads=ch.tolist(), rejected_heads=rj.tolist())
     (out / "evaluation.json").write_text(json.dumps({**summary, "scores": per_pair}, indent=1))
     (out / "report.html").write_text(render_html(summary), encoding="utf-8")
     overall = summary["overall"]
@@ -433,6 +506,9 @@ def evaluate_reward_model(
     }
     if "rewardbench" in summary:
         meta["rewardbench_score"] = summary["rewardbench"]["score"]
+    if summary.get("per_head"):
+        meta["head_accuracy"] = {h["dimension"]: h["accuracy"] for h in summary["per_head"]}
+        meta["head_overall_accuracy"] = {h["dimension"]: h["overall_accuracy"] for h in summary["per_head"]}
     aid = store.put_directory(
         out,
         kind="rm_evaluation",
@@ -460,6 +536,23 @@ def table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
 
 
 TABLE_HEADER = ["subset", "pairs", "accuracy", "95% CI", "ties"]
+HEAD_TABLE_HEADER = ["dimension", "decided pairs", "its head", "95% CI", "overall head", "95% CI"]
+
+
+def head_table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    """The per-dimension table (empty without ``per_head``): the dimension head's and the overall head's
+    accuracy against the dimension's labels, each with its 95% Wilson interval."""
+    return [
+        [
+            h["dimension"],
+            str(h["n"]),
+            f"{h['accuracy']:.3f}",
+            f"{h['ci_low']:.3f}–{h['ci_high']:.3f}",
+            f"{h['overall_accuracy']:.3f}",
+            f"{h['overall_ci_low']:.3f}–{h['overall_ci_high']:.3f}",
+        ]
+        for h in summary.get("per_head") or []
+    ]
 
 
 def _svg_reliability(bins: Sequence[Mapping[str, Any]], w: int = 320, h: int = 320) -> str:
@@ -519,6 +612,22 @@ def render_html(summary: Mapping[str, Any]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in TABLE_HEADER)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in table_rows(summary))
+    heads = ""
+    if "per_head" in summary:
+        h_head = "".join(f"<th>{esc(c)}</th>" for c in HEAD_TABLE_HEADER)
+        h_body = "".join(
+            "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in head_table_rows(summary)
+        )
+        heads = (
+            "<h2>Dimension heads</h2><p>Per rated dimension, over the pairs whose label for it is decided "
+            "(not a tie): the dimension head's accuracy against the label, and the overall head's on the same "
+            f"pairs. Heads: <code>{esc(', '.join(summary['heads']))}</code>.</p>"
+            + (
+                f"<table><tr>{h_head}</tr>{h_body}</table>"
+                if h_body
+                else "<p>No pair decides a head's dimension.</p>"
+            )
+        )
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>reward-model evaluation</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -526,7 +635,7 @@ def render_html(summary: Mapping[str, Any]) -> str:
         "</head><body><h1>Reward-model evaluation</h1>"
         f"<p>checkpoint <code>{esc(str(summary.get('checkpoint', '')))}</code>, pairs "
         f"<code>{esc(str(summary.get('pairs', '')))}</code>; ties count one half; 95% Wilson intervals.</p>"
-        f"<table><tr>{head}</tr>{body}</table>"
+        f"<table><tr>{head}</tr>{body}</table>{heads}"
         f"<p>loss {summary['loss']:.4f}, mean margin {summary['margin']:.4f}, "
         f"ECE {summary['ece']:.4f} (temperature {summary.get('temperature', 1.0):.3f})</p>"
         f"<h2>Reliability diagram</h2>{_svg_reliability(summary['reliability'])}"

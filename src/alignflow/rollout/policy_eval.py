@@ -3,8 +3,9 @@
 The library behind ``alignflow eval``. For every policy (and the baseline, evaluated too when it is not among
 them) and every temperature, :func:`evaluate_policies` samples responses with the rollout sampler
 (``samples_per_prompt`` per prompt; one under greedy decoding, where every sample would be the same), scores
-them with a :mod:`~alignflow.rollout.scorers` scorer, measures their length in characters, and hands the arrays to :func:`alignflow.evaluate.policies.summarize`. Every condition draws from the same seed,
-so policies are compared on common random numbers as well as on the same prompts.
+them with a :mod:`~alignflow.rollout.scorers` scorer (a multi-head reward model: every head), measures their
+length in characters, and hands the arrays to :func:`alignflow.evaluate.policies.summarize`. Every condition
+draws from the same seed, so policies are compared on common random numbers as well as on the same prompts.
 
 Outputs: an ``evaluation`` artifact (the JSON summary, with lineage edges to each policy, the baseline, the
 prompt set and the scorer) and a folder with ``summary.json``, ``responses.jsonl`` (every response with its
@@ -170,13 +171,22 @@ def _condition(
     batch_size: int,
     advance: Callable[[int], None],
 ) -> tuple[Condition, list[list[str]]]:
-    """Sample, score and measure one (policy, temperature): the condition and its responses ``[P][S]``."""
+    """Sample, score and measure one (policy, temperature): the condition and its responses ``[P][S]``.
+
+    A multi-head scorer scores every head in one pass; the condition's score is its first (overall) head.
+    """
     texts = sample_texts(model, tok, prompt_set.prompts, sampling, batch_size, advance)
     flat_prompts = [p.text for p, r in zip(prompt_set.prompts, texts, strict=True) for _ in r]
     flat = [t for r in texts for t in r]
-    scores = np.asarray(scorer(flat_prompts, flat), dtype=np.float64).reshape(len(texts), sampling.n)
-    lengths = np.asarray([len(t) for t in flat], dtype=np.float64).reshape(len(texts), sampling.n)
-    return Condition(policy.name, sampling.temperature, scores, lengths), texts
+    shape = (len(texts), sampling.n)
+    by_head = None
+    if scorer.heads:
+        by_head = scorer.by_head(flat_prompts, flat).reshape(*shape, len(scorer.heads))  # (P, S, H)
+        scores = by_head[:, :, 0]
+    else:
+        scores = np.asarray(scorer(flat_prompts, flat), dtype=np.float64).reshape(shape)
+    lengths = np.asarray([len(t) for t in flat], dtype=np.float64).reshape(shape)
+    return Condition(policy.name, sampling.temperature, scores, lengths, by_head), texts
 
 
 def evaluate_policies(
@@ -246,10 +256,20 @@ def evaluate_policies(
                             "chars": len(text),
                         }
                     )
+                    if cond.head_scores is not None:
+                        responses[-1]["heads"] = dict(
+                            zip(scorer.heads, cond.head_scores[i, j].tolist(), strict=True)
+                        )
         del model
     assert prompt_set is not None
 
-    summary = summarize(conditions, base.name if base else None, n_boot=settings.n_boot, seed=settings.seed)
+    summary = summarize(
+        conditions,
+        base.name if base else None,
+        n_boot=settings.n_boot,
+        seed=settings.seed,
+        heads=scorer.heads or None,
+    )
     summary |= {
         "annotation_efficiency": reward_model_efficiency(store, scorer),
         "scorer": {"spec": scorer.spec, "artifact": scorer.artifact_id},

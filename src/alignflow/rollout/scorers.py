@@ -4,7 +4,9 @@
 A :class:`Scorer` maps ``(prompts, responses)`` to one finite float per response, higher is better:
 
 - ``rm:CKPT``: a reward model or ensemble (a folder, or a checkpoint artifact of ``alignflow rm``), through
-  :func:`alignflow.models.reward.load_reward_scorer`; an ensemble scores with its members' mean.
+  :func:`alignflow.models.reward.load_reward_scorer`; an ensemble scores with its members' mean. The score is
+  the ``overall`` head; a multi-head checkpoint also gives every head's score (:meth:`LoadedScorer.by_head`,
+  names in :attr:`LoadedScorer.heads`).
 - ``gold:MODULE:FN``: ``FN(prompts, responses) -> list[float]`` imported from ``MODULE`` (a programmatic
   gold scorer, e.g. the demo's ``alignflow.domains.support:gold_utility_batch``).
 - ``judge:BACKEND[:...]``: an AI judge. Backends register themselves with :func:`register_judge` under a
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from alignflow.errors import AlignflowError, ConfigError
 from alignflow.rollout.generations import resolve_model_folder
 from alignflow.rollout.rewards import import_callable
@@ -37,13 +41,23 @@ class Scorer(Protocol):
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Sequence[float]: ...
 
 
+# (prompts, responses) -> (N, H) scores, one column per head
+HeadScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
+
+
 @dataclass(frozen=True)
 class LoadedScorer:
-    """A scorer with its spec (as given) and the artifact id that lineage edges point at."""
+    """A scorer with its spec (as given) and the artifact id that lineage edges point at.
+
+    ``heads``: a multi-head reward model's head names (``overall`` first, the head ``score`` returns) and
+    ``score_heads`` every head's scores; ``()`` and None for any other scorer.
+    """
 
     spec: str
     score: Scorer
     artifact_id: str
+    heads: tuple[str, ...] = ()
+    score_heads: HeadScorer | None = None
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """Scores as floats, checked: one per response, all finite (errors name the spec)."""
@@ -58,6 +72,27 @@ class LoadedScorer:
         if bad is not None:
             raise ScorerError(
                 f"--scorer {self.spec!r}: score {bad} is {values[bad]}; expected finite numbers"
+            )
+        return values
+
+    def by_head(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """Every head's scores, float64 ``(N, H)`` (columns as :attr:`heads`; column 0 is what ``self(...)``
+        returns), checked: one row per response, all finite."""
+        if self.score_heads is None:
+            raise ScorerError(f"--scorer {self.spec!r}: not a multi-head reward model")
+        if not responses:
+            return np.zeros((0, len(self.heads)))
+        values = np.asarray(self.score_heads(list(prompts), list(responses)), dtype=np.float64)
+        if values.shape != (len(responses), len(self.heads)):
+            raise ScorerError(
+                f"--scorer {self.spec!r}: returned scores of shape {values.shape} for {len(responses)} "
+                f"responses and {len(self.heads)} heads"
+            )
+        bad = np.argwhere(~np.isfinite(values))
+        if bad.size:
+            i, h = bad[0]
+            raise ScorerError(
+                f"--scorer {self.spec!r}: head {self.heads[h]!r} score {i} is {values[i, h]}; expected finite"
             )
         return values
 
@@ -84,7 +119,7 @@ def judge_backends() -> list[str]:
     return sorted(_JUDGES)
 
 
-def _rm(rest: str, spec: str, store: Store, device: str) -> tuple[Scorer, str]:
+def _rm(rest: str, spec: str, store: Store, device: str) -> LoadedScorer:
     from alignflow.models.reward import load_reward_scorer
 
     if not rest:
@@ -98,7 +133,14 @@ def _rm(rest: str, spec: str, store: Store, device: str) -> tuple[Scorer, str]:
         mean, _std = reward(prompts, responses)
         return mean.tolist()
 
-    return score, aid
+    if len(reward.heads) < 2:
+        return LoadedScorer(spec=spec, score=score, artifact_id=aid)
+
+    def score_heads(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        mean, _std = reward.score_heads(prompts, responses)  # (N, H)
+        return mean.double().numpy()
+
+    return LoadedScorer(spec, score, aid, tuple(reward.heads), score_heads)
 
 
 def _gold(rest: str, spec: str, store: Store) -> tuple[Scorer, str]:
@@ -132,8 +174,8 @@ def load_scorer(spec: str, store: Store, device: str = "cpu") -> LoadedScorer:
     if not sep or prefix not in ("rm", "gold", "judge"):
         raise ConfigError(f"--scorer {spec!r}: expected rm:CKPT, gold:MODULE:FN or judge:SPEC")
     if prefix == "rm":
-        score, aid = _rm(rest, spec, store, device)
-    elif prefix == "gold":
+        return _rm(rest, spec, store, device)
+    if prefix == "gold":
         score, aid = _gold(rest, spec, store)
     else:
         score, aid = _judge(rest, spec, store, device)
@@ -141,6 +183,7 @@ def load_scorer(spec: str, store: Store, device: str = "cpu") -> LoadedScorer:
 
 
 __all__ = [
+    "HeadScorer",
     "JudgeFactory",
     "LoadedScorer",
     "Scorer",
