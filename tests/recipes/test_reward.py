@@ -287,3 +287,23 @@ def test_rm_label_smoothing_targets(cli, tiny_model, toy_data, tmp_path: Path, m
     res = cli("rm", cfg, "loss.label_smoothing=0.1")
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert seen and all(torch.allclose(t, torch.full_like(t, 0.9)) for t in seen)
+
+
+def test_rm_heads_report_held_out_accuracy_per_dimension(cli, tiny_model, tmp_path: Path) -> None:
+    """heads: [overall, tone] on pairs whose `tone` label disagrees with the overall preference on odd rows:
+    the held-out metrics name the tone head's accuracy and the overall head's on the same pairs."""
+    rows = toy.pair_rows(48)
+    for i, r in enumerate(rows):
+        r["labels"] = {"tone": 0.0 if i % 2 else 1.0}
+    data = toy.write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    cfg = base_config("rm", tiny_model, data, out, heads=["overall", "tone"], train={"max_steps": 4})
+    res = cli("rm", write_config(tmp_path / "rm.yaml", cfg))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    metrics = json.loads((out / "summary.json").read_text())["metrics"]
+    spec = json.loads((out / "final" / "ensemble.json").read_text())
+    assert spec["heads"] == ["overall", "tone"]
+    n_eval = json.loads((out / "summary.json").read_text())["eval_pairs"]
+    assert metrics["eval/head/tone/pairs"] == n_eval
+    for key in ("eval/head/tone/accuracy", "eval/head/tone/overall_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0 and spec["eval"][key] == metrics[key]

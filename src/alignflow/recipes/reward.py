@@ -62,7 +62,7 @@ from alignflow.data.encode import (
 )
 from alignflow.errors import ConfigError, DataFormatError
 from alignflow.evaluate.reward import preference_accuracy, preference_metrics
-from alignflow.evaluate.rm_eval import fit_temperature
+from alignflow.evaluate.rm_eval import fit_temperature, head_accuracy
 from alignflow.models import load_reward_model, load_tokenizer
 from alignflow.models.export import export_hf
 from alignflow.models.reward import (
@@ -406,24 +406,19 @@ def _head_targets(
 def head_metrics(
     chosen: torch.Tensor, rejected: torch.Tensor, items: list[EncodedPair], heads: list[str]
 ) -> dict[str, float]:
-    """Held-out agreement with each dimension's labels, of its own head and of the overall head.
+    """Held-out agreement with each dimension's labels, of its own head and of the overall head
+    (:func:`alignflow.evaluate.rm_eval.head_accuracy`, as ``alignflow rm-eval`` reports it).
 
-    A pair counts for dimension d when its label is decided (P(chosen better on d) != 0.5); the head agrees
-    when its reward gap has the label's sign. ``eval/head/<d>/overall_accuracy`` is the overall head on the
-    same pairs: the comparison that says whether the dimension head sees what the overall model misses.
+    ``eval/head/<d>/overall_accuracy`` is the overall head on the same pairs: the comparison that says whether
+    the dimension head sees what the overall model misses.
     """
+    rows = head_accuracy(chosen.numpy(), rejected.numpy(), heads, [p.labels for p in items])
     out: dict[str, float] = {}
-    for h, d in enumerate(heads[1:], start=1):
-        rows = [(i, p.labels[d]) for i, p in enumerate(items) if d in p.labels and p.labels[d] != 0.5]
-        if not rows:
-            continue
-        idx = torch.tensor([i for i, _ in rows])
-        want = torch.tensor([v > 0.5 for _, v in rows])
-        own = (chosen[idx, h] - rejected[idx, h]) > 0
-        overall = (chosen[idx, 0] - rejected[idx, 0]) > 0
-        out[f"eval/head/{d}/accuracy"] = float((own == want).float().mean())
-        out[f"eval/head/{d}/overall_accuracy"] = float((overall == want).float().mean())
-        out[f"eval/head/{d}/pairs"] = float(len(rows))
+    for row in rows:
+        d = row["dimension"]
+        out[f"eval/head/{d}/accuracy"] = float(row["accuracy"])
+        out[f"eval/head/{d}/overall_accuracy"] = float(row["overall_accuracy"])
+        out[f"eval/head/{d}/pairs"] = float(row["n"])
     return out
 
 
