@@ -168,6 +168,25 @@ def quiet_transformers_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _expected_fresh_head(expected: bool) -> Iterator[None]:
+    """Hide transformers' LOAD REPORT when a causal-LM checkpoint gets a fresh score head, as RM training and
+    PPO's critic always do: "lm_head UNEXPECTED, score MISSING" is then the expected result, printed once per
+    load (four times a demo). A sequence-classification checkpoint keeps the report: a mismatch there is news.
+    """
+    if not expected:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # tokenizer
 
@@ -336,9 +355,11 @@ def load_reward_model(
             raise ModelLoadError(
                 f"{p / 'config.json'}: pad_token_id is not set; pass pad_token_id=tokenizer.pad_token_id"
             )
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(p), config=cfg, **_common_kwargs(dtype, device, attn_implementation)
-        )
+        fresh_head = not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
+        with _expected_fresh_head(fresh_head):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(p), config=cfg, **_common_kwargs(dtype, device, attn_implementation)
+            )
     model.to(device)
     if gradient_checkpointing:
         _enable_checkpointing(model)
