@@ -28,6 +28,7 @@ from _trl_common import OUT, fmt, mfu  # noqa: E402
 GOALS = {"sft": 1.2, "rm": 1.2, "dpo": 1.5, "ppo": 2.0, "grpo": 1.5, "rloo": 1.5, "generation": 1.5}
 OTHERS = (
     "bench_recipes.py",
+    "bench_rm_heads.py",
     "bench_hh_reward.py",
     "bench_packing.py",
     "bench_checkpoint.py",

@@ -390,9 +390,8 @@ def _reward_model_vs_gold(
     scorer = load_reward_scorer(reward_model_dir)
     pairs = generate(policy_dir, prompts, n=2, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
     a, b = [p[0] for p in pairs], [p[1] for p in pairs]
-    score_gap = np.asarray(scorer(prompts, a)[0], dtype=float) - np.asarray(
-        scorer(prompts, b)[0], dtype=float
-    )
+    head_gap = (scorer.score_heads(prompts, a)[0] - scorer.score_heads(prompts, b)[0]).double().numpy()
+    score_gap = head_gap[:, 0]  # the overall head
     gold_gap = np.asarray(support.gold_utility_batch(prompts, a)) - np.asarray(
         support.gold_utility_batch(prompts, b)
     )
@@ -407,10 +406,15 @@ def _reward_model_vs_gold(
         gap = np.array([x[d] - y[d] for x, y in zip(dims_a, dims_b, strict=True)])
         d_acc, d_n = reward.gold_agreement(score_gap, gap)
         per_dimension[d] = {"agreement": d_acc, "n_pairs": d_n}
+        if d in scorer.heads:  # a multi-head model: the dimension's own head, on the same pairs
+            per_dimension[d]["head_agreement"] = reward.gold_agreement(
+                head_gap[:, scorer.heads.index(d)], gap
+            )[0]
     return {
         "gold_accuracy": acc,
         "n_pairs": n_used,
         "per_dimension": per_dimension,
+        "heads": list(scorer.heads),
         "calibration": reward.calibration(probs, (gold_gap[keep] > 0).astype(float)),
     }
 
@@ -524,7 +528,49 @@ def _facts(ev: dict[str, Any], fb: dict[str, Any]) -> dict[str, Any]:
     }
     for dim, agree in ev.get("reward_model", {}).get("per_dimension", {}).items():
         facts[f"reward model agreement with gold {dim}"] = agree["agreement"]
+        if "head_agreement" in agree:
+            facts[f"{dim} head agreement with gold {dim}"] = agree["head_agreement"]
     return facts
+
+
+def headroom_note(ev: dict[str, Any], base: str = "sft", saturated: float = 0.99) -> str:
+    """Why greedy decoding leaves a reward model little to improve, from the evaluation's own numbers.
+
+    The dimensions on which the baseline's greedy replies already score >= `saturated` cannot rise; greedy
+    utility can then grow only through the others, and what the reward model sees of those (its head's and
+    its overall head's agreement with gold on fresh pairs) bounds what RL can learn there. Empty when there is
+    no greedy evaluation or nothing is saturated.
+    """
+    greedy = ev.get("dimensions", {}).get("greedy", {}).get(base)
+    if not greedy:
+        return ""
+    full = [d for d in support.DIMENSIONS if greedy[d] >= saturated]
+    open_ = [d for d in support.DIMENSIONS if d not in full]
+    if not full or not open_:
+        return ""
+    per_dim = ev.get("reward_model", {}).get("per_dimension", {})
+    seen = []
+    for d in open_:
+        agree = per_dim.get(d, {})
+        if "head_agreement" in agree:
+            seen.append(
+                f"the {d} head orders gold {d} correctly on {agree['head_agreement']:.0%} of fresh pairs "
+                f"(the overall head {agree['agreement']:.0%})"
+            )
+        elif "agreement" in agree:
+            seen.append(
+                f"the reward model orders gold {d} correctly on {agree['agreement']:.0%} of fresh pairs"
+            )
+    others = [per_dim[d]["head_agreement"] for d in full if "head_agreement" in per_dim.get(d, {})]
+    text = (
+        f"Under greedy decoding {base.upper()} already scores ≥ {saturated} on {', '.join(full)}, so greedy "
+        f"utility can rise only through {', '.join(f'{d} ({greedy[d]:.3f})' for d in open_)}"
+    )
+    if seen:
+        text += "; " + "; ".join(seen)
+        if others:
+            text += f", against {min(others):.0%}–{max(others):.0%} for the saturated dimensions' heads"
+    return text + "."
 
 
 def report(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
@@ -579,6 +625,7 @@ def report(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
         "verdict": " · ".join(verdicts),
         "summary_rows": summary_rows,
         "dimensions": dimension_rows(ev.get("dimensions", {})),
+        "dimension_note": headroom_note(ev, base),
         "warnings": ev.get("warnings", []),
         "stage_times": stage_times,
         "policies": ev["policies"],

@@ -17,6 +17,7 @@ an unknown top-level key is an error, to catch typos):
     facts:          { label: value }                      key figures (a two-column table)
     dimensions:     [ {"policy", "decoding", metric: value, ...} ]   per-dimension scores, one row per policy
                                                           and decoding (e.g. from `dimension_rows(...)`)
+    dimension_note: str                                   a diagnosis shown under that table
     stage_times:    { stage: seconds }                    table with proportional bars
     policies:       { name: {"mean", "lo", "hi", "n"} }   bar chart of mean gold utility with 95% CI
     win_rates:      { name: {"rate", "lo", "hi"} }        bar chart of win rate vs the reference (SFT)
@@ -59,6 +60,7 @@ KNOWN_KEYS = (
     "warnings",
     "facts",
     "dimensions",
+    "dimension_note",
     "stage_times",
     "policies",
     "win_rates",
@@ -665,6 +667,10 @@ def render_html(data: Mapping[str, Any]) -> str:
             "Mean gold score per dimension over every evaluated reply: which dimension a policy gains, "
             "and which it trades away."
         )
+        if data.get("dimension_note"):
+            if not isinstance(data["dimension_note"], str):
+                raise ValueError("data['dimension_note']: expected a string")
+            note += " " + data["dimension_note"]
         table = _table(rows, "data['dimensions']")
         sections.append(("dimensions", "Per dimension", _section("dimensions", "Per dimension", table, note)))
     if policies:
