@@ -15,7 +15,7 @@ from alignflow.store import Store
 from alignflow.workspace import Workspace
 
 WRITER = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 from alignflow.data.io import import_dataset
 from alignflow.store import Store
@@ -29,7 +29,11 @@ for i in range(10_000):
     for r in rows:
         r["prompt"] = f"{i}:{r['prompt']}"
     p = src.with_name(f"round{i}.jsonl")
-    p.write_text("".join(json.dumps(r) + "\\n" for r in rows))
+    # Atomically: a kill during this write must not leave a partial round file for the re-import below
+    # (that, not the store, once failed this test on a loaded machine).
+    tmp = p.with_suffix(".part")
+    tmp.write_text("".join(json.dumps(r) + "\\n" for r in rows))
+    os.replace(tmp, p)
     import_dataset(store, p, "pairs")
     print(i, flush=True)
 """
