@@ -289,15 +289,22 @@ def test_rm_label_smoothing_targets(cli, tiny_model, toy_data, tmp_path: Path, m
     assert seen and all(torch.allclose(t, torch.full_like(t, 0.9)) for t in seen)
 
 
-def test_rm_heads_report_held_out_accuracy_per_dimension(cli, tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["full", "lora_ensemble"])
+def test_rm_heads_report_held_out_accuracy_per_dimension(
+    cli, tiny_model, tmp_path: Path, variant: str
+) -> None:
     """heads: [overall, tone] on pairs whose `tone` label disagrees with the overall preference on odd rows:
-    the held-out metrics name the tone head's accuracy and the overall head's on the same pairs."""
+    the held-out metrics name the tone head's accuracy and the overall head's on the same pairs. With LoRA and
+    an ensemble of two, each merged member keeps both heads and the scorer returns both."""
+    from alignflow.models.reward import load_reward_scorer
+
     rows = toy.pair_rows(48)
     for i, r in enumerate(rows):
         r["labels"] = {"tone": 0.0 if i % 2 else 1.0}
     data = toy.write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "run"
-    cfg = base_config("rm", tiny_model, data, out, heads=["overall", "tone"], train={"max_steps": 4})
+    extra = {"lora": {"enabled": True, "r": 4}, "ensemble": {"size": 2}} if variant == "lora_ensemble" else {}
+    cfg = base_config("rm", tiny_model, data, out, heads=["overall", "tone"], train={"max_steps": 4}, **extra)
     res = cli("rm", write_config(tmp_path / "rm.yaml", cfg))
     assert res.exit_code == 0, res.output + repr(res.exception)
     metrics = json.loads((out / "summary.json").read_text())["metrics"]
@@ -307,3 +314,6 @@ def test_rm_heads_report_held_out_accuracy_per_dimension(cli, tiny_model, tmp_pa
     assert metrics["eval/head/tone/pairs"] == n_eval
     for key in ("eval/head/tone/accuracy", "eval/head/tone/overall_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0 and spec["eval"][key] == metrics[key]
+    mean, std = load_reward_scorer(out / "final").score_heads(["Reply 1: "] * 3, ["a", "b", "c"])
+    assert mean.shape == std.shape == (3, 2)
+    assert bool((std > 0).all()) == (variant == "lora_ensemble")
