@@ -6,9 +6,11 @@ training) and, for temperature scaling, `--calibration-fraction` of the remainin
 never the dev split). Reports dev accuracy with a 95% Wilson CI, ECE before and after temperature scaling and
 wall time with the load average; `--ood` also scores LLMBar (natural) and PandaLM through `rm-eval`'s library.
 
-`--log FILE` appends each run's row (its arguments and measured figures) to a JSONL file; `--table-from LOG`
-adds every logged run to the RESULTS.md section as the configuration table; `--section-from NAME` writes the
-section's headline from the logged run of that name instead of training again (the figures are that run's).
+`--log FILE` appends each run's row (its arguments, measured figures and checkpoint) to a JSONL file;
+`--table-from LOG` adds every logged run to the RESULTS.md section as the configuration table; `--section-from
+NAME` writes the section's headline from the logged run of that name instead of training again (the figures are
+that run's); `--ood-from NAME` scores that logged run's checkpoint on LLMBar and PandaLM (no training) and
+stores the accuracies in its log row; `--notes FILE` adds a markdown paragraph (the status) under the headline.
 
     .venv/bin/python benchmarks/bench_hh_reward.py --ood                 # the recipe's encoder defaults
     .venv/bin/python benchmarks/bench_hh_reward.py --pooling cls --no-keep-response --max-length 128 \\
@@ -112,6 +114,7 @@ def run_hh(
     try:
         res = run(cfg, store)
         res["wall_seconds"] = time.perf_counter() - t0
+        res["workdir"] = str(work)
         res["load_avg"] = [load_before[0], os.getloadavg()[0]]
         if res.get("stopped"):
             raise SystemExit(
@@ -146,6 +149,19 @@ def _ood(store, checkpoint: Path, work: Path) -> dict:
     return out
 
 
+def ood_from(row: dict) -> dict:
+    """LLMBar/PandaLM of a logged run's checkpoint (its workdir's store), without training again."""
+    from alignflow.store import Store
+    from alignflow.workspace import Workspace
+
+    work = Path(row["workdir"])
+    store = Store.open(Workspace.from_env(work / "ws"))
+    try:
+        return _ood(store, Path(row["checkpoint_dir"]), work)
+    finally:
+        store.close()
+
+
 def _ci(acc: float, n: int) -> str:
     from alignflow.evaluate.rm_eval import wilson_interval
 
@@ -172,6 +188,8 @@ def log_row(name: str, args: dict, res: dict) -> dict:
         "truncated": res["truncated"],
         "options": res["options"],
         "ood": res.get("ood"),
+        "workdir": res.get("workdir"),
+        "checkpoint_dir": res.get("checkpoint_dir"),
     }
 
 
@@ -228,16 +246,35 @@ def main() -> None:
     ap.add_argument(
         "--section-from", default=None, help="Headline = the --table-from run of this name (no training)."
     )
+    ap.add_argument(
+        "--ood-from",
+        default=None,
+        help="Score the --table-from run of this name on LLMBar/PandaLM (its checkpoint; no training) and store "
+        "the result in its log row.",
+    )
+    ap.add_argument("--notes", type=Path, default=None, help="Markdown (the status) under the headline.")
     ap.add_argument("--no-write", action="store_true", help="Print only; do not update RESULTS.md.")
     a = ap.parse_args()
     logged = (
         [json.loads(x) for x in a.table_from.read_text().splitlines() if x.strip()] if a.table_from else []
     )
+    if a.ood_from:
+        row = next((r for r in logged if r["name"] == a.ood_from), None)
+        if row is None or not row.get("checkpoint_dir"):
+            raise SystemExit(f"no run named {a.ood_from!r} with a checkpoint in {a.table_from}")
+        row["ood"] = ood_from(row)
+        a.table_from.write_text("".join(json.dumps(r) + "\n" for r in logged))
+        print(headline_table(row))
+        return
+    notes = a.notes.read_text() if a.notes else ""
     if a.section_from:
         row = next((r for r in logged if r["name"] == a.section_from), None)
         if row is None:
             raise SystemExit(f"no run named {a.section_from!r} in {a.table_from}")
-        write_results(row, logged)
+        if a.no_write:
+            print(headline_table(row))
+        else:
+            write_results(row, logged, notes)
         return
     opts = {
         k: getattr(a, k)
@@ -270,7 +307,7 @@ def main() -> None:
     print(headline_table(row))
     print(json.dumps(row))
     if not a.no_write:
-        write_results(row, logged)
+        write_results(row, logged, notes)
 
 
 def headline_table(row: dict) -> str:
@@ -290,7 +327,7 @@ def headline_table(row: dict) -> str:
     return markdown_table(header, [cells])
 
 
-def write_results(row: dict, logged: list[dict]) -> None:
+def write_results(row: dict, logged: list[dict], notes: str = "") -> None:
     """The RESULTS.md section: ``row``'s headline and setup, then every logged configuration."""
     a = argparse.Namespace(**row["args"])
     o = row["options"]
@@ -318,6 +355,8 @@ def write_results(row: dict, logged: list[dict]) -> None:
         f"Command: `.venv/bin/python benchmarks/bench_hh_reward.py {' '.join(flags)}"
         f"{' --ood' if row.get('ood') else ''}` (run {row['name']!r})"
     )
+    if notes.strip():
+        body += "\n\n" + notes.strip()
     if logged:
         body += (
             "\n\n### Every configuration tried (one change at a time; dev = the same 15% of prompts)\n\n"
