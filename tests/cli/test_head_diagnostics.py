@@ -107,7 +107,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, sqlite_workspace):  # noqa: ANN201
-    monkeypatch.setenv("COLUMNS", "200")  # one line per table row
+    from alignflow.cli import common
+
+    # One line per table row. COLUMNS alone is not enough: the CLI's console is created once per process, so
+    # a CLI test that ran earlier in the same pytest worker fixes its width at 80 ("overall head" then wraps).
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(common.console, "width", 200)
 
     def invoke(*args: Any) -> str:
         monkeypatch.setattr(sys, "argv", ["alignflow", *map(str, args)])
