@@ -112,3 +112,34 @@ def test_dpo_padded_rows_give_the_packed_losses(cli, tiny_model, toy_data, tmp_p
     res = cli("dpo", cfg, "data.packing=false")
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert train_metrics(out) == pytest.approx(PINNED_DPO_LOSSES, abs=1e-4)
+
+
+def test_dpo_soft_labels_use_the_pairs_weights(cli, tiny_model, tmp_path: Path) -> None:
+    """loss.soft_labels reads each pair's weight as P(chosen better): all-1 weights give plain DPO's losses,
+    other weights other losses; a weight outside [0, 1] and a non-sigmoid loss are refused."""
+    from . import toy
+
+    rows = toy.pair_rows(48)
+    ones = toy.write_jsonl(tmp_path / "ones.jsonl", [{**r, "weight": 1.0} for r in rows])
+    soft = toy.write_jsonl(
+        tmp_path / "soft.jsonl", [{**r, "weight": 0.6 if i % 2 else 0.9} for i, r in enumerate(rows)]
+    )
+    losses = {}
+    for name, data, soft_on in (("plain", ones, False), ("ones", ones, True), ("soft", soft, True)):
+        out = tmp_path / name
+        cfg = base_config("dpo", tiny_model, data, out, train={"max_steps": 3}, loss={"soft_labels": soft_on})
+        res = cli("dpo", write_config(tmp_path / f"{name}.yaml", cfg))
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        losses[name] = train_metrics(out)
+    assert losses["ones"] == pytest.approx(losses["plain"], abs=1e-6)
+    # Step 1 is log 2 whatever the labels (policy == reference); afterwards the soft targets pull less hard.
+    assert losses["soft"][0] == pytest.approx(losses["plain"][0], abs=1e-6)
+    assert losses["soft"][1:] != pytest.approx(losses["plain"][1:], abs=1e-4)
+
+    bad = toy.write_jsonl(tmp_path / "bad.jsonl", [{**r, "weight": 2.0} for r in rows])
+    cfg = base_config("dpo", tiny_model, bad, tmp_path / "bad", loss={"soft_labels": True})
+    res = cli("dpo", write_config(tmp_path / "bad.yaml", cfg))
+    assert res.exit_code != 0 and "is not a probability" in str(res.exception)
+    cfg = base_config("dpo", tiny_model, ones, tmp_path / "ipo", loss={"soft_labels": True, "type": "ipo"})
+    res = cli("dpo", write_config(tmp_path / "ipo.yaml", cfg))
+    assert res.exit_code != 0 and "soft_labels applies to type 'sigmoid'" in (str(res.exception) + res.output)

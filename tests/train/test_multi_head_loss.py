@@ -56,3 +56,23 @@ def test_shapes_and_targets_are_checked() -> None:
         multi_head_bradley_terry_sums(z, torch.zeros(2, 3), z, z.bool())
     with pytest.raises(ValueError, match="targets must lie"):
         multi_head_bradley_terry_sums(z, z, torch.full((2, 2), 1.5), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_dpo_soft_label_loss_by_hand_and_as_cdpo() -> None:
+    from alignflow.train.losses import dpo_sigmoid_loss, dpo_soft_label_loss
+
+    pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0])
+    rc, rr = torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -2.0])
+    beta = 0.5
+    # h = (pc - rc) - (pr - rr) = [1 - (-1), 0 - 1] = [2, -1]; logits = beta h = [1, -0.5]
+    p = torch.tensor([0.9, 0.3])
+    loss, _, _ = dpo_soft_label_loss(pc, pr, rc, rr, p, beta=beta)
+    want = (_bce(1.0, 0.9) + _bce(-0.5, 0.3)) / 2
+    assert float(loss) == pytest.approx(want, abs=1e-6)
+    # A constant soft label 1 - eps is cDPO with label_smoothing eps (itself parity-tested against TRL).
+    soft, c1, r1 = dpo_soft_label_loss(pc, pr, rc, rr, torch.full((2,), 0.8), beta=beta)
+    cdpo, c2, r2 = dpo_sigmoid_loss(pc, pr, rc, rr, beta, 0.2)
+    assert float(soft) == pytest.approx(float(cdpo), abs=1e-7)
+    assert torch.equal(c1, c2) and torch.equal(r1, r2)
+    with pytest.raises(ValueError, match="soft_labels must lie"):
+        dpo_soft_label_loss(pc, pr, rc, rr, torch.tensor([1.2, 0.5]))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignflow.config import (
     CheckpointSection,
@@ -54,7 +54,7 @@ from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.store import Store
 from alignflow.train.accum import example_mean_share
 from alignflow.train.logprobs import PairLogps, concatenated_forward, splittable, tree_pair_logps
-from alignflow.train.losses import DPO_LOSS_TYPES, dpo_loss
+from alignflow.train.losses import DPO_LOSS_TYPES, dpo_loss, dpo_soft_label_loss
 from alignflow.train.optim import (
     StepTimer,
     build_optimizer,
@@ -77,6 +77,20 @@ class DPOLossSection(StrictModel):
     beta: float = Field(default=0.1, gt=0.0, description="Inverse temperature (ORPO: lambda; SimPO: beta).")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="cDPO/rDPO label-flip rate.")
     gamma: float = Field(default=0.5, description="SimPO target reward margin.")
+    soft_labels: bool = Field(
+        default=False,
+        description="sigmoid only: treat each pair's weight column as P(chosen better) (the aggregated soft label "
+        "of `annotate export --as pairs`): cDPO with each pair's own flip rate 1 - weight.",
+    )
+
+    @model_validator(mode="after")
+    def _soft_labels_need_sigmoid(self) -> DPOLossSection:
+        if self.soft_labels and (self.type != "sigmoid" or self.label_smoothing > 0):
+            raise ValueError(
+                "soft_labels applies to type 'sigmoid' without label_smoothing (a soft label is a per-pair "
+                f"label smoothing); got type {self.type!r}, label_smoothing {self.label_smoothing}"
+            )
+        return self
 
 
 class ReferenceSection(StrictModel):
@@ -273,6 +287,13 @@ def _load_pairs(cfg: DPOConfig, r: Run, tok: Any, counter: TruncationCounter) ->
         raise DataFormatError(
             f"{cfg.data.train}: no training pairs left after the eval split ({len(pairs)} pairs)"
         )
+    if cfg.loss.soft_labels:
+        bad = next((p for p in train_pairs if not 0.0 <= p.weight <= 1.0), None)
+        if bad is not None:
+            raise DataFormatError(
+                f"{cfg.data.train}: pair {bad.id!r} field 'weight' = {bad.weight} is not a probability; "
+                "loss.soft_labels=true needs weights in [0, 1]"
+            )
     enc = SequenceEncoder(tok, cfg.data.max_length, cfg.data.max_prompt_length, counter=counter)
     train, held = encode_pairs(train_pairs, enc), encode_pairs(eval_pairs, enc)
     counter.report()
@@ -299,9 +320,22 @@ def _pair_logps(
     )
 
 
-def _loss(cfg: DPOConfig, out: PairLogps, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None):
+def _loss(
+    cfg: DPOConfig,
+    out: PairLogps,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    items: Sequence[EncodedPair] | None = None,
+):
     """The configured loss on one batch: ``(loss, chosen_rewards (B,), rejected_rewards (B,))``."""
     kind = cfg.loss.type
+    if cfg.loss.soft_labels and items is not None and ref_chosen is not None and ref_rejected is not None:
+        p = torch.tensor(
+            [it.weight for it in items], dtype=out.chosen_logps.dtype, device=out.chosen_logps.device
+        )
+        return dpo_soft_label_loss(
+            out.chosen_logps, out.rejected_logps, ref_chosen, ref_rejected, p, beta=cfg.loss.beta
+        )
     mean = kind in REFERENCE_FREE  # SimPO/ORPO take per-token mean log-probs
     return dpo_loss(
         kind,
@@ -406,7 +440,7 @@ def _accumulate_gradients(
     chosen_logps_sum = rejected_logps_sum = 0.0
     for items in micro:
         out = forward(policy, items)
-        loss, chosen_reward, rejected_reward = _loss(cfg, out, *_reference_for(reference, items))
+        loss, chosen_reward, rejected_reward = _loss(cfg, out, *_reference_for(reference, items), items)
         loss = example_mean_share(loss, len(items), n_pairs)
         check_finite(loss, step, [p.id for p in items], ckpt)
         loss.backward()

@@ -220,6 +220,43 @@ def dpo_sigmoid_loss(
     return (losses.mean(), *_implicit_rewards(beta, chosen, rejected))
 
 
+def dpo_soft_label_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    soft_labels: Tensor,
+    beta: float = 0.1,
+) -> LossAndRewards:
+    """DPO against a per-pair probability that ``chosen`` is better: cDPO with each pair's own flip rate.
+
+    With ``p_i`` the soft label (e.g. the annotators' aggregated P(chosen better)) and ``h`` as in
+    :func:`dpo_sigmoid_loss`: ``loss = mean[-p_i log sigmoid(beta h_i) - (1 - p_i) log sigmoid(-beta h_i)]``,
+    the binary cross-entropy of the DPO preference model (Rafailov et al. 2023, eq. 7) against ``p_i``. A
+    constant ``p_i = 1 - eps`` is cDPO with ``label_smoothing = eps`` (Mitchell 2023); ``p_i = 1`` is DPO.
+
+    Args:
+        policy_*_logps, ref_*_logps: ``(B,)`` summed completion log-probs.
+        soft_labels: ``(B,)`` in ``[0, 1]``.
+
+    Returns:
+        ``(loss, chosen_rewards (B,), rejected_rewards (B,))``.
+    """
+    if soft_labels.shape != policy_chosen_logps.shape:
+        raise ValueError(
+            f"soft_labels must be {tuple(policy_chosen_logps.shape)}, got {tuple(soft_labels.shape)}"
+        )
+    if ((soft_labels < 0) | (soft_labels > 1)).any():
+        raise ValueError("soft_labels must lie in [0, 1]")
+    chosen, rejected = _logratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    logits = beta * (chosen - rejected)
+    q = soft_labels.to(logits.dtype)
+    losses = -q * F.logsigmoid(logits) - (1 - q) * F.logsigmoid(-logits)
+    return (losses.mean(), *_implicit_rewards(beta, chosen, rejected))
+
+
 def dpo_robust_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -577,6 +614,7 @@ def entropy_from_logits(
 
 
 __all__: list[str] = [
+    "dpo_soft_label_loss",
     "multi_head_bradley_terry_sums",
     "AGGREGATIONS",
     "DPO_LOSS_TYPES",
