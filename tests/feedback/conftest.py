@@ -106,3 +106,25 @@ def sessions(workspace: Workspace):
 def s(sessions) -> Iterator[Session]:
     with sessions() as session:
         yield session
+
+
+@pytest.fixture
+def cli(workspace: Workspace, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """`alignflow ...` in-process against the test's workspace; `ok=False` returns a failed result to inspect."""
+    from fb_helpers import PASSWORD
+    from typer.testing import CliRunner
+
+    from alignflow.cli.main import app
+
+    monkeypatch.setenv("ALIGNFLOW_HOME", str(workspace.home))
+    monkeypatch.setenv("ALIGNFLOW_DB_URL", workspace.db_url)
+    monkeypatch.setenv("ALIGNFLOW_PASSWORD", PASSWORD)
+    runner = CliRunner()
+
+    def run(*args, ok: bool = True):  # noqa: ANN202
+        r = runner.invoke(app, [str(a) for a in args], catch_exceptions=not ok)
+        if ok:
+            assert r.exit_code == 0, r.output
+        return r
+
+    return run

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import typer
-from fb_helpers import PASSWORD, answer, pair_items
+from fb_helpers import answer, pair_items
 from typer.testing import CliRunner
 
 from alignflow.cli import annotate as annotate_cli
@@ -17,22 +17,6 @@ from alignflow.cli.main import app
 from alignflow.errors import AlignflowError
 from alignflow.feedback import services
 from alignflow.store import Store
-
-
-@pytest.fixture
-def cli(workspace, monkeypatch):
-    monkeypatch.setenv("ALIGNFLOW_HOME", str(workspace.home))
-    monkeypatch.setenv("ALIGNFLOW_DB_URL", workspace.db_url)
-    monkeypatch.setenv("ALIGNFLOW_PASSWORD", PASSWORD)
-    runner = CliRunner()
-
-    def run(*args: str, ok: bool = True):
-        r = runner.invoke(app, list(args), catch_exceptions=False) if ok else runner.invoke(app, list(args))
-        if ok:
-            assert r.exit_code == 0, r.output
-        return r
-
-    return run
 
 
 def test_every_command_has_help():

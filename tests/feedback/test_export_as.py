@@ -8,10 +8,8 @@ import json
 
 import pytest
 import yaml
-from fb_helpers import PASSWORD, answer, make_users, pair_items
-from typer.testing import CliRunner
+from fb_helpers import answer, make_users, pair_items
 
-from alignflow.cli.main import app
 from alignflow.feedback import services
 from alignflow.quality import aggregate
 from alignflow.quality.schema import validate_judgments
@@ -27,22 +25,6 @@ VOTES = {
     "i5": ("right", "right", "right"),
 }
 ANNOTATORS = ("a1", "a2", "a3")
-
-
-@pytest.fixture
-def cli(workspace, monkeypatch):
-    monkeypatch.setenv("ALIGNFLOW_HOME", str(workspace.home))
-    monkeypatch.setenv("ALIGNFLOW_DB_URL", workspace.db_url)
-    monkeypatch.setenv("ALIGNFLOW_PASSWORD", PASSWORD)
-    runner = CliRunner()
-
-    def run(*args, ok: bool = True):
-        r = runner.invoke(app, [str(a) for a in args], catch_exceptions=not ok)
-        if ok:
-            assert r.exit_code == 0, r.output
-        return r
-
-    return run
 
 
 @pytest.fixture

@@ -11,31 +11,13 @@ import json
 
 import pytest
 import yaml
-from fb_helpers import PASSWORD, answer, make_users, pair_items
-from typer.testing import CliRunner
+from fb_helpers import answer, make_users, pair_items
 
-from alignflow.cli.main import app
 from alignflow.feedback import services
 from alignflow.store import Store
 
 ANNOTATORS = ("a1", "a2", "a3")
 N_ITEMS = 8
-
-
-@pytest.fixture
-def cli(workspace, monkeypatch):
-    monkeypatch.setenv("ALIGNFLOW_HOME", str(workspace.home))
-    monkeypatch.setenv("ALIGNFLOW_DB_URL", workspace.db_url)
-    monkeypatch.setenv("ALIGNFLOW_PASSWORD", PASSWORD)
-    runner = CliRunner()
-
-    def run(*args, ok: bool = True):
-        r = runner.invoke(app, [str(a) for a in args], catch_exceptions=not ok)
-        if ok:
-            assert r.exit_code == 0, r.output
-        return r
-
-    return run
 
 
 def _display(task: dict, canonical: str) -> str:

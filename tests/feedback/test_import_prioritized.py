@@ -9,11 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from fb_helpers import PASSWORD
 from sqlalchemy import select
-from typer.testing import CliRunner
 
-from alignflow.cli.main import app
 from alignflow.feedback import services
 from alignflow.feedback.models import Item
 from alignflow.quality.uncertainty import METHOD, pair_uncertainty, ranking_uncertainty
@@ -28,22 +25,6 @@ CANDIDATES = {
     "p4": ["a", "b", "c", "d"],
     "p5": ["ok", "bad\x00", "fine"],  # a sampled NUL: that reply is left out, the rest imports
 }
-
-
-@pytest.fixture
-def cli(workspace, monkeypatch):
-    monkeypatch.setenv("ALIGNFLOW_HOME", str(workspace.home))
-    monkeypatch.setenv("ALIGNFLOW_DB_URL", workspace.db_url)
-    monkeypatch.setenv("ALIGNFLOW_PASSWORD", PASSWORD)
-    runner = CliRunner()
-
-    def run(*args, ok: bool = True):
-        r = runner.invoke(app, [str(a) for a in args], catch_exceptions=not ok)
-        if ok:
-            assert r.exit_code == 0, r.output
-        return r
-
-    return run
 
 
 @pytest.fixture
