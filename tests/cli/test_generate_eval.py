@@ -5,8 +5,6 @@ Llama."""
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,9 @@ import pytest
 import torch
 import yaml
 
-from alignflow.cli.main import main
 from alignflow.store import Store
+
+from .conftest import alignflow, two_policies
 
 MT_BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mt-bench" / "question.jsonl"
 GOLD = "gold:alignflow.rollout.toy:lowercase_fraction"
@@ -33,32 +32,14 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on 2 shared cores
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two tiny policies (different weights, one tokenizer) and a reward-model folder built from the first."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignflow.models import make_tiny_model_dir
-    from alignflow.models.tiny import tiny_llama
-
     root = tmp_path_factory.mktemp("models")
-    a = make_tiny_model_dir(root / "policy-a", vocab_size=400, hidden_size=64, num_layers=2)
-    b = root / "policy-b"
-    shutil.copytree(a, b)
+    a, b = two_policies(root, hidden_size=64, num_layers=2)
     tok = AutoTokenizer.from_pretrained(a)
-    other = tiny_llama(
-        vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=512, seed=7,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    other.save_pretrained(str(b))
     rm = root / "rm"
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_pretrained(a, num_labels=1).save_pretrained(str(rm))
@@ -69,18 +50,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def alignflow(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: Any
-) -> tuple[int, str, str]:
-    """Run `alignflow ARGS` as the console script does; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["alignflow", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out = capsys.readouterr()
-    code = exit_info.value.code
-    return (code if isinstance(code, int) else 1), out.out, out.err
 
 
 @pytest.fixture

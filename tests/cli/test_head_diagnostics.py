@@ -10,8 +10,6 @@ checkpoint's own `score_heads`: 3 training steps teach the heads nothing worth p
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from alignflow.cli.main import main
+from .conftest import alignflow, two_policies
 
 N_PAIRS = 16
 HEADS = ["overall", "accuracy", "tone"]
@@ -51,14 +49,6 @@ def _jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on 2 shared cores
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two tiny policies, a 3-head reward model trained by `alignflow rm` and a plain one-head HF reward model."""
@@ -66,18 +56,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from typer.testing import CliRunner
 
     from alignflow.cli.main import app
-    from alignflow.models import make_tiny_model_dir
-    from alignflow.models.tiny import tiny_llama
 
     root = tmp_path_factory.mktemp("heads")
-    a = make_tiny_model_dir(root / "policy-a", vocab_size=400, hidden_size=32, num_layers=1)
-    b = root / "policy-b"
-    shutil.copytree(a, b)
+    a, b = two_policies(root, hidden_size=32, num_layers=1)
     tok = AutoTokenizer.from_pretrained(a)
-    tiny_llama(
-        vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=4, max_position_embeddings=512, seed=7,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    ).save_pretrained(str(b))  # fmt: skip
     cfg = {
         "stage": "rm",
         "output_dir": str(root / "rm"),
@@ -115,12 +97,9 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, sqlite_w
     monkeypatch.setattr(common.console, "width", 200)
 
     def invoke(*args: Any) -> str:
-        monkeypatch.setattr(sys, "argv", ["alignflow", *map(str, args)])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        out = capsys.readouterr()
-        assert exit_info.value.code in (0, None), out.out + out.err
-        return out.out
+        code, out, err = alignflow(monkeypatch, capsys, *args)
+        assert code == 0, out + err
+        return out
 
     return invoke
 
