@@ -76,6 +76,12 @@ def _as_vector(name: str, x: Tensor) -> Tensor:
     return x
 
 
+def _soft_bce(logits: Tensor, p: Tensor) -> Tensor:
+    """Elementwise ``-[p log sigmoid(x) + (1 - p) log sigmoid(-x)]``: the cross-entropy of a Bradley-Terry /
+    DPO preference probability ``sigmoid(x)`` against the target ``P(chosen better) = p``."""
+    return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
+
+
 def bradley_terry_loss(
     chosen_rewards: Tensor,
     rejected_rewards: Tensor,
@@ -123,7 +129,7 @@ def bradley_terry_loss(
         if ((soft_labels < 0) | (soft_labels > 1)).any():
             raise ValueError("soft_labels must lie in [0, 1]")
         p = soft_labels.to(delta.dtype)
-        per_pair = -(p * F.logsigmoid(delta) + (1 - p) * F.logsigmoid(-delta))
+        per_pair = _soft_bce(delta, p)
     if weights is None:
         loss = per_pair.mean()
     else:
@@ -171,7 +177,7 @@ def multi_head_bradley_terry_sums(
     p = torch.where(mask, targets.to(delta.dtype), torch.zeros_like(delta))
     if ((p < 0) | (p > 1)).any():
         raise ValueError("targets must lie in [0, 1]")
-    per_pair = -(p * F.logsigmoid(delta) + (1 - p) * F.logsigmoid(-delta))
+    per_pair = _soft_bce(delta, p)
     return torch.where(mask, per_pair, torch.zeros_like(per_pair)).sum(0)
 
 
@@ -252,8 +258,7 @@ def dpo_soft_label_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     logits = beta * (chosen - rejected)
-    q = soft_labels.to(logits.dtype)
-    losses = -q * F.logsigmoid(logits) - (1 - q) * F.logsigmoid(-logits)
+    losses = _soft_bce(logits, soft_labels.to(logits.dtype))
     return (losses.mean(), *_implicit_rewards(beta, chosen, rejected))
 
 
