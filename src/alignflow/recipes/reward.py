@@ -582,7 +582,7 @@ def _accumulate_gradients(
     packed: bool,
     step: int,
     ckpt: Any,
-    heads: list[str] | None = None,
+    heads: list[str],
 ) -> tuple[float, float, float]:
     """Forward and backward over the step's micro-batches; returns ``(loss, n_correct, summed reward gap)``.
 
@@ -592,7 +592,6 @@ def _accumulate_gradients(
     label that dimension (:func:`~alignflow.train.losses.multi_head_bradley_terry_sums`); correct and gap are
     the overall head's.
     """
-    heads = heads or [OVERALL]
     weighted = cfg.loss.use_weights and not cfg.loss.soft_labels
     eps = cfg.loss.label_smoothing
     pair_weights = [[p.weight if weighted else 1.0 for p in items] for items in micro]

@@ -110,6 +110,17 @@ def function_head_scorer(spec: str, field: str = "reward.fn") -> HeadScorer:
     return score
 
 
+def conservative(scored: Sequence[tuple[Tensor, Tensor]], k: float) -> Tensor:
+    """``mean - k * std`` from the members' ``(mean, std)`` (any equal shapes): one member's own mean and std
+    (an ``alignflow rm`` ensemble's spread), or for several the mean and unbiased std of their means."""
+    if len(scored) == 1:
+        mean, std = scored[0]
+    else:
+        stacked = torch.stack([m for m, _ in scored])  # (M, ...)
+        mean, std = stacked.mean(dim=0), stacked.std(dim=0)
+    return mean - k * std
+
+
 class EnsembleScorer:
     """Conservative reward ``mean - k * std`` (Coste et al. 2024) from one or several :class:`RewardModelScorer`.
 
@@ -126,12 +137,7 @@ class EnsembleScorer:
         self.k = k
 
     def __call__(self, prompts: list[str], responses: list[str]) -> Tensor:
-        if len(self.members) == 1:
-            mean, std = self.members[0](prompts, responses)
-        else:
-            stacked = torch.stack([m(prompts, responses)[0] for m in self.members])  # (M, B)
-            mean, std = stacked.mean(dim=0), stacked.std(dim=0)
-        return mean - self.k * std
+        return conservative([m(prompts, responses) for m in self.members], self.k)
 
 
 class EnsembleHeadScorer:
@@ -157,9 +163,5 @@ class EnsembleHeadScorer:
                 )
 
     def __call__(self, prompts: list[str], responses: list[str]) -> HeadScores:
-        if len(self.members) == 1:
-            mean, std = self.members[0].score_heads(prompts, responses)  # (B, H) each
-        else:
-            stacked = torch.stack([m.score_heads(prompts, responses)[0] for m in self.members])  # (M, B, H)
-            mean, std = stacked.mean(dim=0), stacked.std(dim=0)
-        return mean - self.k * std, list(self.heads)
+        scored = [m.score_heads(prompts, responses) for m in self.members]  # (B, H) mean and std each
+        return conservative(scored, self.k), list(self.heads)
