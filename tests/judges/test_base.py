@@ -1,0 +1,53 @@
+"""The judge interface: verdicts from scores, both-order combination, rubric judges through load_judge."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignflow.judges import JudgeError, Verdict, combine_orders, judge_pairs, load_judge
+
+
+def test_verdict_from_scores_ranks_and_ties() -> None:
+    v = Verdict.from_scores([1.0, 3.0, 2.0])
+    assert (v.winner, v.ranking) == (1, (1, 2, 0))
+    tie = Verdict.from_scores([2.0, 2.0])
+    assert tie.winner is None and tie.confidence == 0.5
+    with pytest.raises(JudgeError, match="finite"):
+        Verdict.from_scores([float("nan"), 1.0])
+
+
+def test_orders_agreeing_stand_and_disagreeing_become_ties_or_drops() -> None:
+    fwd = Verdict(winner=0, ranking=(0, 1), confidence=0.8)
+    rev_agree = Verdict(winner=1, ranking=(1, 0), confidence=0.6)  # (b, a): b's index 1 is a
+    rev_disagree = Verdict(winner=0, ranking=(0, 1), confidence=0.9)
+    ok = combine_orders(fwd, rev_agree)
+    assert (ok.winner, ok.consistent, ok.dropped, ok.label) == (0, True, False, "A")
+    assert ok.confidence == pytest.approx(0.7)
+    tie = combine_orders(fwd, rev_disagree, "tie")
+    assert (tie.winner, tie.consistent, tie.label) == (None, False, "tie")
+    drop = combine_orders(fwd, rev_disagree, "drop")
+    assert drop.dropped and drop.label is None
+
+
+def test_longer_rubric_is_order_consistent_and_first_is_not() -> None:
+    pairs = [("q", "short", "a much longer answer"), ("q", "a long long answer here", "brief")]
+    longer = judge_pairs(load_judge("rule:alignflow.judges.rubrics:longer"), pairs)
+    assert [p.label for p in longer] == ["B", "A"] and all(p.consistent for p in longer)
+    first = judge_pairs(load_judge("rule:alignflow.judges.rubrics:first"), pairs)
+    assert [p.label for p in first] == ["tie", "tie"] and not any(p.consistent for p in first)
+    given = judge_pairs(load_judge("rule:alignflow.judges.rubrics:first"), pairs, orders="given")
+    assert [p.label for p in given] == ["A", "A"] and given[0].consistent is None
+
+
+def test_bad_specs_and_bad_rubric_output_are_clear_errors() -> None:
+    with pytest.raises(JudgeError, match="expected one of"):
+        load_judge("nope:x")
+    with pytest.raises(JudgeError, match="unknown options"):
+        load_judge("rule:alignflow.judges.rubrics:longer", template="x")
+    j = load_judge("rule:builtins:len")  # len(prompt, candidates) -> TypeError is the rubric's own bug
+    with pytest.raises(TypeError):
+        j.judge("q", ["a", "b"])
+    bad = load_judge("rule:alignflow.judges.rubrics:first")
+    with pytest.raises(JudgeError, match="returns scores"):
+        bad.score(["q"], ["a"])
+    assert load_judge("rule:alignflow.judges.rubrics:longer").score(["q"], ["a b c"]) == [3.0]
