@@ -51,3 +51,17 @@ def test_bad_specs_and_bad_rubric_output_are_clear_errors() -> None:
     with pytest.raises(JudgeError, match="returns scores"):
         bad.score(["q"], ["a"])
     assert load_judge("rule:alignflow.judges.rubrics:longer").score(["q"], ["a b c"]) == [3.0]
+
+
+def test_spec_options_after_hash() -> None:
+    from alignflow.judges import split_spec
+
+    assert split_spec("hf:DIR#mode=rubric, template=t.txt") == (
+        "hf:DIR",
+        {"mode": "rubric", "template": "t.txt"},
+    )
+    assert split_spec("openai:m@http://h:1/v1") == ("openai:m@http://h:1/v1", {})
+    with pytest.raises(JudgeError, match="not key=value"):
+        split_spec("rule:a:b#oops")
+    with pytest.raises(JudgeError, match="unknown options"):
+        load_judge("rule:alignflow.judges.rubrics:longer#x=1")

@@ -12,6 +12,7 @@ from alignflow.judges.base import (
     judge_pairs,
     load_judge,
     register_backend,
+    split_spec,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "judge_pairs",
     "load_judge",
     "register_backend",
+    "split_spec",
 ]

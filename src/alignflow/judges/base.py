@@ -9,6 +9,9 @@ A judge compares candidate responses to one prompt. Backends (one module each, c
 - ``openai:MODEL@BASE_URL`` — an OpenAI-compatible endpoint through the official client
   (:mod:`alignflow.judges.openai`).
 
+Backend options follow ``#`` as ``key=value`` pairs: ``hf:models/judge#mode=rubric,template=my.txt``
+(:func:`split_spec`).
+
 LLM judges prefer whichever answer is shown first (Zheng et al. 2023, "Judging LLM-as-a-judge", §3.4), so
 :func:`judge_pairs` asks every pair in both orders: agreeing verdicts stand, disagreeing ones become ties or
 are dropped (``on_inconsistent``), and each :class:`PairVerdict` says which happened.
@@ -220,9 +223,29 @@ def _load_builtin() -> None:
                 raise
 
 
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"hf:DIR#mode=rubric,template=t.txt"`` → ``("hf:DIR", {"mode": "rubric", "template": "t.txt"})``.
+
+    Options after ``#`` are ``key=value`` pairs separated by commas; values stay strings (each backend
+    converts and checks its own). ``#`` never occurs in a base URL's path, so it cannot be confused with one.
+    """
+    base, sep, tail = spec.partition("#")
+    options: dict[str, str] = {}
+    if sep:
+        for part in tail.split(","):
+            key, eq, value = part.partition("=")
+            if not eq or not key.strip():
+                raise JudgeError(f"judge {base!r}: option {part!r} after '#' is not key=value")
+            options[key.strip()] = value.strip()
+    return base, options
+
+
 def load_judge(spec: str, store: Any = None, device: str = "cpu", **options: Any) -> Judge:
-    """Build the judge a spec names. ``options`` are backend settings (template, timeout, cache dir, ...);
-    an option a backend does not know is an error naming it."""
+    """Build the judge a spec names. Options come from the spec's ``#key=value,...`` tail and from
+    ``options`` (which win); they are backend settings (template, timeout, cache dir, ...), and an option a
+    backend does not know is an error naming it."""
+    spec, from_spec = split_spec(spec)
+    options = from_spec | options
     prefix, sep, rest = spec.partition(":")
     _load_builtin()
     if not sep or prefix not in _BACKENDS:
