@@ -65,3 +65,20 @@ def test_spec_options_after_hash() -> None:
         split_spec("rule:a:b#oops")
     with pytest.raises(JudgeError, match="unknown options"):
         load_judge("rule:alignflow.judges.rubrics:longer#x=1")
+
+
+def test_agreement_with_humans_matches_sklearn_and_hand_counts() -> None:
+    from sklearn.metrics import cohen_kappa_score
+
+    from alignflow.judges.agreement import judge_human_agreement
+
+    judge = ["A", "B", "A", "tie", None, "B", "A", "A"]
+    human = ["A", "B", "B", "A", "A", "B", "A", "B"]
+    r = judge_human_agreement(judge, human, consistent=[True, True, True, False, False, True, True, True])
+    # 7 scored: right on 0,1,5,6 (4), wrong on 2,7, tie on 3 -> (4 + 0.5) / 7
+    assert r["n"] == 7 and r["dropped"] == 1
+    assert r["accuracy"] == pytest.approx(4.5 / 7)
+    kept = [i for i, x in enumerate(judge) if x is not None]
+    assert r["kappa"] == pytest.approx(cohen_kappa_score([judge[i] for i in kept], [human[i] for i in kept]))
+    assert r["kappa_ci"][0] <= r["kappa"] <= r["kappa_ci"][1]
+    assert r["order_consistency"] == pytest.approx(6 / 8) and r["tie_rate"] == pytest.approx(1 / 7)
