@@ -93,3 +93,75 @@ def export(
     """Write a dataset artifact to a JSONL or Parquet file or a HF datasets folder (its hash is verified first)."""
     n = export_dataset(open_store(home), ref, file, fmt=fmt)
     console.print(f"wrote {n} rows to {file}")
+
+
+@app.command("synthesize")
+def synthesize(
+    method: str = typer.Option(
+        ...,
+        "--method",
+        help="self-instruct: continue a list of k sampled seed tasks (Wang et al. 2023); evol: rewrite one "
+        "seed into a harder version by one WizardLM operation (Xu et al. 2023).",
+    ),
+    seed_prompts: str = typer.Option(
+        ...,
+        "--seed-prompts",
+        help="Seed instructions: a JSONL/Parquet file (imported as 'prompts') or a dataset.",
+    ),
+    generator: str = typer.Option(
+        ...,
+        "--generator",
+        help="Who writes: hf:MODEL_DIR_OR_ARTIFACT[#chat=true], openai:MODEL@BASE_URL or fn:MODULE:FN.",
+    ),
+    requests: int = typer.Option(16, "--requests", min=1, help="Generator calls to make."),
+    k: int = typer.Option(4, "--k", min=1, help="Seed examples shown per self-instruct call."),
+    near: float = typer.Option(
+        0.7, "--near", min=0.0, max=1.0, help="Near-duplicate Jaccard threshold (MinHash); 0 = exact only."
+    ),
+    min_chars: int = typer.Option(10, "--min-chars", min=1, help="Drop instructions shorter than this."),
+    max_chars: int = typer.Option(1000, "--max-chars", min=1, help="Drop instructions longer than this."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, help="Cap on each generation."),
+    temperature: float = typer.Option(0.9, "--temperature", min=0.0, help="Sampling temperature."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the choice of examples/operations and sampling."),
+    name: str | None = typer.Option(None, "--name", help="Dataset name (default synth-<method>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    home: str | None = typer.Option(None, "--home", help="Workspace folder."),
+) -> None:
+    """Write new instructions from a seed set, drop empty, too short/long and duplicate ones (exact and
+    near-duplicates of a seed or of each other), and store the rest as a 'prompts' dataset linked to the
+    seeds and the generator."""
+    from alignflow.cli.generate import progress_bar
+    from alignflow.judges.generators import load_generator
+    from alignflow.rollout.generations import resolve_prompts
+    from alignflow.synth.instructions import synthesize as synthesize_lib
+
+    store = open_store(home)
+    seeds_id = resolve_prompts(store, seed_prompts, "--seed-prompts")
+    gen = load_generator(generator, store)
+    with progress_bar(f"synthesize ({method})") as update:
+        result = synthesize_lib(
+            store,
+            method,  # type: ignore[arg-type]  # checked by the library, with the accepted values
+            seeds_id,
+            gen,
+            requests=requests,
+            k=k,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            near=near or None,
+            min_chars=min_chars,
+            max_chars=max_chars,
+            name=name,
+            progress=update,
+        )
+    r = result.report
+    if as_json:
+        typer.echo(json.dumps(r, indent=1))
+        return
+    dropped = ", ".join(f"{k_} {v}" for k_, v in r["dropped"].items() if v) or "none"
+    console.print(
+        f"{r['requests']} requests -> {r['candidates']} candidates; dropped: {dropped}; kept {r['kept']}",
+        highlight=False,
+    )
+    console.print(f"prompts -> [bold]{r['output']}[/]" if r["output"] else "nothing kept; no dataset written")

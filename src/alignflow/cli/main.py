@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from alignflow.cli import (
     annotate,
+    constitution,
     curate,
     data,
     generate,
@@ -37,6 +38,7 @@ app.add_typer(workspace.app, name="workspace")
 curate.register(data.app)
 app.add_typer(data.app, name="data")
 app.add_typer(quality.app, name="quality")
+app.add_typer(constitution.app, name="constitution")
 app.command("lineage")(lineage.lineage)
 app.command("serve")(serve.serve)
 app.add_typer(users.app, name="users")
