@@ -28,6 +28,11 @@ class Template:
     source: str
     sha256: str
 
+    @property
+    def tail(self) -> str:
+        """The constant text after the last placeholder, trailing whitespace removed."""
+        return _PLACEHOLDER.split(self.text.rstrip())[-1]
+
     def render(self, **values: str) -> str:
         return _PLACEHOLDER.sub(
             lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), self.text
