@@ -165,6 +165,133 @@ def status(project: str = typer.Argument(..., help="Project name."), home: str |
             str(r["skips"]),
         )
     console.print(table)
+    _print_judges(project, home, {r["annotator"] for r in rows})
+
+
+def _print_judges(project: str, home: str | None, annotators: set[str]) -> None:
+    """The quality report's judge rows, when an AI judge has answered in the project."""
+    from alignflow.feedback import qc as fqc
+    from alignflow.feedback import services
+
+    with _sessions(home)() as s:
+        if not any(u.kind == "ai" and u.username in annotators for u in services.list_users(s)):
+            return
+        report = fqc.quality_report(s, project)
+    table = Table(
+        "judge", "kappa (95% CI)", "accuracy (95% CI)", "n", "order-consistent", "dropped", title="AI judges"
+    )
+
+    def ci(v, lo, hi) -> str:  # noqa: ANN001
+        if v is None:
+            return "–"
+        return f"{v:.3f}" + ("" if lo is None else f" ({lo:.3f}–{hi:.3f})")
+
+    for j in report["judges"]:
+        oc = (
+            "–" if j["order_consistency"] is None else f"{j['order_consistency']:.2f} of {j['n_both_orders']}"
+        )
+        table.add_row(
+            j["judge"],
+            ci(j["kappa"], j["kappa_ci_low"], j["kappa_ci_high"]),
+            ci(j["accuracy"], j["accuracy_ci_low"], j["accuracy_ci_high"]),
+            str(j["n_items"]),
+            oc,
+            str(j["n_dropped"]),
+        )
+    console.print(table)
+    console.print(report["judges_note"])
+
+
+@app.command("judge")
+def judge(
+    project: str = typer.Argument(..., help="Project name."),
+    spec: str = typer.Option(
+        ..., "--judge", help="Judge spec: rule:MODULE:FN, rm:CHECKPOINT, hf:MODEL_DIR or openai:MODEL@URL."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="The judge's ai account (created on first use; default from the spec)."
+    ),
+    fraction: float = typer.Option(
+        1.0, "--fraction", help="Judge only this deterministic share of the items (by a hash of the item)."
+    ),
+    orders: str = typer.Option(
+        "both", "--orders", help="both: each pair is also judged reversed; given: only as displayed."
+    ),
+    on_inconsistent: str = typer.Option(
+        "tie",
+        "--on-inconsistent",
+        help="When the two orders disagree: submit a tie, or drop (skip) the task.",
+    ),
+    route: bool = typer.Option(
+        False,
+        "--route-uncertain-to-humans",
+        help="The judge labels only confident, order-consistent items; the others go to the top of the "
+        "human queue (within --human-budget).",
+    ),
+    threshold: float = typer.Option(
+        0.75, "--confidence-threshold", help="Combined confidence at or above which a verdict is confident."
+    ),
+    human_budget: int | None = typer.Option(
+        None,
+        "--human-budget",
+        help="Most items this judge routes to people in this project (default: no limit).",
+    ),
+    experts: bool = typer.Option(
+        False, "--route-to-experts", help="Routed items also go to the expert tier."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per judge call when judging both orders."),
+    device: str = typer.Option("cpu", "--device", help="Device for hf:/rm: judges."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the lease draws (display orders, gold mixing)."),
+    home: str | None = HOME,
+) -> None:
+    """Label the project's tasks with an AI judge, through the same service path as people: the judge is an
+    annotator account of kind "ai", so gold accuracy, agreement and the QC policy (position bias included)
+    apply to it. Each judgment takes one of the item's overlap slots."""
+    from alignflow.cli.common import open_store
+    from alignflow.cli.generate import progress_bar
+    from alignflow.feedback import services
+    from alignflow.judges import load_judge
+
+    store = open_store(home)
+    j = load_judge(spec, store, device)
+    with _sessions(home)() as s, progress_bar(f"judging {project}") as update:
+        res = services.run_judge(
+            s,
+            project,
+            j,
+            name,
+            fraction=fraction,
+            orders=orders,
+            on_inconsistent=on_inconsistent,
+            route_uncertain_to_humans=route,
+            confidence_threshold=threshold,
+            human_budget=human_budget,
+            route_to_experts=experts,
+            batch_size=batch_size,
+            seed=seed,
+            progress=lambda stage, done, total: update(done, total),
+        )
+    table = Table("judge", res.username, title=f"AI judge {res.spec}")
+    rows = [
+        ("tasks leased", res.leased),
+        ("submitted", res.submitted),
+        ("  of which gold", res.gold_submitted),
+        ("  ties from inconsistent orders", res.ties_from_inconsistency),
+        ("dropped (inconsistent orders)", res.dropped),
+        ("ties given back (schema has no ties)", res.ties_not_allowed),
+        ("outside --fraction", res.outside_fraction),
+    ]
+    if route:
+        budget = "no limit" if res.budget_left is None else str(res.budget_left)
+        rows += [
+            ("labeled: confident and consistent", res.labeled_confident),
+            ("labeled: uncertain, over the budget", res.kept_over_budget),
+            ("routed to humans", res.routed_to_humans),
+            ("human budget left", budget),
+        ]
+    for label, value in rows:
+        table.add_row(label, str(value))
+    console.print(table)
 
 
 @app.command("qc")

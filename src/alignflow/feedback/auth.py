@@ -106,6 +106,34 @@ def create_user(
     return user
 
 
+# Not an argon2 hash, so `verify_password` is False for every password: an ai account has no usable password.
+NO_PASSWORD = "!ai-account"
+
+
+def create_ai_user(s: Session, username: str, judge_spec: str, actor_id: int | None = None) -> User:
+    """An annotator account of kind "ai" for a judge (`judge_spec` already free of secrets); no password."""
+    if not valid_username(username):
+        raise ValueError(f"username: 1-64 letters, digits, '-' or '_', got {username!r}")
+    if not judge_spec or len(judge_spec) > 512 or text_problem(judge_spec):
+        raise ValueError("judge spec: 1-512 characters, no NUL or lone surrogate")
+    if s.scalar(select(User).where(User.username == username)) is not None:
+        raise ValueError(f"username: {username!r} already exists")
+    user = User(
+        username=username, password_hash=NO_PASSWORD, role="annotator", kind="ai", judge_spec=judge_spec
+    )
+    s.add(user)
+    s.flush()
+    record(
+        s,
+        actor_id,
+        "user.create",
+        "user",
+        user.id,
+        {"username": username, "role": "annotator", "kind": "ai", "judge": judge_spec},
+    )
+    return user
+
+
 def set_disabled(s: Session, user: User, disabled: bool, actor_id: int | None = None) -> None:
     user.disabled = disabled
     if disabled:
@@ -134,6 +162,8 @@ def login(s: Session, username: str, password: str, client: str = "") -> tuple[U
     except limiter.Refused as exc:
         raise AuthError(str(exc), rate_limited=True) from exc
     user = s.scalar(select(User).where(User.username == username))
+    if user is not None and user.kind == "ai":
+        user = None  # an AI judge's account never logs in; it fails exactly like an unknown name
     # Verify against a dummy hash for unknown users so response time does not reveal which usernames exist.
     stored = user.password_hash if user else _DUMMY_HASH
     s.commit()  # return the connection to the pool while this request waits for a slot and hashes
@@ -181,7 +211,7 @@ def session_principal(s: Session, token: str) -> Principal | None:
     if ws is None or aware(ws.expires_at) < now():
         return None
     user = s.get(User, ws.user_id)
-    if user is None or user.disabled:
+    if user is None or user.disabled or user.kind == "ai":
         return None
     return Principal(user, frozenset(SCOPES), "session", ws.csrf_token)
 
@@ -222,7 +252,7 @@ def token_principal(s: Session, raw: str) -> Principal | None:
         .join(User, User.id == ApiToken.user_id)
         .where(ApiToken.token_hash == sha256(raw), ApiToken.revoked_at.is_(None))
     ).first()
-    if found is None or found[1].disabled:
+    if found is None or found[1].disabled or found[1].kind == "ai":
         return None
     return Principal(found[1], frozenset(found[0]), "token")
 

@@ -29,6 +29,7 @@ from alignflow.store.models import Base, utcnow
 ROLES = ("admin", "lead", "reviewer", "annotator")
 TIERS = ("standard", "expert")
 QC_STATES = ("active", "coach", "restrict", "recertify", "suspend")
+USER_KINDS = ("human", "ai")  # "ai": an AI judge's account (`services.add_ai_user`); it never logs in
 
 
 class User(Base):
@@ -42,6 +43,9 @@ class User(Base):
     tier: Mapped[str] = mapped_column(String(16), default="standard")
     qc_state: Mapped[str] = mapped_column(String(16), default="active")
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    kind: Mapped[str] = mapped_column(String(8), default="human", server_default="human")
+    # The judge spec an "ai" account runs (`alignflow.judges.load_judge`), with secret-looking options redacted.
+    judge_spec: Mapped[str | None] = mapped_column(String(512), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

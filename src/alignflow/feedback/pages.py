@@ -302,7 +302,10 @@ def project_page(name: str, request: Request, s: DB, error: str = "", notice: st
         report = qc.quality_report(s, proj, viewer=p.user)
         quality_error = ""
     except Exception as exc:  # noqa: BLE001 - the page still shows the queue when a figure cannot be computed
-        report, quality_error = {"annotators": [], "agreement": {}}, f"quality figures unavailable: {exc}"
+        report, quality_error = (
+            {"annotators": [], "agreement": {}, "judges": []},
+            f"quality figures unavailable: {exc}",
+        )
     actions = services.qc_actions(s, p.user)
     return render(
         request,

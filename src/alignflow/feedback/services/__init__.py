@@ -11,6 +11,7 @@ Modules (each imports only those above it):
     projects  projects, guideline and question-schema versions
     items     item normalising and import, the JSONL reader, `items_from_generation`, uncertainty priorities, expert routing
     tasks     current / next / submit / skip
+    judging   `run_judge`: an AI judge labels tasks as an account of kind "ai", with hybrid routing to people
     views     read-only views: a response, progress, queue, throughput, judgments, QC actions, the journal
 
 `from alignflow.feedback import services; services.<name>` reaches every public name below.
@@ -27,6 +28,7 @@ from alignflow.feedback.services.items import (
     read_items_jsonl,
     scorer_member_rewards,
 )
+from alignflow.feedback.services.judging import JudgeRunResult, in_fraction, run_judge
 from alignflow.feedback.services.projects import (
     create_project,
     get_project,
@@ -41,6 +43,7 @@ from alignflow.feedback.services.tasks import SubmitResult, current_task, next_t
 from alignflow.feedback.services.users import (
     MANAGERS,
     _user,
+    add_ai_user,
     add_user,
     apply_qc,
     can_manage,
@@ -48,8 +51,10 @@ from alignflow.feedback.services.users import (
     create_token,
     end_session,
     get_user,
+    judge_username,
     list_users,
     own_qc_state,
+    public_judge_spec,
     revert_qc,
     revoke_token,
     set_disabled,
@@ -73,10 +78,12 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "Invalid",
+    "JudgeRunResult",
     "NotFound",
     "ServiceError",
     "SubmitResult",
     "_user",
+    "add_ai_user",
     "add_user",
     "apply_qc",
     "can_manage",
@@ -91,8 +98,10 @@ __all__ = [
     "gold_answer",
     "guideline",
     "import_items",
+    "in_fraction",
     "items_from_generation",
     "journal",
+    "judge_username",
     "list_projects",
     "list_users",
     "load_judgments",
@@ -103,12 +112,14 @@ __all__ = [
     "own_qc_state",
     "prioritize_items",
     "progress",
+    "public_judge_spec",
     "qc_actions",
     "queue_state",
     "read_items_jsonl",
     "response_view",
     "revert_qc",
     "revoke_token",
+    "run_judge",
     "schema_spec",
     "scorer_member_rewards",
     "set_disabled",

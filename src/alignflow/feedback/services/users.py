@@ -6,6 +6,9 @@ the database, so the CLI acts with an admin's reach.
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -104,6 +107,70 @@ def add_user(
         raise
 
 
+_SECRET_OPTION = re.compile(r"key|secret|token|password", re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"://[^/@#]+@")
+
+
+def public_judge_spec(spec: str) -> str:
+    """`spec` as it may be stored: options whose name looks secret (api_key, token, ...) and credentials in a
+    URL are replaced by ``***``. Specs carry none by design (``${ENV:...}`` references are kept as they are),
+    but an account row outlives the command line, so nothing secret-looking is written."""
+    from alignflow.judges.base import split_spec
+
+    base, options = split_spec(spec)
+    base = _URL_CREDENTIALS.sub("://***@", base)
+    if not options:
+        return base
+    shown = {
+        k: v if not _SECRET_OPTION.search(k) or v.startswith("${ENV:") else "***" for k, v in options.items()
+    }
+    return base + "#" + ",".join(f"{k}={v}" for k, v in shown.items())
+
+
+def judge_username(spec: str) -> str:
+    """The default account name of a judge: ``ai-`` + the spec's letters and digits + a hash of the spec."""
+    public = public_judge_spec(spec)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", public).strip("-")[:48]
+    return f"ai-{slug}-{hashlib.sha256(public.encode()).hexdigest()[:8]}"
+
+
+def add_ai_user(s: Session, username: str, judge_spec: str, actor: User | int | str | None = None) -> User:
+    """Create the annotator account of kind "ai" an AI judge submits through, or return the existing one.
+    Commits.
+
+    The account has no usable password: it cannot log in or hold a web session or API token. The stored spec
+    is `public_judge_spec(judge_spec)`.
+
+    Raises:
+        Invalid: bad username or spec; Conflict: the name belongs to a person, or to a judge with another spec
+            (one account is one judge, so its agreement figures mean one thing).
+    """
+    public = public_judge_spec(judge_spec)
+    engine.begin_write(s)
+    try:
+        existing = s.scalar(select(User).where(User.username == username))
+        if existing is not None:
+            s.rollback()
+            if existing.kind != "ai":
+                raise Conflict(f"user {username!r} is a person's account, not an AI judge's", "name")
+            if existing.judge_spec != public:
+                raise Conflict(
+                    f"user {username!r} is the account of judge {existing.judge_spec!r}, not {public!r}; "
+                    "give this judge another --name",
+                    "name",
+                )
+            return existing
+        user = auth.create_ai_user(s, username, public, actor_id=_actor_id(s, actor))
+        s.commit()
+        return user
+    except ValueError as exc:
+        s.rollback()
+        raise Invalid(str(exc)) from exc
+    except Exception:
+        s.rollback()
+        raise
+
+
 def set_disabled(
     s: Session, username: str, disabled: bool = True, actor: User | int | str | None = None
 ) -> User:
@@ -130,6 +197,8 @@ def create_token(
     engine.begin_write(s)
     try:
         u = get_user(s, username)
+        if u.kind == "ai":
+            raise Invalid(f"user {u.username!r} is an AI judge's account; it has no credentials", "username")
         if viewer is not None and viewer.role != "admin":
             if u.id != viewer.id:
                 raise Forbidden("you may only create tokens for yourself")
