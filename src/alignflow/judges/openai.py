@@ -389,6 +389,19 @@ class OpenAIJudge(BaseJudge):
     def pointwise(self) -> bool:
         return self.mode == "rubric"
 
+    def describe(self) -> dict[str, Any]:
+        """What produced the scores, for a ``scorer`` record (the key's ``${ENV:...}`` name, never the key)."""
+        return {
+            "backend": "openai",
+            "model": self.endpoint.model,
+            "base_url": self.endpoint.base_url,
+            "api_key": self.endpoint.api_key_ref,
+            "mode": self.mode,
+            "template": self.template.source,
+            "template_sha256": self.template.sha256,
+            "temperature": self.temperature,
+        }
+
 
 _OPTIONS = {
     "api_key",

@@ -9,8 +9,11 @@ A :class:`Scorer` maps ``(prompts, responses)`` to one finite float per response
   names in :attr:`LoadedScorer.heads`).
 - ``gold:MODULE:FN``: ``FN(prompts, responses) -> list[float]`` imported from ``MODULE`` (a programmatic
   gold scorer, e.g. the demo's ``alignflow.domains.support:gold_utility_batch``).
-- ``judge:BACKEND[:...]``: an AI judge. Backends register themselves with :func:`register_judge` under a
-  prefix (the AI-feedback issue adds them); none is installed here, so a ``judge:`` spec is a clear error.
+- ``judge:SPEC``: an AI judge that scores one response on its own, built by
+  :func:`alignflow.judges.load_judge` (``judge:rm:CKPT``, ``judge:hf:DIR#mode=rubric``,
+  ``judge:openai:MODEL@URL#mode=rubric``, ``judge:rule:MODULE:FN`` with a score-returning rubric); a judge
+  that only compares pairs is a clear error. Plug-ins registered with :func:`register_judge` under a
+  prefix take precedence.
 
 :func:`load_scorer` also returns the artifact the scores come from, so an evaluation's lineage reaches the
 reward model, or a ``scorer`` record of the gold function (its spec and the SHA-256 of its source file).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,17 +159,58 @@ def _gold(rest: str, spec: str, store: Store) -> tuple[Scorer, str]:
 
 
 def _judge(rest: str, spec: str, store: Store, device: str) -> tuple[Scorer, str]:
-    if not _JUDGES:
-        raise ScorerError(
-            f"--scorer {spec!r}: no judge backends installed yet; use rm:CKPT or gold:MODULE:FN "
-            "(AI-judge backends register with alignflow.rollout.scorers.register_judge)"
-        )
+    """``judge:SPEC``: a plug-in registered with :func:`register_judge` under SPEC's prefix, else the judge
+    :func:`alignflow.judges.load_judge` builds (``rm:``, ``hf:``, ``openai:``, ``rule:``). Only a judge that
+    scores one response on its own (``judge.pointwise``: a reward model, a rubric-mode LM) can be a scorer.
+    The ``scorer`` record holds the spec, its ``#`` options and the judge's own description, and links to the
+    judge's model artifact. An ``api_key`` option must be an ``${ENV:...}`` reference (a literal key is
+    refused), and errors show the spec with any literal key replaced by ``***``."""
+    from alignflow.judges import JudgeError, backends, load_judge, split_spec
+
+    spec = re.sub(r"(api_key=)(?!\$\{ENV:)[^,]*", r"\1***", spec)
     backend = rest.split(":", 1)[0]
-    if backend not in _JUDGES:
+    if backend in _JUDGES:
+        return _JUDGES[backend](rest, store, device)
+    if backend not in backends():
         raise ScorerError(
-            f"--scorer {spec!r}: unknown judge backend {backend!r}; installed: {', '.join(judge_backends())}"
+            f"--scorer {spec!r}: unknown judge backend {backend!r}; installed: "
+            f"{', '.join(sorted({*judge_backends(), *backends()}))}"
         )
-    return _JUDGES[backend](rest, store, device)
+    try:
+        judge = load_judge(rest, store, device)
+    except JudgeError as exc:
+        raise ScorerError(f"--scorer {spec!r}: {exc}") from None
+    if not getattr(judge, "pointwise", False):
+        raise ScorerError(
+            f"--scorer {spec!r}: judge {judge.spec!r} compares pairs and cannot score single responses; "
+            "use a judge that scores one response (judge:rm:CKPT, or judge:hf:DIR#mode=rubric)"
+        )
+    base, options = split_spec(rest)
+    describe = getattr(judge, "describe", None)
+    record = {
+        "scorer": "judge",
+        "spec": base,
+        "options": options,
+        **(describe() if callable(describe) else {}),
+    }
+    model_aid = getattr(judge, "artifact_id", None)
+    parents = [(model_aid, "judge_model")] if model_aid else []
+    aid = store.put_json(record, kind="scorer", name=f"judge:{base}", parents=parents)
+
+    def score(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        try:
+            return judge.score(prompts, responses)  # type: ignore[attr-defined]
+        except JudgeError as exc:
+            # A rule: rubric shows whether it scores only when called: one that names a winner compares pairs.
+            hint = (
+                "; it compares pairs and cannot score single responses (use a rubric that returns scores, "
+                "judge:rm:CKPT, or judge:hf:DIR#mode=rubric)"
+                if "returns scores" in str(exc)
+                else ""
+            )
+            raise ScorerError(f"--scorer {spec!r}: {exc}{hint}") from None
+
+    return score, aid
 
 
 def load_scorer(spec: str, store: Store, device: str = "cpu") -> LoadedScorer:
