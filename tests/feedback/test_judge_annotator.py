@@ -346,3 +346,59 @@ def test_judge_on_gold_items_gets_gold_accuracy_like_people(s, cli):
     assert (report["goldie"]["n_gold"], report["goldie"]["gold_accuracy"]) == (10, 1.0)
     assert (report["flipper"]["n_gold"], report["flipper"]["gold_accuracy"]) == (10, 0.7)
     assert report["goldie"]["kind"] == "ai"
+
+
+def test_fraction_is_a_deterministic_share_and_routing_can_go_to_experts(s, cli):
+    """--fraction 0.5 judges exactly the items `in_fraction` picks (the same on a re-run; the rest are given
+    back); --route-to-experts puts the routed items in the expert tier, out of a standard annotator's queue."""
+    make_users(s, {"std": "annotator"})
+    auth.create_user(s, "pro", PASSWORD, "annotator", pod="pod1", tier="expert")
+    s.commit()
+    services.create_project(s, "fr", "# Guide", overlap=2, gold_rate=0.0, qa_rate=0.0)
+    rows, _ = truth_items(30, prefix="f")
+    services.import_items(s, "fr", rows)
+    picked = {r["id"] for r in rows if services.in_fraction("fr", r["id"], 0.5)}
+    assert 5 < len(picked) < 25
+    CONFIDENCE.clear()
+    CONFIDENCE.update({r["prompt"]: 0.9 for r in rows})
+    CONFIDENCE[rows[0]["prompt"]] = CONFIDENCE[rows[1]["prompt"]] = 0.55  # the two unsure items
+    r = cli("annotate", "judge", "fr", "--judge", f"rule:{__name__}:hedging", "--name", "half", "--fraction", "0.5",
+            "--route-uncertain-to-humans", "--route-to-experts")  # fmt: skip
+    out = summary(r.output)
+    unsure = {"f0", "f1"} & picked
+    assert out["outside --fraction"] == str(30 - len(picked))
+    assert out["submitted"] == str(len(picked - unsure)) and out["routed to humans"] == str(len(unsure))
+    ai = s.scalar(select(User).where(User.username == "half"))
+    labeled = {
+        s.get(Item, x.item_id).external_id
+        for x in s.scalars(select(Response).where(Response.user_id == ai.id))
+    }
+    assert labeled == picked - unsure
+    tiers = {
+        it.external_id: it.tier for it in s.scalars(select(Item).where(Item.external_id.in_(["f0", "f1"])))
+    }
+    assert {k for k, v in tiers.items() if v == "expert"} == unsure
+    assert unsure == {"f0"}  # the hash puts f0 in the half, f1 out
+    routed_prompts = {r["prompt"] for r in rows if r["id"] in unsure}
+    assert services.next_task(s, "pro", "fr")["prompt"] in routed_prompts
+    std_seen = []
+    while (task := services.next_task(s, "std", "fr")) is not None:
+        std_seen.append(task["prompt"])
+        services.skip(s, "std", task["assignment_id"], "test")
+    assert std_seen and not routed_prompts & set(std_seen)
+    again = summary(cli("annotate", "judge", "fr", "--judge", f"rule:{__name__}:hedging", "--name", "half",
+                        "--fraction", "0.5").output)  # fmt: skip
+    assert again["submitted"] == "0" and again["tasks leased"] == "0"
+
+
+def test_a_lead_sees_the_judges_table_on_the_project_page(s, workspace, cli):
+    make_users(s, {"h0": "annotator", "h1": "annotator", "lead": "lead"})
+    services.create_project(s, "lp", "# Guide", overlap=3, gold_rate=0.0, qa_rate=0.0)
+    rows, better = truth_items(10, prefix="l")
+    services.import_items(s, "lp", rows)
+    people_annotate(s, ["h0", "h1"], "lp", better, reliability=1.0)
+    cli("annotate", "judge", "lp", "--judge", LONGER, "--name", "judge-l")
+    page = logged_in(create_app(workspace), "lead").get("/admin/projects/lp")
+    table = re.search(r'<table id="judges">(.*?)</table>', page.text, re.S).group(1)
+    # Two people who always answer the truth and an honest judge: full agreement on all ten items.
+    assert "judge-l" in table and "1.000 (" in table and "<td>10</td>" in table and "1.00 of 10" in table
