@@ -131,6 +131,8 @@ def test_tiny_policy_as_its_own_critic_then_sft_and_dpo_train_on_the_outputs(
     sft = store.read_dataset(r["sft"]).to_pylist()
     pairs = store.read_dataset(r["pairs"]).to_pylist()
     assert len(sft) == len(pairs) == r["examples_changed"]
+    # a random model's "revisions" are unrelated texts, not edits, and the report says so
+    assert r["mean_overlap_taken"] < 0.2
     assert all(p["chosen"].strip() != p["rejected"].strip() for p in pairs)
     assert {s["prompt"] for s in sft} <= {
         json.loads(x)["prompt"] for x in prompts_file.read_text().splitlines()
@@ -154,10 +156,12 @@ def test_rule_critic_revisions_improve_gold_utility_and_lineage_reaches_the_cons
     res = cli(
         "constitution", "run", "--policy", f"fn:{__name__}:vague_agent", "--prompts", prompts_file,
         "--constitution", CONSTITUTION, "--critic", f"fn:{__name__}:rule_critic", "--json",
+        "--score", "alignflow.domains.support:gold_utility_batch",
     )  # fmt: skip
     assert res.exit_code == 0, res.output + repr(res.exception)
     r = json.loads(res.stdout)
     assert r["examples_changed"] == r["revisions_taken"] == 6 and r["share_changed"] == 1.0
+    assert r["score"]["improved"] == 6 and r["score"]["mean_final"] > r["score"]["mean_original"] + 0.3
     store = Store.open()
     pairs = store.read_dataset(r["pairs"]).to_pylist()
     gain = [
@@ -185,6 +189,7 @@ def test_rule_critic_revisions_improve_gold_utility_and_lineage_reaches_the_cons
     md = next(a for a in store.find(kind="report") if a.name.endswith("-report.md"))
     text = store.path(md.id).read_text()
     assert "examples whose final text differs from the original: 6 (100.0%)" in text
+    assert "The loop raised the reference score" in text and "were degenerate" not in text
     store.close()
 
 

@@ -55,6 +55,12 @@ def run(
         help="Optional judge spec (rule:, rm:, hf:, openai:) that decides each (original, revision) pair "
         "in both orders against a sampled principle; disagreeing orders drop the pair.",
     ),
+    score: str | None = typer.Option(
+        None,
+        "--score",
+        help="Optional reference scorer MODULE:FN, fn(prompts, responses) -> scores (e.g. the demo's "
+        "alignflow.domains.support:gold_utility_batch): the report compares originals with final texts.",
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N prompts."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Cap on each generation."),
     temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="Policy sampling temperature."),
@@ -77,6 +83,7 @@ def run(
     from alignflow.judges import load_judge
     from alignflow.judges.generators import load_generator
     from alignflow.rollout.generations import resolve_prompts
+    from alignflow.rollout.rewards import function_scorer
     from alignflow.synth.constitution import load_constitution, run_constitution
 
     load_constitution(constitution)  # a bad file fails before any model is loaded
@@ -85,6 +92,7 @@ def run(
     gen = load_generator(as_generator_spec(policy), store)
     crit = load_generator(as_generator_spec(critic), store) if critic else None
     jdg = load_judge(judge, store) if judge else None
+    scorer = function_scorer(score, "--score") if score else None
     with progress_bar("constitution") as update:
         result = run_constitution(
             store,
@@ -100,6 +108,7 @@ def run(
             min_chars=min_chars,
             limit=limit,
             judge=jdg,
+            scorer=scorer,
             name=name,
             progress=update,
         )
@@ -114,6 +123,13 @@ def run(
         f"mean chars {r['mean_chars_original']} -> {r['mean_chars_final']}",
         highlight=False,
     )
+    if r.get("score"):
+        sc = r["score"]
+        console.print(
+            f"reference score {sc['mean_original']} -> {sc['mean_final']} "
+            f"({sc['improved']} improved, {sc['worsened']} worsened)",
+            highlight=False,
+        )
     console.print(f"constitution {r['constitution']} v{r['constitution_version']} -> {result.constitution}")
     console.print(f"sft -> {result.sft or 'none (nothing revised)'}")
     console.print(f"pairs -> {result.pairs or 'none'}")

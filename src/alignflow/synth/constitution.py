@@ -304,6 +304,7 @@ def run_constitution(
     min_chars: int = 8,
     limit: int | None = None,
     judge: Any = None,
+    scorer: Callable[[list[str], list[str]], Sequence[float]] | None = None,
     name: str | None = None,
     chunk: int = 16,
     progress: Progress | None = None,
@@ -315,7 +316,9 @@ def run_constitution(
     default (``critic_temperature=0``) so a run is reproducible. A degenerate revision (:func:`degenerate`)
     is not taken: the response stays what it was and the report counts it. ``judge``: a judge (see
     :func:`alignflow.judges.load_judge`) that decides each pair in both orders against a sampled principle;
-    without it the revision is the chosen reply.
+    without it the revision is the chosen reply. ``scorer(prompts, responses) -> scores``: an optional
+    reference score (the demo's gold utility, say) reported for the originals and the final texts, which
+    says whether "revised" meant "better".
 
     Returns the SFT dataset (prompt, completion = final revision) and the pairs dataset (chosen = revision,
     rejected = original, or as the judge decided); either is None when no example was revised. Both link
@@ -386,7 +389,14 @@ def run_constitution(
         for e, p, c, rev in zip(examples, chosen, critiques, revisions, strict=True):
             why = degenerate(rev, min_chars)
             e.steps.append(
-                {"round": r + 1, "principle": p.name, "critique": c, "revision": rev, "rejected": why}
+                {
+                    "round": r + 1,
+                    "principle": p.name,
+                    "critique": c,
+                    "revision": rev,
+                    "rejected": why,
+                    "overlap": round(overlap(e.current, rev), 4),
+                }
             )
             if why is None:
                 e.current = rev.strip()
@@ -494,6 +504,16 @@ def run_constitution(
         )
 
     report = _report(const, examples, rejected_reasons, judged, common, sft_id, pairs_id, const_id)
+    if scorer is not None:
+        ps = [e.prompt for e in examples]
+        before = [float(x) for x in scorer(ps, [e.original for e in examples])]
+        after = [float(x) for x in scorer(ps, [e.current for e in examples])]
+        report["score"] = {
+            "mean_original": _mean(before, 4),
+            "mean_final": _mean(after, 4),
+            "improved": sum(a > b for a, b in zip(after, before, strict=True)),
+            "worsened": sum(a < b for a, b in zip(after, before, strict=True)),
+        }
     markdown = report_markdown(report)
     out_parents = [(a, role) for a, role in ((sft_id, "sft"), (pairs_id, "pairs")) if a] or parents
     report_json = store.put_json(report, kind="report", name=f"{base}-report.json", parents=out_parents)
@@ -515,8 +535,17 @@ def _put_text(store: Store, text: str, name: str, parents: list[tuple[str, str]]
         return store.put_file(path, kind="report", name=name, parents=parents)
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return round(sum(xs) / len(xs), 2) if xs else None
+def _mean(xs: Sequence[float], digits: int = 2) -> float | None:
+    return round(sum(xs) / len(xs), digits) if xs else None
+
+
+def overlap(before: str, after: str) -> float:
+    """Jaccard similarity of the two texts' character 3-gram sets (the near-duplicate filter's measure): a
+    revision that edits the response keeps much of it; an unrelated text keeps almost nothing."""
+    from alignflow.data.curation.dedup import shingles
+
+    a, b = shingles(before), shingles(after)
+    return len(a & b) / len(a | b) if a | b else 1.0
 
 
 def _report(
@@ -556,12 +585,48 @@ def _report(
         "mean_chars_final_changed": _mean([len(e.current) for e in revised]),
         "mean_words_original": _mean([len(e.original.split()) for e in examples]),
         "mean_words_final": _mean([len(e.current.split()) for e in examples]),
+        "mean_overlap_taken": _mean([s["overlap"] for s in taken], 4),
+        "revisions_copying_critique": sum(
+            bool(s["critique"].strip()) and s["revision"].strip() == s["critique"].strip() for s in steps
+        ),
         "judge": judged or None,
         "examples": [
             {"id": e.id, "prompt": e.prompt, "original": e.original, "steps": e.steps, "final": e.current}
             for e in (revised or list(examples))[:3]
         ],
     }
+
+
+def caveats(report: dict[str, Any]) -> list[str]:
+    """Plain statements the numbers support, so a reader does not take "changed" for "improved"."""
+    out = [
+        "- A taken revision is one that is not empty, short, undecodable or repetitive; nothing checks that "
+        "it follows the critique or the principle. Read the examples, or pass a judge or a reference score."
+    ]
+    steps = report["revision_steps"] or 1
+    refused = sum(report["revisions_refused"].values())
+    if refused / steps >= 0.5:
+        out.append(
+            f"- {refused} of {report['revision_steps']} revisions were degenerate: the critic mostly cannot "
+            "write a usable reply to these requests (a model this small does not follow instructions)."
+        )
+    ov = report.get("mean_overlap_taken")
+    if ov is not None and ov < 0.2:
+        out.append(
+            f"- Taken revisions share little with the text they revise (mean 3-gram Jaccard {ov}): they are "
+            "new texts rather than edits, so the pairs teach 'prefer the critic's text', not the principle."
+        )
+    sc = report.get("score")
+    if sc and sc["mean_final"] is not None and sc["mean_original"] is not None:
+        a, b = sc["mean_original"], sc["mean_final"]
+        verb = "raised" if b > a else "lowered" if b < a else "did not change"
+        out.append(f"- The loop {verb} the reference score ({a} -> {b}).")
+    if report["revisions_copying_critique"]:
+        out.append(
+            f"- {report['revisions_copying_critique']} revisions repeat their critique word for word: the critic "
+            "continues the request's text instead of answering it."
+        )
+    return out
 
 
 def _quote(text: str, limit: int = 300) -> str:
@@ -583,6 +648,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"- examples whose final text differs from the original: {report['examples_changed']} "
         f"({100 * report['share_changed']:.1f}%)",
         f"- mean length (chars) original -> final: {report['mean_chars_original']} -> {report['mean_chars_final']}",
+        f"- mean overlap of a taken revision with the text it revised (character 3-gram Jaccard): "
+        f"{report['mean_overlap_taken']}",
         f"- SFT dataset: `{report['sft'] or 'none (nothing revised)'}`; "
         f"pairs dataset: `{report['pairs'] or 'none'}`",
         "",
@@ -597,7 +664,14 @@ def report_markdown(report: dict[str, Any]) -> str:
             f"Judge: revision preferred {j['revision_preferred']}, original preferred {j['original_preferred']}, "
             f"tie or order-inconsistent (dropped) {j['tie_or_inconsistent']}.",
         ]
-    lines += ["", "## Examples", ""]
+    if report.get("score"):
+        sc = report["score"]
+        lines += [
+            "",
+            f"Reference score (mean): original {sc['mean_original']} -> final {sc['mean_final']}; "
+            f"{sc['improved']} examples improved, {sc['worsened']} worsened.",
+        ]
+    lines += ["", "## What this says about the critic", "", *caveats(report), "", "## Examples", ""]
     for ex in report["examples"]:
         lines += [
             f"### {ex['id']}",
@@ -620,8 +694,10 @@ __all__ = [
     "ConstitutionError",
     "ConstitutionResult",
     "Principle",
+    "caveats",
     "degenerate",
     "load_constitution",
+    "overlap",
     "prompt_rows",
     "report_markdown",
     "run_constitution",
