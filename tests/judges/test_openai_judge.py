@@ -193,3 +193,16 @@ def test_bad_specs_and_options_are_clear_errors() -> None:
         load_judge("openai:m@http://x/v1#timeout=soon,api_key=${ENV:JUDGE_TEST_KEY}")
     with pytest.raises(JudgeError, match=r"concurrency must be ≥ 1"):
         load_judge("openai:m@http://x/v1#concurrency=0,api_key=${ENV:JUDGE_TEST_KEY}")
+
+
+def test_a_corrupt_cache_entry_is_a_miss_and_is_rewritten(tmp_path: Path) -> None:
+    import json
+
+    with serve() as fake:
+        judge_pairs(make_judge(fake, tmp_path / "c"), PAIRS[:2], orders="given")
+        entries = sorted((tmp_path / "c").rglob("*.json"))
+        assert len(entries) == 2 and fake.requests == 2
+        entries[0].write_text('{"content": "A", "top_lo')  # a torn write
+        judge_pairs(make_judge(fake, tmp_path / "c"), PAIRS[:2], orders="given")
+        assert fake.requests == 3  # only the corrupt entry was asked again
+        assert json.loads(entries[0].read_text())["content"] in ("A", "B")
