@@ -239,12 +239,15 @@ def test_bad_arguments_are_clean_errors_naming_the_argument(run, store, models, 
     assert store.find(kind="generations") == [] and store.find(kind="evaluation") == []
 
 
-def test_judge_scorers_are_an_interface_with_no_backend_yet(run, store, models, tmp_path):
+def test_judge_scorers_name_the_installed_backends_and_take_plugins(run, store, models, tmp_path):
     from alignflow.rollout import scorers
 
     prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS[:2])
     code, _, err = run("eval", models["a"], "--prompts", prompts, "--scorer", "judge:gpt-x", ok=False)
-    assert code == 2 and "--scorer 'judge:gpt-x': no judge backends installed yet" in err
+    assert (
+        code == 2
+        and "--scorer 'judge:gpt-x': unknown judge backend 'gpt-x'; installed: hf, openai, rm, rule" in err
+    )
     # A backend registered under a prefix builds the scorer for its specs; its artifact is the lineage parent.
     record = store.put_json({"judge": "constant"}, kind="scorer", name="constant-judge")
     seen: list[str] = []
@@ -256,7 +259,7 @@ def test_judge_scorers_are_an_interface_with_no_backend_yet(run, store, models, 
     scorers.register_judge("const", factory)
     try:
         code, _, err = run("eval", models["a"], "--prompts", prompts, "--scorer", "judge:other", ok=False)
-        assert code == 2 and "unknown judge backend 'other'; installed: const" in err
+        assert code == 2 and "unknown judge backend 'other'; installed: const, hf, openai, rm, rule" in err
         run(
             "eval", models["a"], "--prompts", prompts, "--scorer", "judge:const:v1", "--temperature", "0",
             "--max-new-tokens", "4", "--out", tmp_path / "ev",

@@ -70,7 +70,7 @@ def test_spec_options_after_hash() -> None:
 def test_agreement_with_humans_matches_sklearn_and_hand_counts() -> None:
     from sklearn.metrics import cohen_kappa_score
 
-    from alignflow.judges.agreement import judge_human_agreement
+    from alignflow.quality.judges import judge_human_agreement
 
     judge = ["A", "B", "A", "tie", None, "B", "A", "A"]
     human = ["A", "B", "B", "A", "A", "B", "A", "B"]

@@ -155,7 +155,7 @@ def judge_agreement(
     judgments: pd.DataFrame, ai: dict[str, User], verdicts: dict[str, list[dict[str, Any]]]
 ) -> list[dict[str, Any]]:
     """Per ai annotator: agreement with the human consensus (`CONSENSUS_NOTE`) on the non-gold items both
-    labeled, by `alignflow.judges.agreement.judge_human_agreement` (accuracy with the judge's ties counting one
+    labeled, by `alignflow.quality.judges.judge_human_agreement` (accuracy with the judge's ties counting one
     half and a Wilson 95% CI; Cohen's kappa with ties a category of their own and a bootstrap 95% CI over
     items), and the order-consistency of its journaled both-order verdicts (drops included: they have no
     response, so they are read from the journal).
@@ -164,8 +164,8 @@ def judge_agreement(
     accuracy_ci_high, tie_rate, n_both_orders, order_consistency, n_inconsistent, n_inconsistent_ties,
     n_dropped.
     """
-    from alignflow.judges.agreement import judge_human_agreement
     from alignflow.quality.agreement import _key
+    from alignflow.quality.judges import judge_human_agreement
 
     humans = set(judgments["annotator_id"]) - set(ai)
     consensus = human_consensus(judgments, humans)

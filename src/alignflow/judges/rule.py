@@ -58,8 +58,10 @@ class RuleJudge(BaseJudge):
         for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             v = self._verdict(self.fn(p, [r]), 1, f"response {i}")
             if v.scores is None:
+                # A rubric shows whether it scores only when called: one that names a winner compares pairs.
                 raise JudgeError(
-                    f"judge {self.spec!r}: scoring one response needs a rubric that returns scores"
+                    f"judge {self.spec!r}: it compares pairs and cannot score single responses; scoring one "
+                    "response needs a rubric that returns scores (or judge:rm:CKPT, or judge:hf:DIR#mode=rubric)"
                 )
             out.append(v.scores[0])
         return out

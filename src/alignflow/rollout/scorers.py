@@ -201,14 +201,7 @@ def _judge(rest: str, spec: str, store: Store, device: str) -> tuple[Scorer, str
         try:
             return judge.score(prompts, responses)  # type: ignore[attr-defined]
         except JudgeError as exc:
-            # A rule: rubric shows whether it scores only when called: one that names a winner compares pairs.
-            hint = (
-                "; it compares pairs and cannot score single responses (use a rubric that returns scores, "
-                "judge:rm:CKPT, or judge:hf:DIR#mode=rubric)"
-                if "returns scores" in str(exc)
-                else ""
-            )
-            raise ScorerError(f"--scorer {spec!r}: {exc}{hint}") from None
+            raise ScorerError(f"--scorer {spec!r}: {exc}") from None
 
     return score, aid
 

@@ -1,6 +1,7 @@
 """How far a judge agrees with people: accuracy against a human label, Cohen's κ, and order consistency.
 
-Pure functions over label sequences; the quality report and ``benchmarks/bench_judges.py`` call them.
+Pure functions over label sequences; the platform's quality report (`feedback/qc.py`) and
+``benchmarks/bench_judges.py`` call them.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def judge_human_agreement(
     own; bootstrap 95% interval ``kappa_ci``; None when undefined), ``tie_rate`` and ``order_consistency``
     (share of items whose two orders agreed, over those asked in both orders; None if none were).
     """
-    from alignflow.evaluate.rm_eval import wilson_interval
     from alignflow.quality.agreement import cohen_kappa
+    from alignflow.quality.annotators import wilson_interval
     from alignflow.quality.schema import Undefined
 
     if len(judge) != len(human):
