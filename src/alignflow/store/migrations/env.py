@@ -4,6 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import alignflow.feedback.models  # noqa: F401
+import alignflow.serving.models  # noqa: F401
 from alignflow.store.models import Base
 
 config = context.config
