@@ -248,8 +248,8 @@ class BuiltinEngine:
             seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         )
         self.stats = EngineStats()
-        # One thread: decodes run one after another, off the event loop.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{version[:16]}")
+        # One thread (made on first use): decodes run one after another, off the event loop.
+        self._pool: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -318,6 +318,8 @@ class BuiltinEngine:
     async def _submit(self, req: GenRequest) -> tuple[GenResult, list[int]]:
         ids = self.encode(req)
         loop = asyncio.get_running_loop()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{self.version[:16]}")
         if self._loop is not loop or self._worker is None or self._worker.done():
             self._loop, self._queue = loop, asyncio.Queue()
             self._worker = loop.create_task(self._work(), name=f"batcher-{self.version[:16]}")
@@ -327,8 +329,8 @@ class BuiltinEngine:
         return await fut
 
     async def _work(self) -> None:
-        queue = self._queue
-        assert queue is not None
+        queue, pool = self._queue, self._pool
+        assert queue is not None and pool is not None
         loop = asyncio.get_running_loop()
         while True:
             batch = [await queue.get()]
@@ -347,7 +349,7 @@ class BuiltinEngine:
             live = [p for p in batch if not p.future.done()]  # a caller that went away is skipped
             for group in self._groups(live):
                 try:
-                    outs = await loop.run_in_executor(self._pool, self._decode, group)
+                    outs = await loop.run_in_executor(pool, self._decode, group)
                 except Exception as exc:  # noqa: BLE001 - the callers see the failure; the worker lives on
                     err = EngineError(f"{self.version}: generation failed: {type(exc).__name__}: {exc}")
                     for p in group:
@@ -435,7 +437,9 @@ class BuiltinEngine:
             except asyncio.CancelledError:
                 pass
         self._worker = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:  # a later request makes a new one: aclose ends the serving, not the engine
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
