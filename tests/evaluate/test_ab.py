@@ -348,6 +348,22 @@ def test_rollout_rolls_back_on_a_guardrail_and_rarely_on_a_neutral_candidate():
     assert (neutral.status == ab.ROLLED_BACK).mean() <= _three_se_bound(ALPHA, 300)
 
 
+def test_one_rollout_ramps_then_rolls_back_by_hand():
+    """R = 1 with scalar counts. Stage quota 10: a first batch where the candidate's 10 users all liked it
+    moves the ramp to 5%; then 0 thumbs-up from 100 candidate users against 60% is a clear harm: rolled back
+    at 5%, by the primary metric."""
+    rollout = ab.Rollout(ab.RolloutPolicy(min_candidate_users=10))
+    assert rollout.share.tolist() == [0.01]
+    rollout.observe({"thumbs_up": (594, 990)}, {"thumbs_up": (10, 10)})
+    assert rollout.stage.tolist() == [1] and rollout.status.tolist() == [ab.RUNNING]
+    rollout.observe({"thumbs_up": (570, 950)}, {"thumbs_up": (0, 100)})
+    assert rollout.status.tolist() == [ab.ROLLED_BACK] and rollout.stopped_share.tolist() == [0.05]
+    assert rollout.reasons() == ["thumbs_up"] and rollout.share.tolist() == [0.0]
+    assert rollout.candidate_users.tolist() == [110] and rollout.total_users.tolist() == [2050]
+    rollout.observe({"thumbs_up": (0, 1000)}, {"thumbs_up": (0, 0)})  # a stopped rollout ignores new data
+    assert rollout.total_users.tolist() == [2050]
+
+
 def test_rollout_policy_validation():
     with pytest.raises(ValueError, match="shares"):
         ab.RolloutPolicy(shares=(0.05, 0.01, 1.0))

@@ -26,7 +26,7 @@ information ``I = 1/s²`` it is ∫ exp(θS - θ²I/2) dH(θ), and with known va
 likelihood ratio of the shift-invariant part of the data (all within- and between-arm differences), a
 martingale under θ0 whatever the (predictable) share of traffic each arm gets. So (1) stays valid while a
 rollout ramps the candidate's share. Ville's inequality then gives P(sup_n Λ_n >= 1/α) <= α: the
-always-valid p-value is ``p_n = min(1, min_{m<=n} 1/Λ_m)`` (Johari et al., sec. 3), and the confidence
+always-valid p-value is ``p_n = min(1, min_{m<=n} 1/Λ_m)`` (Johari et al.), and the confidence
 sequence is the running intersection of ``{θ : Λ_n(θ) < 1/α}``, i.e. ``d ± r`` with
 
     r² = s² (s² + τ²) / τ² · (2 log(1/α) + log((s² + τ²) / s²)).                               (2)
@@ -35,7 +35,7 @@ One-sided tests mix over the half-normal θ - θ0 > 0 (or < 0), which multiplies
 ``2 Φ(± (d - θ0) τ / (s sqrt(s² + τ²))))``; a supermartingale under the whole composite null, so a guardrail
 "the candidate is no worse than the bound" is tested with the same guarantee.
 
-Variances are plug-in estimates, as in Johari et al. (their sec. 5 uses X̄(1 - X̄) for Bernoulli data): for
+Variances are plug-in estimates, as in Johari et al. (who use X̄(1 - X̄) for Bernoulli data): for
 a proportion ``p̃(1 - p̃)`` with ``p̃ = (x + 1/2)/(n + 1)`` (the half-count keeps a tiny arm that is all
 successes from having zero variance and infinite evidence), for a mean the sample variance. Until each arm has
 ``min_n`` observations the test reports no evidence; skipping early looks never harms validity.
@@ -152,7 +152,7 @@ def bootstrap_diff_ci(
     Each arm is resampled with replacement on its own (the arms are different users, so nothing pairs them;
     :func:`alignflow.evaluate.stats.paired_diff_ci` is the paired version), the difference of the resampled
     means is taken ``n_boot`` times, and the interval is its alpha/2 and 1 - alpha/2 quantiles (Efron &
-    Tibshirani 1993, "An Introduction to the Bootstrap", eq. 13.5, with the two-sample resampling of sec. 8.3).
+    Tibshirani 1993, "An Introduction to the Bootstrap", eq. 13.5, with the two-sample resampling of ch. 8).
 
     Args:
         a: (n_a,) per-user values of arm a (e.g. the candidate's ratings); b: (n_b,) those of arm b.
@@ -378,7 +378,9 @@ class MSPRT:
             return self.update_counts(xa.sum(), xa.size, xb.sum(), xb.size)
         return self.update_sums(xa.size, xa.sum(), (xa**2).sum(), xb.size, xb.sum(), (xb**2).sum())
 
-    def _add(self, na, sa, qa, nb, sb, qb) -> SequentialResult:  # type: ignore[no-untyped-def]
+    def _add(
+        self, na: np.ndarray, sa: np.ndarray, qa: np.ndarray, nb: np.ndarray, sb: np.ndarray, qb: np.ndarray
+    ) -> SequentialResult:
         for total, va, vb in ((self._n, na, nb), (self._sum, sa, sb), (self._sumsq, qa, qb)):
             total[0] += np.broadcast_to(va, self.shape)
             total[1] += np.broadcast_to(vb, self.shape)
@@ -399,9 +401,10 @@ class MSPRT:
     def result(self) -> SequentialResult:
         """The current look without adding data."""
         diff, var = self._variance()
-        log_lr = msprt_log_lr(diff - self.theta0, var, float(self.tau2), self.alternative)  # type: ignore[arg-type]
+        tau2 = float(self.tau2 or DEFAULT_TAU2_PROPORTION)  # set in __post_init__; `or` only narrows the type
+        log_lr = msprt_log_lr(diff - self.theta0, var, tau2, self.alternative)
         self._p = np.minimum(self._p, np.minimum(1.0, np.exp(-np.asarray(log_lr))))
-        r = np.asarray(confidence_radius(var, float(self.tau2), self.alpha))  # type: ignore[arg-type]
+        r = np.asarray(confidence_radius(var, tau2, self.alpha))
         self._lo, self._hi = np.maximum(self._lo, diff - r), np.minimum(self._hi, diff + r)
         out = [self._n[0], self._n[1], diff, self._p, self._lo, self._hi]
         reject = self._p <= self.alpha
