@@ -12,6 +12,7 @@ from alignflow.cli import (
     constitution,
     curate,
     data,
+    deploy,
     generate,
     lineage,
     pipeline,
@@ -43,6 +44,7 @@ app.command("lineage")(lineage.lineage)
 app.command("serve")(serve.serve)
 app.add_typer(users.app, name="users")
 app.add_typer(annotate.app, name="annotate")
+app.add_typer(deploy.app, name="deploy")
 app.command("run")(pipeline.run)
 app.command("quickstart")(pipeline.quickstart)
 app.command("ppo")(ppo.ppo)

@@ -79,6 +79,11 @@ def require_key(request: Request, s: SessionDep) -> ServingApiKey:
     if not header.lower().startswith("bearer ") or not header[7:].strip():
         raise ApiError(401, "missing API key: send `Authorization: Bearer <key>`", code="missing_api_key")
     row = keys.verify_key(s, header[7:].strip())
+    if row is not None:
+        s.expunge(row)  # keeps its loaded columns
+    # End the read: a completion holds its request's session while it decodes, and without this each one
+    # would hold a pooled connection too (a burst of requests would exhaust the pool).
+    s.rollback()
     if row is None:
         raise ApiError(401, "invalid or revoked API key", code="invalid_api_key")
     limiter: keys.RateLimiter | None = getattr(request.app.state, "limiter", None)
