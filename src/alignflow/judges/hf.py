@@ -106,22 +106,24 @@ class CausalLMJudge(BaseJudge):
     def next_token_logprobs(self, texts: Sequence[str]) -> torch.Tensor:
         """``(N, V)`` float32 log-probabilities of the token after each text (templates already rendered)."""
         out = []
+        self._cut = 0
         for start in range(0, len(texts), self.batch_size):
             out.append(self._forward(texts[start : start + self.batch_size]))
+        if self._cut:  # one warning per call, not one per batch
+            log.warning(
+                "judge %s: %d of %d input(s) longer than %d tokens lose their start",
+                self.spec,
+                self._cut,
+                len(texts),
+                self.max_length,
+            )
         return torch.cat(out) if out else torch.zeros(0, 0)
 
     @torch.no_grad()
     def _forward(self, texts: Sequence[str]) -> torch.Tensor:
         tok = self.tokenizer
         rows = [tok(t, add_special_tokens=True).input_ids for t in texts]
-        cut = sum(len(r) > self.max_length for r in rows)
-        if cut:
-            log.warning(
-                "judge %s: %d input(s) longer than %d tokens lose their start",
-                self.spec,
-                cut,
-                self.max_length,
-            )
+        self._cut = getattr(self, "_cut", 0) + sum(len(r) > self.max_length for r in rows)
         rows = [r[-self.max_length :] for r in rows]
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
