@@ -624,5 +624,6 @@ def make_app(config: DeployConfig, store: Store, engines: dict[str, eng.Engine] 
     async def metrics() -> Response:
         return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
 
-    app.include_router(feedback_router)
+    # The gateway's own refusals (key, rate limit, body size, validation) apply to the feedback route too.
+    app.include_router(feedback_router, responses=_errors(400, 401, 404, 413, 422, 429))
     return app
