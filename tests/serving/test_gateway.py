@@ -242,15 +242,24 @@ def test_sticky_arms_per_user_and_a_split_by_weight(gw: Gateway):
         assert body.model_extra["alignflow"]["arm"] == raw.headers["x-alignflow-arm"]
         return raw.headers["x-alignflow-arm"]
 
-    async def run() -> tuple[list[str], list[str], dict[str, str]]:
+    async def anonymous() -> str:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="support", messages=MSG, max_tokens=1
+        )
+        return raw.headers["x-alignflow-arm"]
+
+    async def run() -> tuple[list[str], list[str], dict[str, str], list[str]]:
         same = await asyncio.gather(*(arm_of("alice") for _ in range(20)))
         same_header = await asyncio.gather(*(arm_of("alice", via_header=True) for _ in range(5)))
         users = [f"u{i}" for i in range(160)]
         arms = await asyncio.gather(*(arm_of(u) for u in users))
+        no_user = await asyncio.gather(*(anonymous() for _ in range(40)))
         await client.close()
-        return same, same_header, dict(zip(users, arms, strict=True))
+        return same, same_header, dict(zip(users, arms, strict=True)), no_user
 
-    same, same_header, by_user = asyncio.run(run())
+    same, same_header, by_user, no_user = asyncio.run(run())
+    # Without a user id each request draws an arm: 40 draws at 3:1 all alike has probability about 1e-5.
+    assert set(no_user) == {"control", "candidate"}
     assert len(set(same)) == 1 and set(same_header) == set(same)  # alice keeps her arm, by field or header
     # Each user's arm is the documented hash rule's, and the 3:1 weights split them about 120:40.
     assert all(arm == exp.arms[pick_arm(exp, unit_hash("support", u))].name for u, arm in by_user.items())
@@ -353,6 +362,9 @@ def test_bad_requests_get_4xx_with_openai_style_bodies(gw: Gateway):
     with pytest.raises(openai.InternalServerError) as down:  # the upstream server is not there: 502
         client.chat.completions.create(model="down", messages=MSG)
     assert down.value.status_code == 502 and down.value.body["code"] == "engine_error"
+    with pytest.raises(openai.InternalServerError) as down_stream:  # a stream fails before its 200 is sent
+        client.chat.completions.create(model="down", messages=MSG, stream=True)
+    assert down_stream.value.status_code == 502
 
     auth = {"Authorization": f"Bearer {gw.key}"}
     r = httpx.post(

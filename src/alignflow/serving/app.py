@@ -250,7 +250,8 @@ class _CountRequests:
 
 
 class Gateway:
-    """The state behind the routes: config, engines, router, limiter, metrics, database sessions."""
+    """The state behind the routes: config, engines, router, metrics, database sessions (the rate limiter is
+    `app.state.limiter`, where `deps.require_key` finds it)."""
 
     def __init__(self, config: DeployConfig, store: Store, engines: dict[str, eng.Engine]) -> None:
         self.config = config
