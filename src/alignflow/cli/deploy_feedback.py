@@ -101,21 +101,35 @@ def feedback_to_annotation(
             negative_kinds=negative,
             low_rating=low_rating,
         )
-    if not res.processed and not res.no_alternative:
-        console.print("no new negative feedback or corrections")
-        return
-    console.print(
-        f"{len(res.items)} item(s) added to {project} at priority {res.priority}"
-        + (f" from production_feedback {res.artifact}" if res.artifact else "")
-        + (f"; {len(res.linked)} feedback event(s) matched existing items" if res.linked else "")
-    )
+    said = False
+    if res.items:
+        console.print(
+            f"{len(res.items)} item(s) added to {project} at priority {res.priority} "
+            f"from production_feedback {res.artifact}"
+        )
+        said = True
+    if res.linked:
+        console.print(f"{len(res.linked)} feedback event(s) matched existing items")
+        said = True
+    if res.unshowable:
+        console.print(f"{len(res.unshowable)} feedback event(s) on replies too long to annotate: no item")
+        said = True
     if res.sft:
         console.print(f"corrections: sft {res.sft}, pairs {res.pairs}")
+        said = True
     if res.no_alternative:
-        console.print(
-            f"{len(res.no_alternative)} negative feedback event(s) left for later: no other arm answered their "
-            "prompt; give --sample-with POLICY for a fresh sample"
+        why = (
+            "the fresh sample repeated the reply or was too long"
+            if sample_fn is not None
+            else "give --sample-with POLICY for a fresh sample"
         )
+        console.print(
+            f"{len(res.no_alternative)} negative feedback event(s) left for later: no other arm answered "
+            f"their prompt; {why}"
+        )
+        said = True
+    if not said:
+        console.print("no new negative feedback or corrections")
 
 
 def purge_logs(

@@ -18,6 +18,9 @@ them when their versions are store artifacts. The items carry that artifact's id
 `annotate export` links its preferences and pairs to it ("items"), and the SFT and pairs datasets link to it
 ("production_feedback"); a checkpoint trained on those pairs links to them in turn.
 
+A reply the platform cannot show (longer than `MAX_CANDIDATE_CHARS`; NULs were replaced when it was logged) gives
+no item: its feedback is marked used (`unshowable`), and a correction of it still gives its SFT row and pair.
+
 Idempotent: used feedback is marked (`processed_at`, `item_ids`, `artifact_id`) and never used again, and an
 item that already exists (a crash between the import and the marking) is linked rather than imported twice.
 """
@@ -37,6 +40,7 @@ from sqlalchemy.orm import Session
 
 from alignflow.errors import StoreError
 from alignflow.feedback import services
+from alignflow.feedback.fields import MAX_CANDIDATE_CHARS, text_problem
 from alignflow.feedback.journal import record
 from alignflow.feedback.models import Item
 from alignflow.feedback.services.errors import ServiceError
@@ -99,6 +103,7 @@ class FeedbackToAnnotation:
     processed: list[int] = field(default_factory=list)  # feedback ids marked as used
     linked: list[int] = field(default_factory=list)  # of those, ids whose item already existed
     no_alternative: list[int] = field(default_factory=list)  # negative feedback left for a run with sample_fn
+    unshowable: list[int] = field(default_factory=list)  # used, but no item: a reply the platform cannot show
     priority: int | None = None  # the highest queue priority given
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,12 +116,20 @@ def _is_negative(fb: ServingFeedback, kinds: tuple[str, ...], low_rating: int) -
     return fb.kind != "rating" or (fb.rating is not None and fb.rating <= low_rating)
 
 
+def _unshowable(text: str) -> str | None:
+    """Why the annotation platform cannot show `text` (a NUL or lone surrogate, which a sampled model can
+    emit, or more than MAX_CANDIDATE_CHARS), else None."""
+    if len(text) > MAX_CANDIDATE_CHARS:
+        return f"is longer than {MAX_CANDIDATE_CHARS} characters"
+    return text_problem(text)
+
+
 def _alternative(s: Session, r: ServingResponse) -> ServingResponse | None:
-    """The newest logged answer to the same prompt from another arm or model version, with different text."""
+    """The newest showable answer to the same prompt from another arm or model version, with different text."""
     other_arm = or_(ServingResponse.version != r.version, ServingResponse.arm != r.arm)
     if r.arm is None:
         other_arm = or_(other_arm, ServingResponse.arm.is_not(None))
-    return s.scalar(
+    q = (
         select(ServingResponse)
         .where(
             ServingResponse.prompt_sha256 == r.prompt_sha256,
@@ -125,8 +138,9 @@ def _alternative(s: Session, r: ServingResponse) -> ServingResponse | None:
             other_arm,
         )
         .order_by(ServingResponse.created_at.desc(), ServingResponse.id.desc())
-        .limit(1)
+        .limit(50)
     )
+    return next((alt for alt in s.scalars(q) if _unshowable(alt.response) is None), None)
 
 
 def _candidate(cid: str, text: str, model: str | None, version: str | None) -> dict[str, Any]:
@@ -186,7 +200,7 @@ def feedback_to_annotation(
     """Turn unused negative feedback and corrections into top-priority items of `project` (module docstring).
 
     `since` keeps feedback given at or after that time; `limit` caps how many feedback events one call uses
-    (oldest first). `sample_fn(prompt) -> text` draws the fresh sample a thumbs-down is compared with when no
+    (oldest first; events left waiting for a sample do not count). `sample_fn(prompt) -> text` draws the fresh sample a thumbs-down is compared with when no
     other arm answered the same prompt; `sample_source` names it in the candidate's `version` (e.g. the
     policy's artifact id). Without `sample_fn`, such feedback is left for a later call (`no_alternative`).
     """
@@ -211,8 +225,6 @@ def feedback_to_annotation(
     if since is not None:
         q = q.where(ServingFeedback.created_at >= (since if since.tzinfo else since.replace(tzinfo=UTC)))
     pending = [fb for fb in s.scalars(q) if fb.kind == "correction" or _is_negative(fb, kinds, low_rating)]
-    if limit is not None:
-        pending = pending[:limit]
     result = FeedbackToAnnotation()
 
     # Plan: one item per (response, negative) - several thumbs-down on one reply ask one question - and one
@@ -223,13 +235,18 @@ def feedback_to_annotation(
     alternatives: dict[str, str] = {}
     sft_rows, pair_rows, fb_docs = [], [], []
     for fb in pending:
+        if limit is not None and len(ext_of) >= limit:
+            break  # counted in events used, so feedback still waiting for a sample cannot starve the rest
         r = s.get(ServingResponse, fb.response_id)
+        problem = _unshowable(r.prompt) or _unshowable(r.response)
+        cands: list[dict[str, Any]] = []
         if fb.kind == "correction":
             ext = f"prod-corr-{fb.id}"
-            cands = [
-                _candidate("original", r.response, r.model, r.version),
-                _candidate("correction", fb.correction or "", "user_correction", None),
-            ]
+            if problem is None:
+                cands = [
+                    _candidate("original", r.response, r.model, r.version),
+                    _candidate("correction", fb.correction or "", "user_correction", None),
+                ]
             meta = json.dumps({"response_id": r.id, "feedback_id": fb.id, "version": r.version, "arm": r.arm},
                               sort_keys=True)  # fmt: skip
             sft_rows.append(_sft_row(ext, r, fb.correction or "", meta))
@@ -237,20 +254,21 @@ def feedback_to_annotation(
                               "weight": 1.0, "meta": meta})  # fmt: skip
         else:
             ext = f"prod-neg-{r.id}"
-            if ext not in {row["id"] for row in rows}:
+            if problem is None and ext not in {row["id"] for row in rows}:
                 alt = _alternative(s, r)
                 if alt is not None:
                     other = _candidate("other", alt.response, alt.model, alt.version)
                     alternatives[r.id] = alt.id
                     used[alt.id] = alt
-                elif sample_fn is not None:
-                    other = _candidate("sample", sample_fn(r.prompt), "fresh_sample", sample_source)
                 else:
-                    result.no_alternative.append(fb.id)
-                    continue
+                    sample = logs.sanitize_text(sample_fn(r.prompt)) if sample_fn is not None else None
+                    if sample is None or sample == r.response or _unshowable(sample):
+                        result.no_alternative.append(fb.id)
+                        continue
+                    other = _candidate("sample", sample, "fresh_sample", sample_source)
                 cands = [_candidate("production", r.response, r.model, r.version), other]
-            else:
-                cands = []
+        if problem is not None:
+            result.unshowable.append(fb.id)
         ext_of[fb.id] = ext
         used[r.id] = r
         fb_docs.append({"id": fb.id, "response_id": r.id, "kind": fb.kind, "rating": fb.rating,
@@ -272,7 +290,7 @@ def feedback_to_annotation(
     )
     new_rows = [row for row in rows if row["id"] not in existing]
     result.linked = [fid for fid, ext in ext_of.items() if ext in existing]
-    if new_rows:
+    if new_rows or sft_rows:
         doc = {
             "project": p.name,
             "responses": [_response_doc(r) for r in sorted(used.values(), key=lambda r: r.id)],
@@ -296,9 +314,10 @@ def feedback_to_annotation(
         n = len(new_rows)
         for rank, row in enumerate(new_rows):
             row["priority"] = min(INT32_MAX, top + n - rank)
-        result.priority = new_rows[0]["priority"]
-        services.import_items(s, p, new_rows, source=result.artifact)
-        result.items = [row["id"] for row in new_rows]
+        if new_rows:
+            result.priority = new_rows[0]["priority"]
+            services.import_items(s, p, new_rows, source=result.artifact)
+            result.items = [row["id"] for row in new_rows]
         parents = [(result.artifact, "production_feedback")]
         import pyarrow as pa
 

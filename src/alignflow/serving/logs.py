@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from alignflow.feedback.fields import MAX_CANDIDATE_CHARS, text_problem
+from alignflow.feedback.fields import text_problem
 from alignflow.feedback.journal import record
 from alignflow.feedback.services.errors import Conflict, Invalid, NotFound
 from alignflow.serving.models import FEEDBACK_KINDS, ServingFeedback, ServingResponse
@@ -33,7 +33,23 @@ _PAYLOAD_FIELDS = {"type", "rating", "correction", "text"}
 
 
 def prompt_hash(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def sanitize_text(text: str) -> str:
+    """`text` with NUL characters and lone surrogates replaced by U+FFFD.
+
+    A sampled model can emit a NUL (a byte-level token 0); PostgreSQL refuses NUL in text columns and neither
+    database can encode a lone surrogate as UTF-8, so without this such a reply would not be logged at all
+    on PostgreSQL, and would be logged on SQLite: the same gateway would keep different logs per database.
+    """
+    if "\x00" not in text:
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            pass
+    return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def record_response(
@@ -54,11 +70,18 @@ def record_response(
     key_id: int | None,
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Log one completion under `request_id` (the OpenAI `id` the client gets); returns that id. Commits."""
+    """Log one completion under `request_id` (the OpenAI `id` the client gets); returns that id. Commits.
+
+    Texts are stored through :func:`sanitize_text` (a NUL or lone surrogate becomes U+FFFD)."""
     if not request_id or len(request_id) > RESPONSE_ID_CHARS:
         raise Invalid(f"response id: expected 1..{RESPONSE_ID_CHARS} characters, got {request_id!r}")
     if s.get(ServingResponse, request_id) is not None:
         raise Conflict(f"response {request_id!r} is already logged")
+    prompt, response = sanitize_text(prompt), sanitize_text(response)
+    if messages is not None:
+        messages = [
+            {k: sanitize_text(v) if isinstance(v, str) else v for k, v in m.items()} for m in messages
+        ]
     s.add(
         ServingResponse(
             id=request_id,
@@ -123,10 +146,6 @@ def validate_feedback(payload: dict[str, Any]) -> dict[str, Any]:
         if problem:
             raise Invalid(f"feedback field '{field}' {problem}", field)
         out[field] = value
-    if out["correction"] is not None and len(out["correction"]) > MAX_CANDIDATE_CHARS:
-        raise Invalid(
-            f"feedback field 'correction': longer than {MAX_CANDIDATE_CHARS} characters", "correction"
-        )
     return out
 
 
