@@ -114,6 +114,53 @@ class CheckpointSection(StrictModel):
     async_save: bool = True
 
 
+class AlertRule(StrictModel):
+    """One live alert rule (`alignflow.monitor.alerts` evaluates it on every logged step)."""
+
+    rule: Literal[
+        "kl_spike",
+        "kl_ceiling",
+        "reward_plateau",
+        "entropy_collapse",
+        "length_inflation",
+        "repetition",
+        "ensemble_disagreement",
+        "proxy_heldout_divergence",
+        "value_loss_explosion",
+        "nonfinite",
+    ]
+    metric: str | None = Field(default=None, description="The metric the rule reads; default: the rule's own.")
+    threshold: float | None = Field(default=None, description="Rule-specific; default: the rule's own.")
+    window: int | None = Field(default=None, gt=0, description="Steps in the rolling baseline or trend.")
+    warmup: int = Field(default=0, ge=0, description="Steps before the rule may fire.")
+    cooldown: int = Field(default=10, ge=0, description="Steps between two firings of the rule.")
+    severity: Literal["info", "warning", "critical"] = "warning"
+    actions: list[Literal["log", "store", "webhook", "stop"]] = Field(default_factory=lambda: ["log", "store"])
+
+
+class AlertsSection(StrictModel):
+    enabled: bool = True
+    rules: list[AlertRule] | None = Field(default=None, description="None: the stage's default rules.")
+    webhook_url: str | None = Field(default=None, description="POST target of the webhook action (${ENV:...} ok).")
+
+
+class MonitorBaseSection(StrictModel):
+    """`monitor:` of every stage; the PPO family's section adds its held-out signals."""
+
+    alerts: AlertsSection = Field(default_factory=AlertsSection)
+
+
+class TrackingSection(StrictModel):
+    backends: list[Literal["store", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["store"])
+    mlflow_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db."
+    )
+    mlflow_experiment: str = "alignflow"
+    samples_every: int = Field(
+        default=0, ge=0, description="PPO family: a sample table (prompt, response, reward, KL) every N steps."
+    )
+
+
 class StageConfig(StrictModel):
     """Fields every stage shares."""
 
@@ -121,6 +168,8 @@ class StageConfig(StrictModel):
     run_name: str | None = None
     output_dir: str | None = Field(default=None, description="Run folder; default <workspace>/runs/<run id>.")
     tags: list[str] = Field(default_factory=list)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    monitor: MonitorBaseSection = Field(default_factory=MonitorBaseSection)
 
 
 _REGISTRY: dict[str, type[StageConfig]] = {}

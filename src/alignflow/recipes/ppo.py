@@ -47,6 +47,7 @@ from alignflow.config import (
     CheckpointSection,
     LoraSection,
     ModelSection,
+    MonitorBaseSection,
     OptimSection,
     StageConfig,
     StrictModel,
@@ -264,7 +265,7 @@ class PPOReferenceSection(StrictModel):
     )
 
 
-class MonitorSection(StrictModel):
+class MonitorSection(MonitorBaseSection):
     every: int = Field(default=0, ge=0, description="Evaluate on held-out prompts every N steps; 0 = off.")
     score_fn: str | None = Field(
         default=None, description="Reference scorer 'module:function', logged as monitor/score."
