@@ -130,6 +130,11 @@ class AlertRule(StrictModel):
         "nonfinite",
     ]
     metric: str | None = Field(default=None, description="The metric the rule reads; default: the rule's own.")
+    reference_metric: str | None = Field(
+        default=None,
+        description="proxy_heldout_divergence: the proxy metric compared with `metric` (the held-out one); "
+        "default monitor/proxy_reward.",
+    )
     threshold: float | None = Field(default=None, description="Rule-specific; default: the rule's own.")
     window: int | None = Field(default=None, gt=0, description="Steps in the rolling baseline or trend.")
     warmup: int = Field(default=0, ge=0, description="Steps before the rule may fire.")
