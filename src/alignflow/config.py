@@ -109,8 +109,13 @@ class CheckpointSection(StrictModel):
     keep_recent_minutes: float = Field(default=60.0, ge=0.0)
     keep_hourly_for_hours: float = Field(default=24.0, ge=0.0)
     keep_daily: bool = True
-    best_metric: str | None = None
+    best_metric: str | None = Field(
+        default=None,
+        description="Any logged metric (train, eval/..., heldout/...): a checkpoint is also saved whenever it "
+        "improves on the kept best, and `best` in the checkpoints folder names the best so far.",
+    )
     best_mode: str = Field(default="min", pattern="^(min|max)$")
+    keep_best: int = Field(default=1, ge=1, description="Best checkpoints by best_metric kept by retention.")
     async_save: bool = True
 
 

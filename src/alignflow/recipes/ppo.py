@@ -53,9 +53,10 @@ from alignflow.config import (
     StrictModel,
     register_stage,
 )
-from alignflow.data.encode import split_by_prompt
+from alignflow.data.encode import Pair, rows_to_pairs, split_by_prompt
 from alignflow.data.prompts import Prompt, PromptStream, encode_prompt, left_pad, prompts_from_rows
 from alignflow.errors import ConfigError, DataFormatError
+from alignflow.evaluate.reward import preference_metrics
 from alignflow.models import (
     CausalLMWithValueHead,
     load_policy,
@@ -86,6 +87,7 @@ from alignflow.rollout import (
     sample,
     shape_scores,
 )
+from alignflow.rollout.rewards import AggregateHeadScorer
 from alignflow.store import Store
 from alignflow.train import optim as T
 from alignflow.train.advantages import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
@@ -181,7 +183,19 @@ class RewardSection(StrictModel):
     models: list[str] = Field(
         default_factory=list, description="Reward model checkpoint dirs (an ensemble if several)."
     )
-    ensemble_k: float = Field(default=0.0, ge=0.0, description="Conservative ensemble score mean - k * std.")
+    aggregate: Literal["mean", "min", "mean_minus_std"] | None = Field(
+        default=None,
+        description="Reward-model ensemble objective over every member of reward.models, pooled (Coste et al. "
+        "2024): mean; min (worst case); mean_minus_std (uncertainty-weighted, mean - k * std). Unset: "
+        "reward.ensemble_k's mean - ensemble_k * std.",
+    )
+    k: float = Field(default=1.0, ge=0.0, description="The k of aggregate: mean_minus_std.")
+    ensemble_k: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Deprecated (kept for existing configs, same scores as before): mean - k * std; use "
+        "aggregate: mean_minus_std with k.",
+    )
     missing_eos_penalty: float | None = Field(
         default=None, description="Subtracted when a response has no EOS."
     )
@@ -197,6 +211,15 @@ class RewardSection(StrictModel):
     def _one_source(self) -> RewardSection:
         if (self.fn is None) == (not self.models):
             raise ValueError("set exactly one of reward.fn (a function) or reward.models (checkpoint dirs)")
+        if self.aggregate is not None and self.fn is not None:
+            raise ValueError(
+                "reward.aggregate combines reward models' members; it needs reward.models, not fn"
+            )
+        if self.aggregate is not None and self.ensemble_k > 0:
+            raise ValueError(
+                "reward.ensemble_k is the deprecated spelling of aggregate: mean_minus_std; set "
+                f"reward.k={self.ensemble_k} instead of ensemble_k when reward.aggregate is set"
+            )
         return self
 
 
@@ -268,9 +291,30 @@ class PPOReferenceSection(StrictModel):
 class MonitorSection(MonitorBaseSection):
     every: int = Field(default=0, ge=0, description="Evaluate on held-out prompts every N steps; 0 = off.")
     score_fn: str | None = Field(
-        default=None, description="Reference scorer 'module:function', logged as monitor/score."
+        default=None,
+        description="Gold / reference scorer 'module:function', logged as monitor/score and heldout/gold.",
     )
     num_prompts: int = Field(default=16, gt=0, description="Held-out prompts used.")
+    heldout_pairs: str | None = Field(
+        default=None,
+        description="Held-out human preference pairs (artifact id/name or file): the training reward model's "
+        "accuracy and ECE on them, logged as heldout/rm_accuracy and heldout/rm_ece.",
+    )
+    num_pairs: int = Field(default=256, gt=0, description="Held-out pairs used (the first N).")
+    judge_models: list[str] = Field(
+        default_factory=list,
+        description="Reward model dirs not used for training (an ensemble if several): their mean overall "
+        "score of the held-out responses, logged as heldout/judge_reward.",
+    )
+
+    @model_validator(mode="after")
+    def _heldout_needs_every(self) -> MonitorSection:
+        if self.every == 0 and (self.heldout_pairs or self.judge_models):
+            raise ValueError(
+                "monitor.heldout_pairs and monitor.judge_models are evaluated every monitor.every "
+                "steps: set monitor.every > 0"
+            )
+        return self
 
 
 @register_stage("ppo")
@@ -343,7 +387,7 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     stream = PromptStream(len(train_prompts), cfg.train.seed)
     forwarder = _load_models(cfg, r, tok, device)
     scorer = _reward_source(cfg, r, device)  # (prompts, responses) -> ((B, H), heads)
-    monitor_fn = function_scorer(cfg.monitor.score_fn, "monitor.score_fn") if cfg.monitor.score_fn else None
+    heldout = _heldout_signals(cfg, r, device)  # gold function, judge, held-out pairs (monitor.*)
     shaping = ShapingConfig(
         missing_eos_penalty=cfg.reward.missing_eos_penalty,
         length_penalty=cfg.reward.length_penalty,
@@ -402,7 +446,8 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             # ---- score: reward heads, their combination, a multiplier step, then shaping
             t_scoring = time.perf_counter()
             prompts = [train_prompts[i].text for i in batch]
-            head_scores, heads = scorer(prompts, _decode(tok, rollout))  # (B, H)
+            responses = _decode(tok, rollout)
+            head_scores, heads = scorer(prompts, responses)  # (B, H)
             raw_scores = _training_reward(head_scores, heads, cfg.reward, multipliers).to(device)
             head_metrics = _head_metrics(head_scores, heads, cfg.reward, multipliers)
             if multipliers is not None:
@@ -426,11 +471,27 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             metrics = _step_metrics(experience, updates, scheduler, times, time.perf_counter() - t_step)
             metrics.update(head_metrics)
             if cfg.monitor.every and step % cfg.monitor.every == 0:
-                metrics.update(_monitor(forwarder.policy, tok, held, proxy_reward, monitor_fn, cfg, device))
-            r.log(step, metrics)
+                metrics.update(
+                    _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)
+                )
+            # texts: this step's responses, for the alert rules that read them (repetition)
+            r.log(step, metrics, texts=responses)
+            if cfg.tracking.samples_every and step % cfg.tracking.samples_every == 0:
+                r.log_samples(step, _sample_rows(prompts, responses, experience))
             bar.update(step, metrics)
-            # ---- end_step: the periodic, stop-requested and final checkpoints
+            # ---- end_step: a best checkpoint (checkpoint.best_metric improved), then the periodic,
+            # stop-requested (a signal or a `stop` alert) and final checkpoints
             state = _data_state(step, stream, moments, kl_ctl, multipliers)
+            ckpt.save_if_best(
+                step,
+                ckpt_module,
+                optimizer,
+                scheduler,
+                state,
+                r.config,
+                metrics,
+                blocking=not cfg.checkpoint.async_save,
+            )
             if r.end_step(
                 ckpt,
                 stop,
@@ -444,20 +505,36 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
                 cfg.train.save_every,
                 cfg.checkpoint.async_save,
             ):
-                return {"stopped": True, "step": step, "run_id": r.run_id, "run_dir": str(r.run_dir)}
+                best = ckpt.best_checkpoint()
+                return {
+                    "stopped": True,
+                    "step": step,
+                    "run_id": r.run_id,
+                    "run_dir": str(r.run_dir),
+                    "best_checkpoint": str(best) if best else None,
+                }
 
     # ================================================================ evaluate and register
     final_step = cfg.train.steps
     final_metrics = {key: metrics[key] for key in PROGRESS_KEYS if key in metrics}
     if held:
-        final_metrics.update(_monitor(forwarder.policy, tok, held, proxy_reward, monitor_fn, cfg, device))
+        final_metrics.update(
+            _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)
+        )
     if loaded is not None and start >= final_step:
         console.print(f"run already complete at step {start}; re-exporting the final policy")
     out_dir = r.run_dir / "final"
     export_hf(forwarder.policy, tok, out_dir, merge_lora=True)
     meta = {"estimator": cfg.advantage.estimator, "steps": final_step, **final_metrics}
     art = r.register_checkpoint(out_dir, meta=meta)
-    summary = {"steps": final_step, "forward_layout": forwarder.layout, "metrics": final_metrics}
+    summary: dict[str, Any] = {
+        "steps": final_step,
+        "forward_layout": forwarder.layout,
+        "metrics": final_metrics,
+    }
+    best = ckpt.best_checkpoint()
+    if best is not None:
+        summary["best_checkpoint"] = str(best)
     r.finish(summary, outputs={"checkpoint": art})
     return {"run_id": r.run_id, "checkpoint": art, "checkpoint_dir": str(out_dir), "metrics": final_metrics}
 
@@ -530,9 +607,76 @@ def _reward_source(cfg: PPOConfig, r: Run, device: torch.device) -> HeadScorer:
     for path in cfg.reward.models:
         r.model_dir(path, role="reward_model")
     members = [RewardModelScorer(p, device=str(device)) for p in cfg.reward.models]
-    scorer = EnsembleHeadScorer(members, cfg.reward.ensemble_k)
+    scorer: EnsembleHeadScorer | AggregateHeadScorer
+    if cfg.reward.aggregate is None:
+        # reward.ensemble_k (deprecated) keeps its own arithmetic, so existing configs score exactly as before.
+        scorer = EnsembleHeadScorer(members, cfg.reward.ensemble_k)
+    else:
+        scorer = AggregateHeadScorer(members, cfg.reward.aggregate, cfg.reward.k)
     _check_heads(scorer.heads, cfg.reward)
     return scorer
+
+
+@dataclass
+class _Heldout:
+    """The held-out signals besides the proxy reward (``monitor.*``): a gold function, an independent judge,
+    held-out human preference pairs (their metrics cached: a frozen reward model scores them the same)."""
+
+    gold: Callable[[list[str], list[str]], Tensor] | None = None
+    judge: AggregateHeadScorer | None = None
+    pairs: list[Pair] = field(default_factory=list)
+    pair_metrics: dict[str, float] | None = None
+
+
+def _heldout_signals(cfg: PPOConfig, r: Run, device: torch.device) -> _Heldout:
+    out = _Heldout()
+    if cfg.monitor.score_fn:
+        out.gold = function_scorer(cfg.monitor.score_fn, "monitor.score_fn")
+    if cfg.monitor.judge_models:
+        shared = sorted(set(cfg.monitor.judge_models) & set(cfg.reward.models))
+        if shared:
+            raise ConfigError(
+                f"monitor.judge_models: {shared} also in reward.models; the judge must be a reward model "
+                "not used for training"
+            )
+        for path in cfg.monitor.judge_models:
+            r.model_dir(path, role="judge_model")
+        judges = [RewardModelScorer(p, device=str(device)) for p in cfg.monitor.judge_models]
+        out.judge = AggregateHeadScorer(judges, "mean")
+    if cfg.monitor.heldout_pairs:
+        aid = r.dataset(cfg.monitor.heldout_pairs, "pairs", role="heldout_pairs")
+        out.pairs = rows_to_pairs(r.store.read_dataset(aid).to_pylist(), "pairs")[: cfg.monitor.num_pairs]
+        if not out.pairs:
+            raise DataFormatError(f"monitor.heldout_pairs {cfg.monitor.heldout_pairs!r}: no pairs")
+    return out
+
+
+def _pair_metrics(
+    heldout: _Heldout, proxy: Callable[[list[str], list[str]], Tensor], head_scorer: HeadScorer | None
+) -> dict[str, float]:
+    """The training reward model's accuracy and ECE (:func:`preference_metrics`) on the held-out pairs: its
+    ``overall`` head (the human preference one, calibrated by the RM recipe) when it has one, else the
+    training reward. The ``overall`` head of a frozen model never changes, so its metrics are cached."""
+    if heldout.pair_metrics is not None:
+        return heldout.pair_metrics
+    prompts = [p.prompt for p in heldout.pairs]
+    n = len(prompts)
+    both = [p.chosen for p in heldout.pairs] + [p.rejected for p in heldout.pairs]
+    cached = False
+    if head_scorer is not None:
+        scores, heads = head_scorer(prompts + prompts, both)
+        if OVERALL in heads:
+            values, cached = scores[:, heads.index(OVERALL)], True
+        else:
+            values = proxy(prompts + prompts, both)
+    else:
+        values = proxy(prompts + prompts, both)
+    values = values.double().cpu().numpy()
+    ev = preference_metrics(values[:n], values[n:])
+    out = {"heldout/rm_accuracy": float(ev["accuracy"]), "heldout/rm_ece": float(ev["ece"])}
+    if cached:
+        heldout.pair_metrics = out
+    return out
 
 
 def _check_heads(heads: list[str], section: RewardSection) -> None:
@@ -858,12 +1002,15 @@ def _monitor(
     tok: Any,
     held: list[Prompt],
     scorer: Callable[[list[str], list[str]], Tensor],
-    monitor_fn: Callable[[list[str], list[str]], Tensor] | None,
+    heldout: _Heldout,
     cfg: PPOConfig,
     device: torch.device,
+    head_scorer: HeadScorer | None = None,
 ) -> dict[str, float]:
-    """Proxy reward (the training reward: combined heads, current multipliers), reference score and length on
-    held-out prompts; sampling with its own generator."""
+    """Proxy reward (the training reward: combined heads, current multipliers), length and the held-out
+    signals on held-out prompts: the gold score (``monitor/score``, also ``heldout/gold``), the judge's mean
+    ``overall`` (or first-head) score, the reward model's accuracy and ECE on held-out pairs. Sampling uses
+    its own generator."""
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed + 1_000_003)
     ids = [encode_prompt(tok, p.text, cfg.data.max_prompt_length, p.templated) for p in held]
     policy.eval()
@@ -873,9 +1020,23 @@ def _monitor(
         "monitor/proxy_reward": float(scorer(texts, responses).mean()),
         "monitor/response_len": float(rollout.lengths.float().mean()),
     }
-    if monitor_fn is not None:
-        out["monitor/score"] = float(monitor_fn(texts, responses).mean())
+    if heldout.gold is not None:
+        out["monitor/score"] = out["heldout/gold"] = float(heldout.gold(texts, responses).mean())
+    if heldout.judge is not None:
+        judged, heads = heldout.judge(texts, responses)
+        out["heldout/judge_reward"] = float(judged[:, heads.index(OVERALL) if OVERALL in heads else 0].mean())
+    if heldout.pairs:
+        out.update(_pair_metrics(heldout, scorer, head_scorer))
     return out
+
+
+def _sample_rows(prompts: list[str], responses: list[str], experience: Experience) -> list[dict[str, Any]]:
+    """The step's sample table (``tracking.samples_every``): prompt, response, raw reward, sequence KL."""
+    raw, kl = experience.raw_scores.tolist(), experience.kl_seq.tolist()
+    return [
+        {"prompt": p, "response": c, "reward": float(s), "kl": float(k)}
+        for p, c, s, k in zip(prompts, responses, raw, kl, strict=True)
+    ]
 
 
 __all__ = ["PPOConfig", "run"]

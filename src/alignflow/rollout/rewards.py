@@ -9,7 +9,9 @@ records (:attr:`RewardModelScorer.heads`); PPO combines them with
 :class:`~alignflow.models.reward.RewardModelScorer`, re-exported here because PPO configures it as a
 reward source. :class:`EnsembleScorer` returns the conservative score ``mean - k * std`` over its members
 (Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization", the "uncertainty-weighted
-optimisation" objective), which with ``k = 0`` is the plain mean.
+optimisation" objective), which with ``k = 0`` is the plain mean. :class:`AggregateHeadScorer` pools every
+member of every reward model and aggregates them per ``reward.aggregate``: ``mean``, ``min`` (worst-case
+optimisation) or ``mean_minus_std`` (uncertainty-weighted, population std over the pooled members), per head.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float] | Mapping[str, Seque
 HeadScores = tuple[Tensor, list[str]]  # (scores (B, H) float32, the H head names in column order)
 HeadScorer = Callable[[list[str], list[str]], HeadScores]
 __all__ = [
+    "AGGREGATES",
     "OVERALL",
+    "AggregateHeadScorer",
     "EnsembleHeadScorer",
     "EnsembleScorer",
     "HeadScorer",
@@ -36,9 +40,11 @@ __all__ = [
     "RewardModelScorer",
     "function_head_scorer",
     "function_scorer",
+    "aggregate_members",
     "import_callable",
     "load_reward_scorer",
 ]
+AGGREGATES = ("mean", "min", "mean_minus_std")
 
 
 def import_callable(spec: str, field: str) -> Callable[..., Any]:
@@ -165,3 +171,55 @@ class EnsembleHeadScorer:
     def __call__(self, prompts: list[str], responses: list[str]) -> HeadScores:
         scored = [m.score_heads(prompts, responses) for m in self.members]  # (B, H) mean and std each
         return conservative(scored, self.k), list(self.heads)
+
+
+def aggregate_members(stack: Tensor, how: str, k: float = 0.0) -> Tensor:
+    """Members' scores ``(M, ...)`` to one ``(...)``: ``mean``; ``min`` (worst case); ``mean_minus_std`` with the
+    population std over the members (0 for one member), as Coste et al. 2024 define their objectives."""
+    if how == "mean":
+        return stack.mean(dim=0)
+    if how == "min":
+        return stack.min(dim=0).values
+    if how == "mean_minus_std":
+        std = stack.std(dim=0, unbiased=False) if stack.shape[0] > 1 else torch.zeros_like(stack[0])
+        return stack.mean(dim=0) - k * std
+    raise ValueError(f"unknown aggregate {how!r}; expected one of {AGGREGATES}")
+
+
+class AggregateHeadScorer:
+    """Per-head ``reward.aggregate`` over every member of the given :class:`RewardModelScorer` s, pooled.
+
+    An ``alignflow rm`` folder of K members contributes K members (each divided by its folder's temperature);
+    all must share their heads. ``scorer(prompts, responses) -> (scores (B, H), heads)``;
+    ``scorer.members_scores(prompts, responses) -> (M, B, H)`` gives the pooled members' scores themselves.
+    """
+
+    def __init__(self, scorers: Sequence[Any], how: str, k: float = 0.0) -> None:
+        if not scorers:
+            raise ValueError("AggregateHeadScorer needs at least one reward model")
+        if how not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {how!r}; expected one of {AGGREGATES}")
+        self.scorers, self.how, self.k = list(scorers), how, k
+        self.heads = list(self.scorers[0].heads)
+        for s in self.scorers[1:]:
+            if list(s.heads) != self.heads:
+                raise ConfigError(
+                    f"reward.models: {s.path} has heads {list(s.heads)} but {self.scorers[0].path} has "
+                    f"{self.heads}; an ensemble's members must share their heads"
+                )
+
+    @torch.no_grad()
+    def members_scores(self, prompts: list[str], responses: list[str]) -> Tensor:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        n_heads, parts = len(self.heads), []
+        for s in self.scorers:
+            # The scorer's own inputs (its text format and lengths), built once and shared by its members.
+            batches = s._batches(prompts, responses)
+            for model in s.members:
+                logits = [model(**b).logits[:, :n_heads].float().cpu() for b in batches]
+                parts.append((torch.cat(logits) if logits else torch.zeros(0, n_heads)) / s.temperature)
+        return torch.stack(parts)  # (M, B, H)
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> HeadScores:
+        return aggregate_members(self.members_scores(prompts, responses), self.how, self.k), list(self.heads)

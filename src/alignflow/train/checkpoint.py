@@ -10,6 +10,8 @@ Layout of ``run_dir``::
         trainer_state.json    step, saved_at, data position, resolved config, metrics
         manifest.json         sha256 and size of every other file (written last)
       latest                  text file naming the newest committed checkpoint (updated last)
+      best                    with a ``best_metric``: text file naming the best checkpoint so far, and
+      best.json               the kept best-k (``keep_best``) as [{"step", "value", "name"}], best first
 
 A save writes everything into ``.tmp-step-000120-<uuid>`` in the same directory, fsyncs each file and
 the directory, renames it to ``step-000120`` (atomic on POSIX within one filesystem), fsyncs
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 STEP_PREFIX = "step-"
 LATEST = "latest"
+BEST = "best"
+BEST_FILE = "best.json"
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
@@ -235,13 +239,13 @@ def _write_snapshot(snap: _Snapshot, tmp: Path) -> None:
         fsync_path(d)
 
 
-def _write_latest(run_dir: Path, name: str) -> None:
+def _write_latest(run_dir: Path, name: str, pointer: str = LATEST) -> None:
     tmp = run_dir / f".{LATEST}.tmp-{uuid.uuid4().hex}"
     with open(tmp, "w") as f:
         f.write(name + "\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, run_dir / LATEST)
+    os.replace(tmp, run_dir / pointer)
     fsync_path(run_dir)
 
 
@@ -449,7 +453,8 @@ class RetentionPolicy:
     * everything saved in the last ``keep_recent_minutes``;
     * the first checkpoint of each clock hour for the last ``hourly_for_hours`` hours;
     * beyond that, the first checkpoint of each calendar day (UTC) if ``keep_daily``;
-    * always the ``keep_last`` newest steps, and the best by ``best_metric`` (``best_mode`` min or max).
+    * always the ``keep_last`` newest steps, and the ``keep_best`` best by ``best_metric`` (``best_mode``
+      min or max) among the checkpoints whose recorded metrics carry it (ties: the earlier step).
 
     "First of each bucket" (not last) makes the choice stable: once a bucket has a representative it
     never changes, so a checkpoint kept hourly is still there to become the daily one.
@@ -461,12 +466,32 @@ class RetentionPolicy:
     keep_last: int = 1
     best_metric: str | None = None
     best_mode: Literal["min", "max"] = "min"
+    keep_best: int = 1
 
     def __post_init__(self) -> None:
         if self.best_mode not in ("min", "max"):
             raise ValueError(f"RetentionPolicy.best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if self.keep_last < 1:
             raise ValueError(f"RetentionPolicy.keep_last must be >= 1, got {self.keep_last}")
+        if self.keep_best < 1:
+            raise ValueError(f"RetentionPolicy.keep_best must be >= 1, got {self.keep_best}")
+
+    def score(self, metrics: Mapping[str, Any]) -> float | None:
+        """The ``best_metric`` value of ``metrics`` signed so that lower is better; None when absent/non-finite."""
+        if self.best_metric is None or self.best_metric not in metrics:
+            return None
+        try:
+            value = float(metrics[self.best_metric])
+        except (TypeError, ValueError):
+            return None
+        if not math.isfinite(value):
+            return None
+        return value if self.best_mode == "min" else -value
+
+    def best(self, checkpoints: Sequence[CheckpointInfo]) -> list[CheckpointInfo]:
+        """The ``keep_best`` best checkpoints by ``best_metric``, best first (ties: the earlier step)."""
+        scored = [(s, c.step, c) for c in checkpoints if (s := self.score(c.metrics)) is not None]
+        return [c for _, _, c in sorted(scored, key=lambda t: (t[0], t[1]))[: self.keep_best]]
 
     def select(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
         """Steps to keep among ``checkpoints`` at time ``now``."""
@@ -487,12 +512,7 @@ class RetentionPolicy:
                 day_first.setdefault(math.floor(c.saved_at / 86400.0), c)
         keep.update(c.step for c in hour_first.values())
         keep.update(c.step for c in day_first.values())
-        if self.best_metric is not None:
-            scored = [c for c in checkpoints if self.best_metric in c.metrics]
-            if scored:
-                sign = 1.0 if self.best_mode == "min" else -1.0
-                best = min(scored, key=lambda c: (sign * float(c.metrics[self.best_metric]), c.step))
-                keep.add(best.step)
+        keep.update(c.step for c in self.best(checkpoints))
         return keep
 
 
@@ -529,6 +549,8 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._closed = False
         self.last_stall_seconds = 0.0  # time the caller was blocked in the last save()
+        self._saved_step: int | None = None  # the last step this manager saved (a second save is a no-op)
+        self._scores: dict[int, float] | None = None  # step -> signed best_metric of the saved checkpoints
         self._clean_stale_temp_dirs()
         atexit.register(self._atexit)
 
@@ -565,9 +587,20 @@ class CheckpointManager:
             raise CheckpointError(f"CheckpointManager for {self.run_dir} is closed")
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        final = self.run_dir / step_dir_name(step)
+        if step == self._saved_step:
+            # The same step again (a best checkpoint, then the periodic or stop save of that step): the state
+            # has not changed in between, so the copy being written is it; a blocking save waits for it.
+            if blocking:
+                self._join()
+            self.last_stall_seconds = time.perf_counter() - t0
+            return final
         self._join()  # a second save waits for the first (and re-raises its error)
         snap = self._snapshot(step, model, optimizer, scheduler, data_state, config, metrics, adapter_only)
-        final = self.run_dir / step_dir_name(step)
+        self._saved_step = step
+        score = self.retention.score(snap.metrics) if self.retention is not None else None
+        if score is not None:
+            self._known_scores()[step] = score
         if blocking:
             self._write_and_prune(snap)
         else:
@@ -634,12 +667,62 @@ class CheckpointManager:
         except BaseException as exc:  # re-raised in the training thread by the next call
             self._error = exc
 
+    def improves(self, metrics: Mapping[str, Any]) -> bool:
+        """True when ``metrics`` carry the retention's ``best_metric`` and a checkpoint of them would rank among
+        the ``keep_best`` best saved so far (a tie with a kept one does not: the earlier step wins)."""
+        score = self.retention.score(metrics) if self.retention is not None else None
+        if score is None:
+            return False
+        assert self.retention is not None
+        kept = sorted(self._known_scores().values())[: self.retention.keep_best]
+        return len(kept) < self.retention.keep_best or score < kept[-1]
+
+    def save_if_best(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any | None = None,
+        data_state: Any = None,
+        config: Any = None,
+        metrics: Mapping[str, float] | None = None,
+        blocking: bool = True,
+    ) -> bool:
+        """Checkpoint ``step`` when its ``metrics`` improve on the best-k (:meth:`improves`); True if saved.
+
+        Held-out and eval metrics are logged only every few steps, rarely on a periodic save's step; saving
+        when they improve is what lets ``checkpoint.best_metric`` name any logged metric.
+        """
+        if not self.improves(metrics or {}):
+            return False
+        self.save(step, model, optimizer, scheduler, data_state, config, metrics, blocking=blocking)
+        return True
+
+    def best_checkpoint(self) -> Path | None:
+        """The best checkpoint so far by ``best_metric`` (the ``best`` pointer); None without one."""
+        self._join()
+        pointer = self.run_dir / BEST
+        if not pointer.is_file():
+            return None
+        path = self.run_dir / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def _known_scores(self) -> dict[int, float]:
+        if self._scores is None:  # first use: the checkpoints already on disk (a resumed run's)
+            self._scores = {}
+            for info in self._infos()[0]:
+                score = self.retention.score(info.metrics) if self.retention is not None else None
+                if score is not None:
+                    self._scores[info.step] = score
+        return self._scores
+
     def _write_and_prune(self, snap: _Snapshot) -> None:
         _commit(self.run_dir, snap)
         if self.retention is not None:
             self._prune()
+            self._mark_best()
 
-    def _prune(self) -> None:
+    def _infos(self) -> tuple[list[CheckpointInfo], dict[int, Path]]:
         infos: list[CheckpointInfo] = []
         paths: dict[int, Path] = {}
         for p in list_checkpoints(self.run_dir):
@@ -652,6 +735,33 @@ class CheckpointManager:
             )
             infos.append(info)
             paths[info.step] = p
+        return infos, paths
+
+    def _mark_best(self) -> None:
+        """Point ``best`` at the best checkpoint on disk and list the best-k in ``best.json`` (atomically)."""
+        assert self.retention is not None
+        if self.retention.best_metric is None:
+            return
+        best = self.retention.best(self._infos()[0])
+        if not best:
+            return
+        rows = [
+            {
+                "step": c.step,
+                "value": float(c.metrics[self.retention.best_metric]),
+                "name": step_dir_name(c.step),
+            }
+            for c in best
+        ]
+        doc = {"metric": self.retention.best_metric, "mode": self.retention.best_mode, "best": rows}
+        tmp = self.run_dir / f".{LATEST}.tmp-{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.run_dir / BEST_FILE)
+        _write_latest(self.run_dir, rows[0]["name"], pointer=BEST)
+
+    def _prune(self) -> None:
+        assert self.retention is not None
+        infos, paths = self._infos()
         keep = self.retention.select(infos, now=float(self.clock()))
         pointer = (self.run_dir / LATEST).read_text().strip() if (self.run_dir / LATEST).is_file() else None
         for info in infos:

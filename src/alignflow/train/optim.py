@@ -117,4 +117,5 @@ def retention(section: Any) -> Any:
         keep_daily=section.keep_daily,
         best_metric=section.best_metric,
         best_mode=section.best_mode,
+        keep_best=section.keep_best,
     )
