@@ -18,6 +18,7 @@ from alignflow.cli import (
     pipeline,
     ppo,
     quality,
+    runs,
     serve,
     users,
     workspace,
@@ -41,6 +42,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(quality.app, name="quality")
 app.add_typer(constitution.app, name="constitution")
 app.command("lineage")(lineage.lineage)
+app.add_typer(runs.app, name="runs")
 app.command("serve")(serve.serve)
 app.add_typer(users.app, name="users")
 app.add_typer(annotate.app, name="annotate")

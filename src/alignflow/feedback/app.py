@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from alignflow.feedback import api, pages, services
+from alignflow.feedback import api, pages, runs_pages, services
 from alignflow.feedback.deps import HTTPProblem
 from alignflow.workspace import Workspace
 
@@ -142,6 +142,7 @@ def create_app(workspace: Workspace | None = None, settings: Settings | None = N
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(api.router, prefix="/api/v1")
     app.include_router(pages.router)
+    app.include_router(runs_pages.router)
     return app
 
 
