@@ -1,5 +1,5 @@
 """Metadata store: content-addressed artifacts, lineage, runs and metrics."""
 
-from alignflow.store.api import ArtifactInfo, LineageGraph, Store
+from alignflow.store.api import AlertRecord, ArtifactInfo, LineageGraph, Store
 
-__all__ = ["ArtifactInfo", "LineageGraph", "Store"]
+__all__ = ["AlertRecord", "ArtifactInfo", "LineageGraph", "Store"]

@@ -16,6 +16,7 @@ import getpass
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -36,7 +37,7 @@ from sqlalchemy.orm import Session
 from alignflow.errors import IntegrityError, StoreError
 from alignflow.store import db
 from alignflow.store.files import CHUNK, fsync_path, sha256_file
-from alignflow.store.models import Artifact, ArtifactTag, LineageEdge, Metric, Run, utcnow
+from alignflow.store.models import Alert, Artifact, ArtifactTag, LineageEdge, Metric, Run, utcnow
 from alignflow.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,29 @@ class ArtifactInfo:
         d = self.__dict__.copy()
         d["created_at"] = self.created_at.isoformat()
         d["tags"] = list(self.tags)
+        return d
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """One stored alert row (`Store.alerts`). `value`/`threshold` are None where they were NaN/Inf or absent."""
+
+    id: int
+    run_id: str
+    step: int
+    rule: str
+    severity: str
+    metric: str
+    value: float | None
+    threshold: float | None
+    message: str
+    actions: tuple[str, ...]
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["created_at"] = self.created_at.isoformat()
+        d["actions"] = list(self.actions)
         return d
 
 
@@ -571,6 +595,82 @@ class Store:
             if name:
                 q = q.where(Metric.name == name)
             return [tuple(r) for r in s.execute(q.order_by(Metric.step, Metric.id)).all()]  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ alerts
+
+    def add_alert(
+        self,
+        run_id: str,
+        step: int,
+        rule: str,
+        severity: str,
+        metric: str,
+        value: float | None,
+        threshold: float | None,
+        message: str,
+        actions: Iterable[str] = (),
+    ) -> int:
+        """Record an alert that fired at `step` of run `run_id`; returns the row id."""
+        if severity not in ("info", "warning", "critical"):
+            raise StoreError(f"alert severity must be info, warning or critical, got {severity!r}")
+        with self.session() as s:
+            if s.get(Run, run_id) is None:
+                raise StoreError(f"alert {rule!r} at step {step}: no run {run_id!r}")
+            row = Alert(
+                run_id=run_id,
+                step=int(step),
+                rule=rule,
+                severity=severity,
+                metric=metric,
+                value=_finite_or_none(value),
+                threshold=_finite_or_none(threshold),
+                message=message,
+                actions=list(actions),
+            )
+            s.add(row)
+            s.flush()
+            return int(row.id)
+
+    def alerts(
+        self, run_id: str | None = None, min_severity: str | None = None, limit: int | None = None
+    ) -> list[AlertRecord]:
+        """Alerts of one run by step, or of every run in the order they were recorded.
+
+        `min_severity` keeps that level and the ones above it (warning: warning and critical)."""
+        order = ("info", "warning", "critical")
+        if min_severity is not None and min_severity not in order:
+            raise StoreError(f"min_severity must be info, warning or critical, got {min_severity!r}")
+        with self.session() as s:
+            q = select(Alert)
+            if run_id is not None:
+                q = q.where(Alert.run_id == run_id).order_by(Alert.step, Alert.id)
+            else:
+                q = q.order_by(Alert.id)
+            if min_severity is not None:
+                q = q.where(Alert.severity.in_(order[order.index(min_severity) :]))
+            if limit:
+                q = q.limit(limit)
+            rows = s.scalars(q).all()
+            return [
+                AlertRecord(
+                    id=r.id,
+                    run_id=r.run_id,
+                    step=r.step,
+                    rule=r.rule,
+                    severity=r.severity,
+                    metric=r.metric,
+                    value=r.value,
+                    threshold=r.threshold,
+                    message=r.message,
+                    actions=tuple(r.actions or ()),
+                    created_at=r.created_at,
+                )
+                for r in rows
+            ]
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
 def _chunks(ids: Sequence[str], size: int = 900) -> Iterator[Sequence[str]]:

@@ -85,3 +85,24 @@ class Metric(Base):
     time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (Index("ix_metrics_run_name_step", "run_id", "name", "step"),)
+
+
+class Alert(Base):
+    """A live alert that fired during a run (`alignflow.monitor.alerts`), linked to its run and step."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    rule: Mapped[str] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16), index=True)  # info|warning|critical
+    metric: Mapped[str] = mapped_column(String(128))
+    # NULL for a NaN/Inf value (SQLite cannot store NaN; PostgreSQL could, but then the two would differ).
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    message: Mapped[str] = mapped_column(Text)
+    actions: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_alerts_run_step", "run_id", "step"),)
