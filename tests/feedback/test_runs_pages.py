@@ -41,7 +41,9 @@ def populate(workspace) -> dict[str, str]:
         ckpt = store.put_json({"w": 1}, kind="checkpoint", name="ppo-hacky", parents=[(data, "prompts")],
                               run_id=a)  # fmt: skip
         store.finish_run(
-            a, status="stopped", summary={"stopped_at_step": 30, "outputs": {"checkpoint": ckpt}}
+            a,
+            status="stopped",
+            summary={"stopped_at_step": 30, "stopped_by": "alert:kl_spike", "outputs": {"checkpoint": ckpt}},
         )
         store.add_alert(a, 12, "kl_spike", "critical", "kl", 0.62, 0.3, "kl 0.62 jumped above its baseline",
                         ["store", "stop"])  # fmt: skip
@@ -144,6 +146,7 @@ def test_run_page_plots_metrics_and_shows_alerts_samples_and_lineage(workspace, 
     assert "toy-prompts" in lineage and ids["data"][:16] in lineage and "ppo-hacky" in lineage
     assert f'class="child-run" href="/runs/{ids["b"]}"' in lineage
     assert "stopped" in page and "at step 30" in page and "kl.coef" in page
+    assert '<span id="stopped-by">by alert:kl_spike</span>' in page
     down = c.get(f"/runs/{ids['b']}").text
     assert f'class="parent-run" href="/runs/{ids["a"]}"' in down and 'id="no-samples"' in down
     assert "No alerts." in down

@@ -62,7 +62,7 @@ def runs(store) -> dict[str, str]:
     b = store.start_run("sft", config={"train": {"max_steps": 2}}, name="beta")
     store.log_metrics(b, 1, {"loss": 2.5, "eval/accuracy": 0.4})
     store.log_metrics(b, 2, {"loss": 2.2, "eval/accuracy": 0.8})
-    store.finish_run(b, status="stopped", summary={"stopped_at_step": 2})
+    store.finish_run(b, status="stopped", summary={"stopped_at_step": 2, "stopped_by": "alert:kl_spike"})
     c = store.start_run("dpo", config={"loss": {"type": "sigmoid", "beta": 0.1}}, name="gamma")
     store.add_edge(
         ckpt, store.put_json({"weights": "c"}, kind="checkpoint", run_id=c), "base_model", run_id=c
@@ -115,6 +115,7 @@ def test_show_prints_config_status_metrics_outputs_lineage_and_alerts(runs) -> N
     assert c["lineage"]["inputs"][0]["role"] == "base_model"
     assert c["config_summary"] == {"loss.type": "sigmoid", "loss.beta": 0.1}
     assert cli_json("runs", "show", runs["b"][:-2])["id"] == runs["b"]  # a unique prefix
+    assert "alert:kl_spike" in cli("runs", "show", "beta").output  # which alert stopped it
     assert cli_json("runs", "show", runs["a"], "--config")["config"]["train"] == {"max_steps": 4}
     text = cli("runs", "show", runs["a"]).output
     for fragment in ("config summary", "model.path", "final metrics", "eval/accuracy", "outputs", "checkpoint",
