@@ -63,6 +63,66 @@ def test_kl_spike_does_not_fire_on_a_steady_rise() -> None:
     assert run(monitor({"rule": "kl_spike", "cooldown": 0}), [{"kl/seq_sum_mean": v} for v in kl]) == []
 
 
+# A real quickstart PPO run (30 steps, batch 16; /tmp/qs-small, metrics.jsonl): healthy, yet its step-29 KL
+# (3.8) is 1.99x the window median and 6.1 MADs above it. The rules must stay quiet on it.
+QUICKSTART_KL = [
+    0.0,
+    0.212,
+    0.658,
+    1.516,
+    0.284,
+    0.864,
+    0.769,
+    1.294,
+    1.059,
+    1.586,
+    1.279,
+    1.911,
+    2.542,
+    1.72,
+]
+QUICKSTART_KL += [
+    1.799,
+    1.773,
+    2.1,
+    1.727,
+    1.035,
+    2.082,
+    1.911,
+    1.77,
+    2.141,
+    2.247,
+    2.524,
+    3.191,
+    2.047,
+    2.201,
+]
+QUICKSTART_KL += [3.8, 1.924]
+QUICKSTART_VALUE_LOSS = [0.214, 0.127, 0.246, 0.068, 0.258, 0.112, 0.127, 0.188, 0.187, 0.309, 0.173, 0.146]
+QUICKSTART_VALUE_LOSS += [0.259, 0.078, 0.074, 0.164, 0.06, 0.125, 0.148, 0.096, 0.057, 0.054, 0.059, 0.064]
+QUICKSTART_VALUE_LOSS += [0.065, 0.135, 0.047, 0.037, 0.13, 0.084]
+QUICKSTART_ENTROPY = [0.736, 0.6, 0.555, 0.586, 0.611, 0.603, 0.56, 0.577, 0.56, 0.506, 0.516, 0.586, 0.522]
+QUICKSTART_ENTROPY += [0.472, 0.366, 0.525, 0.517, 0.464, 0.51, 0.423, 0.35, 0.484, 0.418, 0.531, 0.511]
+QUICKSTART_ENTROPY += [0.459, 0.376, 0.381, 0.523, 0.374]
+QUICKSTART_LEN = [25.6, 28.2, 33.8, 25.9, 29.1, 25.6, 24.9, 30.1, 29.2, 28.5, 23.7, 27.7, 29.5, 26.5, 24.9]
+QUICKSTART_LEN += [29.6, 27.0, 24.9, 25.6, 26.2, 25.7, 27.8, 25.8, 25.2, 24.4, 25.4, 25.2, 31.1, 28.0, 26.4]
+
+
+def test_the_default_rules_stay_quiet_on_a_real_quickstart_run() -> None:
+    mon = AlertMonitor(AlertsSection(), default_rules("ppo"))
+    for i in range(30):
+        mon.observe(
+            i + 1,
+            {
+                "kl/seq_sum_mean": QUICKSTART_KL[i],
+                "value/loss": QUICKSTART_VALUE_LOSS[i],
+                "policy/entropy": QUICKSTART_ENTROPY[i],
+                "response/len_mean": QUICKSTART_LEN[i],
+            },
+        )
+    assert mon.fired == []
+
+
 def test_kl_spike_robust_baseline_arithmetic() -> None:
     # window 4 of [1, 2, 3, 4]: median 2.5, MAD 1, limit 2.5 + 2 * 1.4826 = 5.4652
     mon = monitor({"rule": "kl_spike", "window": 4, "threshold": 2.0, "warmup": 0, "cooldown": 0})
