@@ -1,4 +1,4 @@
-"""What every recipe shares: the run (folder, store record, metrics), graceful stop, NaN guard.
+"""What every recipe shares: the run (folder, store record, metrics, trackers, alerts), graceful stop, NaN guard.
 
 A recipe reads top to bottom:
 
@@ -10,19 +10,26 @@ A recipe reads top to bottom:
         for step in ...:
             ...
             check_finite(loss, step, batch_ids, ckpt)
-            run.log(step, metrics); bar.update(step, metrics)
+            run.log(step, metrics, texts=None); bar.update(step, metrics)  # store, trackers, alert rules
             if run.end_step(ckpt, stop, step, total, ...):  # the one save path: periodic, stop, final
                 return {"stopped": True, ...}
     run.finish(summary, outputs)                # artifacts registered with lineage edges
 
 The run folder is `<workspace>/runs/<run id>` or `output_dir`; re-running with the same
 `output_dir` resumes the same run id and its checkpoints.
+
+Every logged step goes to the store and `metrics.jsonl` (the system of record), then to the trackers
+`tracking.backends` names (`alignflow.monitor.trackers`: TensorBoard, MLflow; params = the resolved
+config), then to the alert rules of `monitor.alerts` (`alignflow.monitor.alerts`). An alert whose
+actions include `stop` ends the run at the end of that step like Ctrl-C does: a synchronous checkpoint,
+status `stopped`, and the store's summary names the alert. At `finish` the summary and the run's
+reports are logged to the trackers as artifacts. A tracker that fails mid-run is turned off with a
+warning rather than ending the training.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -49,11 +56,15 @@ from rich.progress import (
 from alignflow.config import StageConfig, to_record
 from alignflow.data.io import resolve_dataset
 from alignflow.errors import AlignflowError
+from alignflow.monitor.trackers import Tracker, build_trackers, finite_metrics, write_samples
 from alignflow.store import Store
 from alignflow.workspace import Workspace
 
 console = Console(stderr=True, soft_wrap=True)
 RUN_FILE = "run.json"
+ALERT_STATE_DIR = "alert-state"  # the alert monitor's state at each checkpointed step, for an exact resume
+# Files in the run folder logged to the trackers as reports at `finish` (besides summary.json and config.yaml).
+REPORT_SUFFIXES = (".json", ".md", ".html", ".csv", ".txt")
 
 
 class NonFiniteLossError(AlignflowError):
@@ -84,7 +95,11 @@ class Run:
     resumed: bool
     config_artifact: str
     inputs: list[tuple[str, str]] = field(default_factory=list)  # (artifact id, role)
+    trackers: list[Tracker] = field(default_factory=list)
+    alerts: Any = None  # alignflow.monitor.alerts.AlertMonitor when monitor.alerts is enabled
+    stopped_by: Any = None  # the Alert with the `stop` action that ended the run, if any
     _metrics_file: Any = None
+    _alert_state_checked: bool = False
 
     # -- inputs --------------------------------------------------------------------------------------
 
@@ -136,14 +151,71 @@ class Run:
 
     # -- metrics and progress --------------------------------------------------------------------------
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Metrics go to the store and to `<run_dir>/metrics.jsonl` (readable while the run is live)."""
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    def log(self, step: int, metrics: Mapping[str, float], texts: Sequence[str] | None = None) -> None:
+        """Metrics go to the store and `<run_dir>/metrics.jsonl` (readable while the run is live), then to
+        the trackers, then to the alert rules (`texts`: this step's sampled responses, for the repetition rule).
+        """
+        clean = finite_metrics({k: v for k, v in metrics.items() if v is not None})
         self.store.log_metrics(self.run_id, step, clean)
         if self._metrics_file is None:
             self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
         self._metrics_file.flush()
+        self._each_tracker("log_metrics", step, clean)
+        if self.alerts is not None:
+            self._restore_alert_state(step)
+            # the rules see NaN/inf too: the nonfinite rule exists for exactly those values
+            raw = {k: float(v) for k, v in metrics.items() if v is not None}
+            for alert in self.alerts.observe(step, raw, texts):
+                self._each_tracker(
+                    "log_text", step, "alerts", f"[{alert.severity}] {alert.rule}: {alert.message}"
+                )
+            if self.stopped_by is None:
+                self.stopped_by = self.alerts.stop_alert  # the first alert with the `stop` action
+
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> Path:
+        """A sample table (prompt, response, reward, KL, ...): `<run_dir>/samples/step-<N>.jsonl` + trackers."""
+        path = write_samples(self.run_dir, step, rows)
+        self._each_tracker("log_table", step, "samples", [dict(r) for r in rows])
+        return path
+
+    def log_artifact(self, path: str | os.PathLike[str]) -> None:
+        """A file or folder of the run (a report, a plot) sent to the trackers (the store keeps run files
+        through `register_*`)."""
+        self._each_tracker("log_artifact", Path(path))
+
+    def _each_tracker(self, method: str, *args: Any) -> None:
+        for t in list(self.trackers):
+            try:
+                getattr(t, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - any backend error: keep training, stop mirroring
+                self.trackers.remove(t)
+                console.print(
+                    f"[yellow]tracker {t.name} failed ({type(exc).__name__}: {exc}); it is turned off for "
+                    f"the rest of run {self.run_id}[/] (the store still has every metric)"
+                )
+
+    def _save_alert_state(self, step: int) -> None:
+        if self.alerts is None:
+            return
+        folder = self.run_dir / ALERT_STATE_DIR
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".step-{step}.json.tmp"
+        tmp.write_text(json.dumps(self.alerts.state_dict()))
+        tmp.replace(folder / f"step-{step}.json")
+        for old in sorted(folder.glob("step-*.json"), key=_state_step)[:-3]:  # a few, as checkpoint pruning
+            old.unlink(missing_ok=True)
+
+    def _restore_alert_state(self, step: int) -> None:
+        """On the first step of a resumed run: the monitor's windows and cool-downs as of the checkpoint."""
+        if self._alert_state_checked:
+            return
+        self._alert_state_checked = True
+        if not self.resumed:
+            return
+        saved = [p for p in (self.run_dir / ALERT_STATE_DIR).glob("step-*.json") if _state_step(p) < step]
+        if saved:
+            self.alerts.load_state_dict(json.loads(max(saved, key=_state_step).read_text()))
 
     @contextmanager
     def progress(
@@ -196,23 +268,44 @@ class Run:
     ) -> bool:
         """Checkpoint when due (or when a stop was requested); True means the recipe must return now.
 
-        On a stop the checkpoint is written synchronously, so "exit 0" means "resumable". The last
-        step is also written synchronously: the final export reads the same weights.
+        On a stop (a signal, or an alert with the `stop` action) the checkpoint is written synchronously,
+        so "exit 0" means "resumable". The last step is also written synchronously: the final export
+        reads the same weights.
         """
-        if stop.requested:
+        if stop.requested or self.stopped_by is not None:
             ckpt.save(step, model, optimizer, scheduler, data_state, self.config, metrics, blocking=True)
-            self.stop(step, stop.signal_name)
+            self._save_alert_state(step)
+            self.stop(step, stop.signal_name if stop.requested else None)
             return True
         if step == total or (save_every and step % save_every == 0):
             blocking = step == total or not async_save
             ckpt.save(step, model, optimizer, scheduler, data_state, self.config, metrics, blocking=blocking)
+            self._save_alert_state(step)
         return False
 
     def stop(self, step: int, signal_name: str | None) -> None:
-        self.store.finish_run(self.run_id, status="stopped", summary={"stopped_at_step": step})
-        self._close()
+        summary: dict[str, Any] = {"stopped_at_step": step}
+        if signal_name is None and self.stopped_by is not None:
+            a = self.stopped_by
+            summary["stopped_by"] = f"alert:{a.rule}"
+            summary["alert"] = {
+                "rule": a.rule,
+                "severity": a.severity,
+                "step": a.step,
+                "metric": a.metric,
+                "value": a.value,
+                "threshold": a.threshold,
+                "message": a.message,
+            }
+            reason = f"alert {a.rule} ({a.message})"
+        else:
+            summary["stopped_by"] = f"signal:{signal_name}" if signal_name else "stop"
+            reason = f"{signal_name or 'stop'} received"
+        self.store.finish_run(self.run_id, status="stopped", summary=summary)
+        self._each_tracker("log_text", step, "stopped", json.dumps(summary, default=str))
+        self._close("stopped")
         console.print(
-            f"[yellow]{signal_name or 'stop'} received: checkpoint saved at step {step}.[/] "
+            f"[yellow]{reason}: checkpoint saved at step {step}.[/] "
             f"Resume with the same command (run folder {self.run_dir})."
         )
 
@@ -223,16 +316,39 @@ class Run:
         self.store.finish_run(
             self.run_id, status="finished", summary={**summary, "outputs": dict(outputs or {})}
         )
-        self._close()
+        for path in self.report_files():
+            self.log_artifact(path)
+        self._close("finished")
+
+    def report_files(self) -> list[Path]:
+        """What `finish` logs to the trackers: the summary, the resolved config and the run's reports."""
+        first = [self.run_dir / "summary.json", self.run_dir / "config.yaml"]
+        reports = sorted(
+            p
+            for p in self.run_dir.iterdir()
+            if p.is_file() and p.suffix in REPORT_SUFFIXES and p.name not in ("summary.json", RUN_FILE)
+        )
+        return [p for p in first if p.is_file()] + reports
 
     def fail(self, exc: BaseException) -> None:
         self.store.finish_run(self.run_id, status="failed", summary={"error": str(exc)[:2000]})
-        self._close()
+        self._each_tracker("log_text", 0, "error", f"{type(exc).__name__}: {str(exc)[:2000]}")
+        self._close("failed")
 
-    def _close(self) -> None:
+    def _close(self, status: str = "finished") -> None:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+        trackers, self.trackers = self.trackers, []
+        for t in trackers:
+            try:
+                t.close(status)
+            except Exception as exc:  # noqa: BLE001 - the run's own outcome stands; say the mirror is incomplete
+                console.print(f"[yellow]tracker {t.name} could not be closed: {exc}[/]")
+
+
+def _state_step(path: Path) -> int:
+    return int(path.stem.split("-", 1)[1])
 
 
 def start_run(cfg: StageConfig, store: Store | None = None) -> Run:
@@ -260,7 +376,7 @@ def start_run(cfg: StageConfig, store: Store | None = None) -> Run:
     if not previous:
         (run_dir / RUN_FILE).write_text(json.dumps({"run_id": run_id, "stage": cfg.stage}))
     config_artifact = store.put_json(record, kind="config", name=f"{cfg.stage}-config")
-    return Run(
+    run = Run(
         store=store,
         run_id=run_id,
         run_dir=run_dir,
@@ -269,6 +385,29 @@ def start_run(cfg: StageConfig, store: Store | None = None) -> Run:
         resumed=previous is not None,
         config_artifact=config_artifact,
     )
+    try:
+        run.trackers = build_trackers(
+            cfg.tracking,
+            run_dir,
+            run_id,
+            record,
+            workspace=store.workspace,
+            run_name=cfg.run_name,
+            tags={"alignflow.stage": cfg.stage},
+        )
+        if cfg.monitor.alerts.enabled:
+            run.alerts = _alert_monitor(cfg, store, run_id)
+    except BaseException as exc:  # the store's row would otherwise stay `running` forever
+        run.fail(exc)
+        raise
+    return run
+
+
+def _alert_monitor(cfg: StageConfig, store: Store, run_id: str) -> Any:
+    # imported here: alerts pulls in nothing heavy, but the monitor is only needed when alerts are on
+    from alignflow.monitor.alerts import AlertMonitor, default_rules
+
+    return AlertMonitor(cfg.monitor.alerts, default_rules(cfg.stage), store=store, run_id=run_id)
 
 
 def check_finite(loss: torch.Tensor, step: int, example_ids: Iterable[Any], checkpoints: Any = None) -> None:
