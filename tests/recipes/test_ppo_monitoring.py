@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from .conftest import read_metrics, write_config
+from .conftest import base_config, read_metrics, write_config
 from .test_ppo import ppo_config, run_cli
 
 GOLD = "alignflow.rollout.toy:brevity"
@@ -166,3 +166,24 @@ def test_stop_alert_leaves_resumable_checkpoint_and_best_marked(cli, tiny_model,
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == [*range(1, stopped + 1), *range(stopped + 1, 9)]
     assert "best_checkpoint" in json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_best_metric_names_an_eval_metric_in_sft_and_dpo(cli, tiny_model, toy_data, tmp_path, stage):
+    run_dir = tmp_path / stage
+    cfg = base_config(
+        stage,
+        tiny_model,
+        toy_data["sft" if stage == "sft" else "pairs"],
+        run_dir,
+        train={"seed": 0, "batch_size": 8, "max_steps": 6, "eval_every": 1, "save_every": 0},
+        checkpoint={"best_metric": "eval/loss", "best_mode": "min", **NO_TIME_RETENTION},
+    )
+    res = cli(stage, write_config(tmp_path / f"{stage}.yaml", cfg))
+    assert res.exit_code == 0, res.output + (repr(res.exception) if res.exception else "")
+    evals = {
+        int(r["step"]): r["eval/loss"] for r in read_metrics(run_dir) if "eval/loss" in r and r["step"] < 6
+    }
+    best = min(evals, key=lambda s: (evals[s], s))
+    assert (run_dir / "checkpoints" / "best").read_text().strip() == f"step-{best:06d}"
+    assert set(_steps(run_dir)) == {best, 6}

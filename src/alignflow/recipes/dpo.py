@@ -218,9 +218,22 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
                 r.log(step, metrics)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                 with torch.random.fork_rng(devices=[]):
-                    r.log(step, evaluate())
+                    evaluated = evaluate()
+                r.log(step, evaluated)
+                metrics = {**metrics, **evaluated}  # so checkpoint.best_metric may name an eval metric
             bar.update(step, metrics)
             state = {"sampler": sampler.state_dict(), "initial_eval": initial}
+            # a best checkpoint when checkpoint.best_metric improved (eval steps rarely fall on save_every)
+            ckpt.save_if_best(
+                step,
+                policy,
+                optimizer,
+                scheduler,
+                state,
+                r.config,
+                metrics,
+                blocking=not cfg.checkpoint.async_save,
+            )
             if r.end_step(
                 ckpt,
                 stop,

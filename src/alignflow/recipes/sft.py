@@ -207,9 +207,22 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
             if step % cfg.train.log_every == 0 or step == total:
                 r.log(step, metrics)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-                r.log(step, evaluate())
+                evaluated = evaluate()
+                r.log(step, evaluated)
+                metrics = {**metrics, **evaluated}  # so checkpoint.best_metric may name an eval metric
             bar.update(step, metrics)
             state = {"sampler": sampler.state_dict()}
+            # a best checkpoint when checkpoint.best_metric improved (eval steps rarely fall on save_every)
+            ckpt.save_if_best(
+                step,
+                model,
+                optimizer,
+                scheduler,
+                state,
+                r.config,
+                metrics,
+                blocking=not cfg.checkpoint.async_save,
+            )
             if r.end_step(
                 ckpt,
                 stop,
