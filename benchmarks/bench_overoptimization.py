@@ -80,14 +80,16 @@ def quickstart_ppo(state: dict[str, Any]) -> dict[str, Any]:
     return {"stage": "ppo", **cfg}
 
 
-def hack_config(base: dict[str, Any], steps: int, aggregate: str, every: int) -> dict[str, Any]:
+def hack_config(
+    base: dict[str, Any], steps: int, aggregate: str, every: int, lr: float = 1e-3
+) -> dict[str, Any]:
     cfg = json.loads(json.dumps(base))
     reward = cfg["reward"]
     reward.pop("ensemble_k", None)
     reward.pop("combine", None)  # the overall head alone: no constraints holding the dimensions up
     reward.update(aggregate=aggregate, k=1.0, normalize=True)
     cfg["kl"] = {"coef": 0.0}
-    cfg["optim"] = {"lr": 3.0e-3, "scheduler": "constant"}
+    cfg["optim"] = {"lr": lr, "scheduler": "constant"}
     cfg["train"] = {"seed": 0, "steps": steps, "save_every": 0}
     cfg["monitor"] = {"every": every, "score_fn": GOLD, "num_prompts": 32}
     cfg["checkpoint"] = {"best_metric": "heldout/gold", "best_mode": "max"}
@@ -178,6 +180,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--normal-steps", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-3, help="PPO learning rate of the hacking runs")
     ap.add_argument("--no-results", action="store_true")
     args = ap.parse_args()
     home = args.home.resolve()
@@ -188,7 +191,7 @@ def main() -> None:
     report: dict[str, Any] = {"prep_seconds": prep_s}
 
     # ---- hack (mean) with a stop on proxy/gold divergence, then resumed to the end with alerts off
-    cfg = hack_config(base, args.steps, "mean", args.every)
+    cfg = hack_config(base, args.steps, "mean", args.every, args.lr)
     from alignflow.monitor.alerts import default_rules
 
     rules = [r.model_dump() for r in default_rules("ppo")]
@@ -224,7 +227,7 @@ def main() -> None:
 
     # ---- the conservative objectives, same settings, alerts off
     for agg in ("min", "mean_minus_std"):
-        c = hack_config(base, args.steps, agg, args.every)
+        c = hack_config(base, args.steps, agg, args.every, args.lr)
         c["monitor"]["alerts"] = {"enabled": False}
         _, secs = run_ppo(home, f"hack-{agg}", c)
         report[f"hack-{agg}"] = {"curve": gold_curve(metrics(home, f"hack-{agg}")), "seconds": secs}
@@ -257,7 +260,7 @@ def render(rep: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "1 thread on a shared 2-core machine. Quickstart domain at the quickstart test's small settings (SFT, "
         f"3-member RM on noisy simulated labels; prep {rep['prep_seconds']:.0f} s). Hack runs: kl.coef 0, lr "
-        f"3e-3, {args.steps} steps, the RM's overall head, gold (`{GOLD}`) on 32 held-out prompts every "
+        f"{args.lr:g}, {args.steps} steps, the RM's overall head, gold (`{GOLD}`) on 32 held-out prompts every "
         f"{args.every} steps (points below: 3-point moving average). Default PPO alerts; "
         "proxy_heldout_divergence reads heldout/gold and has the `stop` action; after the stop the same "
         "command with alerts off resumed the run to the end.",
