@@ -263,7 +263,7 @@ class MlflowTracker:
             ) from None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        flat = {k[:250]: v[:_MLFLOW_PARAM_CHARS] for k, v in flatten(params).items()}
+        flat = {_mlflow_key(k): v[:_MLFLOW_PARAM_CHARS] for k, v in flatten(params).items()}
         # MLflow params are immutable: a resumed run logs only keys it does not have yet; a changed value
         # (an override on resume) is kept as a tag so the difference is visible rather than an error.
         new = [self._Param(k, v) for k, v in flat.items() if k not in self._params]
@@ -330,8 +330,9 @@ class MlflowTracker:
 
 
 def _mlflow_key(name: str) -> str:
-    # MLflow keys allow letters, digits, '_', '-', '.', ' ', '/' (mlflow.utils.validation._VALID_PARAM_AND_METRIC_NAMES)
-    return re.sub(r"[^\w\-. /]", "_", name)[:250]
+    # MLflow keys allow letters, digits, '_', '-', '.', ' ', ':', '/' (mlflow.utils.validation); a round
+    # stage's '@' (ppo@2) becomes '_'
+    return re.sub(r"[^\w\-. :/]", "_", name)[:250]
 
 
 def _plain(v: Any) -> Any:

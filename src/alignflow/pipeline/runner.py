@@ -49,6 +49,15 @@ crash in round 2 resumes round 2 without touching round 1, an unchanged re-run s
 raising `rounds.count` runs only the new rounds. Overrides: `rounds.count=2`; `ppo.config.x=v` on a round
 stage changes every round, `ppo@2.config.x=v` only round 2; `force=["ppo"]` re-runs every round's `ppo`.
 A stage function sees its round as `ctx.round` (None outside a block).
+
+Tracking. A top-level `tracking:` block (the recipes' `tracking` section: `backends`, `mlflow_uri`,
+`mlflow_experiment`) mirrors each invocation of the pipeline to its own MLflow run / TensorBoard folder
+(`<workspace>/pipelines/NAME/runs/<id>/tensorboard`), apart from the stages' own runs (a recipe stage is
+tracked by its `config.tracking`, so turning pipeline tracking on changes no stage key). Params: the
+pipeline file's stages and the overrides. Metrics: every numeric output of every stage, run or skipped, as
+`STAGE/OUTPUT` (nested outputs joined by '/'); a top-level stage at step 0, a round stage `S@R` as `S/...` at
+step R, so a block's outputs plot against the round. A table `stages` (stage, status, seconds, key, outputs)
+ends the run, also in that folder as `stages.json`.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import time
@@ -66,7 +76,7 @@ from typing import Any
 
 import yaml
 
-from alignflow.config import apply_overrides
+from alignflow.config import TrackingSection, apply_overrides
 from alignflow.errors import AlignflowError, ConfigError
 from alignflow.store import Store
 from alignflow.workspace import Workspace
@@ -108,6 +118,8 @@ class Pipeline:
     stages: dict[str, StageSpec]
     source: Path
     rounds: int = 0  # rounds.count, 0 without a rounds block
+    tracking: TrackingSection | None = None  # the top-level `tracking:` block
+    overrides: list[str] = field(default_factory=list)
 
     def order(self) -> list[str]:
         """Stages in dependency order (Kahn's algorithm; file order breaks ties)."""
@@ -152,7 +164,7 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | tuple[str
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise PipelineError(f"{p}: not valid YAML: {exc}") from None
-    unknown = set(data) - {"name", "stages", "rounds"}
+    unknown = set(data) - {"name", "stages", "rounds", "tracking"}
     if unknown:
         raise PipelineError(f"{p}: unknown top-level key(s): {', '.join(sorted(unknown))}")
     stages_raw = data.get("stages") or {}
@@ -231,7 +243,29 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | tuple[str
             after=list(raw.get("after") or []),
             round=int(name.rsplit("@", 1)[1]) if "@" in name else None,
         )
-    return Pipeline(name=str(data.get("name") or p.stem), stages=stages, source=p, rounds=rounds)
+    return Pipeline(
+        name=str(data.get("name") or p.stem),
+        stages=stages,
+        source=p,
+        rounds=rounds,
+        tracking=_tracking(p, data.get("tracking")),
+        overrides=list(overrides),
+    )
+
+
+def _tracking(p: Path, raw: Any) -> TrackingSection | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{p}: tracking: expected a mapping (backends, mlflow_uri, mlflow_experiment)")
+    from pydantic import ValidationError
+
+    try:
+        return TrackingSection.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise PipelineError(f"{p}: tracking.{where}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def _rewrite(value: Any, fn: Callable[[str], Any]) -> Any:
@@ -420,6 +454,25 @@ def run_pipeline(
     """Run the stages whose key changed; return {"outputs": ..., "ran": [...], "skipped": [...], "times": ...}."""
     pipe = load_pipeline(path, overrides)
     store = store or Store.open(Workspace.from_env())
+    tracked = _PipelineTracking.start(pipe, store, log)  # None unless the file's `tracking:` names a tracker
+    try:
+        result = _run_stages(pipe, store, force, log, tracked)
+    except BaseException as exc:
+        if tracked is not None:
+            tracked.close("failed", exc)
+        raise
+    if tracked is not None:
+        tracked.close("finished")
+    return result
+
+
+def _run_stages(
+    pipe: Pipeline,
+    store: Store,
+    force: list[str] | None,
+    log: Callable[[str], None],
+    tracked: _PipelineTracking | None,
+) -> dict[str, Any]:
     state_file = _state_path(store, pipe.name)
     state = _load_state(state_file)
     outputs: dict[str, dict[str, Any]] = {}
@@ -441,6 +494,8 @@ def run_pipeline(
             if prev.get("key") != key:
                 state[name] = {**prev, "key": key, "status": "done", "outputs": done_before}
                 _save_state(state_file, state)
+            if tracked is not None:
+                tracked.stage(spec, "skipped", key, done_before, None)
             continue
         work_dir = store.workspace.home / "pipelines" / pipe.name / f"{name}-{key[:12]}"
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -487,4 +542,94 @@ def run_pipeline(
         _save_state(state_file, state)
         ran.append(name)
         log(f"[done] {name} in {times[name]:.1f} s")
+        if tracked is not None:
+            tracked.stage(spec, "ran", key, result, times[name])
     return {"outputs": outputs, "ran": ran, "skipped": skipped, "times": times, "state_file": str(state_file)}
+
+
+class _PipelineTracking:
+    """One invocation of a pipeline mirrored to the trackers its `tracking:` block names (module docstring)."""
+
+    def __init__(self, trackers: list[Any], run_dir: Path, log: Callable[[str], None]) -> None:
+        self.trackers = trackers
+        self.run_dir = run_dir
+        self.log = log
+        self.rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def start(cls, pipe: Pipeline, store: Store, log: Callable[[str], None]) -> _PipelineTracking | None:
+        if pipe.tracking is None or not set(pipe.tracking.backends) - {"store"}:
+            return None
+        from alignflow.monitor.trackers import build_trackers
+
+        run_id = f"pipeline-{pipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+        run_dir = store.workspace.home / "pipelines" / pipe.name / "runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "pipeline": pipe.name,
+            "source": str(pipe.source.resolve()),
+            "overrides": list(pipe.overrides),
+            "rounds": pipe.rounds,
+            "stages": {
+                n: {"call": s.call, "recipe": s.recipe, "params": s.params, "config": s.config}
+                for n, s in pipe.stages.items()
+            },
+        }
+        trackers = build_trackers(
+            pipe.tracking,
+            run_dir,
+            run_id,
+            record,
+            workspace=store.workspace,
+            run_name=pipe.name,
+            tags={"alignflow.stage": "pipeline", "alignflow.pipeline": pipe.name},
+        )
+        return cls(trackers, run_dir, log)
+
+    def _each(self, method: str, *args: Any) -> None:
+        # as in the recipes' run helper: a tracker that fails is turned off; the pipeline goes on
+        for t in list(self.trackers):
+            try:
+                getattr(t, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - any backend error
+                self.trackers.remove(t)
+                self.log(f"[warn] tracker {t.name} failed ({type(exc).__name__}: {exc}); turned off")
+
+    def stage(
+        self, spec: StageSpec, status: str, key: str, outputs: Mapping[str, Any], seconds: float | None
+    ) -> None:
+        base = spec.name.split("@")[0]
+        step = spec.round or 0
+        metrics = {f"{base}/{k}": v for k, v in _numeric_leaves(outputs).items()}
+        if seconds is not None:
+            metrics[f"{base}/seconds"] = seconds
+        self._each("log_metrics", step, metrics)
+        strings = {k: v for k, v in outputs.items() if isinstance(v, str)}
+        self.rows.append(
+            {
+                "stage": spec.name,
+                "status": status,
+                "seconds": seconds,
+                "key": key[:12],
+                "outputs": json.dumps(strings)[:2000],
+            }
+        )
+
+    def close(self, status: str, exc: BaseException | None = None) -> None:
+        path = self.run_dir / "stages.json"
+        path.write_text(json.dumps({"status": status, "stages": self.rows}, indent=1, default=str))
+        self._each("log_table", len(self.rows), "stages", self.rows)
+        if exc is not None:
+            self._each("log_text", len(self.rows), "error", f"{type(exc).__name__}: {str(exc)[:2000]}")
+        self._each("log_artifact", path)
+        self._each("close", status)
+
+
+def _numeric_leaves(node: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in node.items():
+        if isinstance(v, Mapping):
+            out.update(_numeric_leaves(v, f"{prefix}{k}/"))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[f"{prefix}{k}"] = float(v)
+    return out
