@@ -88,6 +88,7 @@ def test_reward_aggregate_min_mean_minus_std_and_deprecated_alias(cli, tiny_mode
     # Two loads of the tiny model get two different fresh score heads: a 2-member ensemble. With two members
     # the population std is |a - b| / 2, so mean - 1 * std is exactly their min.
     first: dict[str, float] = {}
+    spread: dict[str, float] = {}
     for agg in ("mean", "min", "mean_minus_std"):
         run_dir = tmp_path / agg
         cfg = ppo_config(
@@ -101,7 +102,10 @@ def test_reward_aggregate_min_mean_minus_std_and_deprecated_alias(cli, tiny_mode
         )
         run_cli(cli, tmp_path, cfg)
         first[agg] = read_metrics(run_dir)[0]["reward/raw_mean"]  # step 1: the same rollouts in all three
+        spread[agg] = read_metrics(run_dir)[0]["reward/ensemble_std"]
     assert first["min"] < first["mean"]
+    # the logged disagreement is that population std: mean - min of two members, per row, averaged
+    assert spread["mean"] == pytest.approx(first["mean"] - first["min"], abs=1e-6) == spread["min"]
     assert first["mean_minus_std"] == pytest.approx(first["min"], abs=1e-6)
 
     # reward.ensemble_k stays the deprecated alias with its old arithmetic; both at once is a config error

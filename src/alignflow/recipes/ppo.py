@@ -470,6 +470,11 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             }
             metrics = _step_metrics(experience, updates, scheduler, times, time.perf_counter() - t_step)
             metrics.update(head_metrics)
+            spread = getattr(
+                scorer, "last_std", None
+            )  # set by the training scoring above, before the monitor's
+            if spread is not None:
+                metrics["reward/ensemble_std"] = spread
             if cfg.monitor.every and step % cfg.monitor.every == 0:
                 metrics.update(
                     _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)

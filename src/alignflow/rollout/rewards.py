@@ -170,6 +170,12 @@ class EnsembleHeadScorer:
 
     def __call__(self, prompts: list[str], responses: list[str]) -> HeadScores:
         scored = [m.score_heads(prompts, responses) for m in self.members]  # (B, H) mean and std each
+        if len(scored) == 1:
+            spread = scored[0][1]
+        else:
+            spread = torch.stack([mean for mean, _ in scored]).std(dim=0)
+        # the members' disagreement on the first head, for PPO's reward/ensemble_std (an alert reads it)
+        self.last_std = float(spread[:, 0].mean()) if spread.numel() else None
         return conservative(scored, self.k), list(self.heads)
 
 
@@ -222,4 +228,11 @@ class AggregateHeadScorer:
         return torch.stack(parts)  # (M, B, H)
 
     def __call__(self, prompts: list[str], responses: list[str]) -> HeadScores:
-        return aggregate_members(self.members_scores(prompts, responses), self.how, self.k), list(self.heads)
+        stack = self.members_scores(prompts, responses)  # (M, B, H)
+        # the members' disagreement on the first head (population std), for PPO's reward/ensemble_std
+        self.last_std = (
+            float(stack[:, :, 0].std(dim=0, unbiased=False).mean())
+            if stack.shape[0] > 1 and stack.numel()
+            else 0.0
+        )
+        return aggregate_members(stack, self.how, self.k), list(self.heads)
