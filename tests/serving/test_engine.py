@@ -182,6 +182,15 @@ def test_requests_arriving_during_a_decode_form_the_next_batch(model: Any, tok: 
 
 def test_the_event_loop_keeps_running_while_a_batch_decodes(model: Any, tok: Any) -> None:
     engine = BuiltinEngine(model, tok, version="t", batch_window_ms=0)
+    decode = engine._decode
+
+    def slow_decode(group: Any) -> Any:
+        # A sampled reply may meet EOS within a few tokens; a fixed blocking delay in the decode thread makes the
+        # batch last long enough for the check to mean something, whatever the sample and the machine's load.
+        time.sleep(0.3)
+        return decode(group)
+
+    engine._decode = slow_decode  # type: ignore[method-assign]
     ticks: list[float] = []
 
     async def main() -> float:
@@ -196,8 +205,8 @@ def test_the_event_loop_keeps_running_while_a_batch_decodes(model: Any, tok: Any
         return time.perf_counter() - t0
 
     seconds = run(main())
-    assert seconds > 0.05, "the decode should take a while for this test to mean anything"
-    assert len(ticks) >= 5
+    assert seconds >= 0.3
+    assert len(ticks) >= 5  # the loop ticked (every 2 ms) during the 0.3 s the decode thread blocked
 
 
 # ---------------------------------------------------------------------------------------------------------------------
