@@ -134,7 +134,9 @@ class AlertRule(StrictModel):
         "value_loss_explosion",
         "nonfinite",
     ]
-    metric: str | None = Field(default=None, description="The metric the rule reads; default: the rule's own.")
+    metric: str | None = Field(
+        default=None, description="The metric the rule reads; default: the rule's own."
+    )
     reference_metric: str | None = Field(
         default=None,
         description="proxy_heldout_divergence: the proxy metric compared with `metric` (the held-out one); "
@@ -145,13 +147,17 @@ class AlertRule(StrictModel):
     warmup: int = Field(default=0, ge=0, description="Steps before the rule may fire.")
     cooldown: int = Field(default=10, ge=0, description="Steps between two firings of the rule.")
     severity: Literal["info", "warning", "critical"] = "warning"
-    actions: list[Literal["log", "store", "webhook", "stop"]] = Field(default_factory=lambda: ["log", "store"])
+    actions: list[Literal["log", "store", "webhook", "stop"]] = Field(
+        default_factory=lambda: ["log", "store"]
+    )
 
 
 class AlertsSection(StrictModel):
     enabled: bool = True
     rules: list[AlertRule] | None = Field(default=None, description="None: the stage's default rules.")
-    webhook_url: str | None = Field(default=None, description="POST target of the webhook action (${ENV:...} ok).")
+    webhook_url: str | None = Field(
+        default=None, description="POST target of the webhook action (${ENV:...} ok)."
+    )
 
 
 class MonitorBaseSection(StrictModel):
@@ -167,7 +173,9 @@ class TrackingSection(StrictModel):
     )
     mlflow_experiment: str = "alignflow"
     samples_every: int = Field(
-        default=0, ge=0, description="PPO family: a sample table (prompt, response, reward, KL) every N steps."
+        default=0,
+        ge=0,
+        description="PPO family: a sample table (prompt, response, reward, KL) every N steps.",
     )
 
 
