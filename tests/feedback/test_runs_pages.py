@@ -87,9 +87,13 @@ def test_run_pages_need_a_login_as_lead_or_admin(workspace, s) -> None:
             r = c.get(path)
             assert r.status_code == 403 and "may not open this page" in r.text, (who, path)
             assert "kl_spike" not in r.text and "reset my password" not in r.text
+        home = c.get("/annotate" if who == "ann" else "/review")
+        assert home.status_code == 200 and "<nav>" in home.text
+        assert '<a href="/runs">' not in home.text  # no nav link to pages they may not open
     for who in ("lead", "boss"):
         r = browser_login(app, who).get("/runs")
         assert r.status_code == 200 and ids["a"] in r.text and ids["b"] in r.text, who
+        assert '<a href="/runs">Runs</a>' in r.text  # the header links to the runs
         assert "default-src 'self'" in r.headers["content-security-policy"]
 
 
