@@ -167,7 +167,10 @@ class MonitorBaseSection(StrictModel):
 
 
 class TrackingSection(StrictModel):
-    backends: list[Literal["store", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["store"])
+    backends: list[Literal["store", "tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["store"],
+        description="Where metrics go besides the store, which is always written (runs, alerts and pages read it).",
+    )
     mlflow_uri: str | None = Field(
         default=None, description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db."
     )
