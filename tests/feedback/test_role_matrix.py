@@ -194,6 +194,9 @@ MATRIX: dict[tuple[str, str], Row] = {
         {"data": {"project": "p", "reason": "not my language"}},
     ),
     ("GET", "/admin"): Row(page_managers(200)),
+    ("GET", "/runs"): Row(page_managers(200)),
+    ("GET", "/runs/{run_id}"): Row(page_managers(200)),
+    ("GET", "/favicon.ico"): Row(every(200)),
     ("POST", "/admin/projects"): Row(
         E(TO_LOGIN, 403, 403, 403, 403, (303, "/admin/projects/made"), TO_LOGIN),
         {"data": {"name": "made", "guideline": "# G"}},
@@ -243,7 +246,16 @@ def build_world(workspace, s) -> World:
         s.commit()
         sessions[role] = (cookie, csrf)
     services.set_disabled(s, "gone", True)
+    from alignflow.store import Store
+
+    store = Store.open(workspace)
+    try:
+        run_id = store.start_run("sft", config={"train": {"max_steps": 2}}, name="matrix-run")
+        store.log_metrics(run_id, 1, {"loss": 1.0})
+    finally:
+        store.close()
     ids = {
+        "run_id": run_id,
         "name": "p",
         "item_id": "i1",
         "item_pk": s.query(Item.id).filter(Item.external_id == "i2").scalar(),
@@ -283,7 +295,7 @@ def test_every_route_is_declared(workspace):
     stale = sorted(MATRIX.keys() - served)
     assert not undeclared, f"routes without a row in MATRIX: {undeclared}"
     assert not stale, f"rows in MATRIX for routes the app no longer serves: {stale}"
-    assert len(served) * len(ROLES) >= 49 * 7  # 49 routes x 7 roles when this test was written
+    assert len(served) * len(ROLES) >= 52 * 7  # 52 routes x 7 roles when this test was last extended
 
 
 @pytest.mark.parametrize("route", sorted(MATRIX), ids=lambda r: f"{r[0]} {r[1]}")
