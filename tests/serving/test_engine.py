@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +18,7 @@ from fastapi import Request
 
 from alignflow.data.prompts import encode_prompt, left_pad
 from alignflow.errors import ConfigError
+from alignflow.judges.testing import free_socket, serve_app
 from alignflow.models import load_policy, load_tokenizer, make_tiny_model_dir
 from alignflow.rollout.generation import sample
 from alignflow.serving.engine import (
@@ -385,36 +384,11 @@ def test_build_engine_from_the_store(sqlite_workspace, model_dir: Path) -> None:
 # upstream
 
 
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 @contextmanager
 def _serve(app: Any) -> Iterator[str]:
     """Run a FastAPI app on a free port in a thread; yields its ``/v1`` base URL."""
-    import uvicorn
-
-    sock = _free_socket()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
-        )
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_app(app, lifespan="off") as base:
+        yield f"{base}/v1"
 
 
 def _echo_app() -> Any:
@@ -567,7 +541,7 @@ def test_upstream_failures_become_engine_errors(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_upstream_down_and_bad_specs() -> None:
-    sock = _free_socket()
+    sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there
     engine = UpstreamEngine(f"http://127.0.0.1:{port}/v1", "m", max_retries=0, timeout=2)

@@ -8,9 +8,6 @@ the annotation HTTP API (`/api/v1/...`), `alignflow annotate export --as pairs` 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -26,6 +23,7 @@ from typer.testing import CliRunner
 
 from alignflow.feedback import auth, services
 from alignflow.feedback.models import Item, JournalEntry
+from alignflow.judges.testing import serve_app
 from alignflow.serving import logs
 from alignflow.serving.feedback import feedback_to_annotation
 from alignflow.serving.models import ServingApiKey, ServingFeedback, ServingResponse
@@ -400,27 +398,8 @@ def test_post_feedback_http(sessions, store):
 @contextmanager
 def _serve(app: FastAPI) -> Iterator[str]:
     """Run `app` with uvicorn on a free port in a thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
+    with serve_app(app) as base:
+        yield base
 
 
 def _two_policies(store: Store, root: Path) -> tuple[str, str]:

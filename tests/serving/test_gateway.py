@@ -8,10 +8,8 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +29,8 @@ from typer.testing import CliRunner
 
 from alignflow.cli.main import app as cli_app
 from alignflow.errors import ConfigError
+from alignflow.judges.testing import free_socket
+from alignflow.judges.testing import serve_app as run_uvicorn
 from alignflow.models import make_tiny_model_dir
 from alignflow.serving import keys
 from alignflow.serving.app import make_app
@@ -60,34 +60,11 @@ def policies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return a, b
 
 
-def _free_port() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 @contextmanager
 def serve_app(app: Any) -> Iterator[str]:
-    """Run `app` under uvicorn on a free port in a thread; yields its base URL (http://127.0.0.1:PORT)."""
-    import uvicorn
-
-    sock = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=1)
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    """The gateway under uvicorn (lifespan on: it builds and closes its engines); yields its base URL."""
+    with run_uvicorn(app, lifespan="on") as base:
+        yield base
 
 
 def deploy_dict(a: Path, b: Path, **extra: Any) -> dict[str, Any]:
@@ -512,7 +489,7 @@ def test_deploy_serve_command(policies: tuple[Path, Path], tmp_path: Path):
     runner = CliRunner()
     out = runner.invoke(cli_app, ["deploy", "keys", "add", "cli", "--json", "--home", str(home)])
     key = json.loads(out.stdout)["key"]
-    sock = _free_port()
+    sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

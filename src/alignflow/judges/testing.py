@@ -217,33 +217,46 @@ def make_app(fake: FakeOpenAI) -> FastAPI:
     return app
 
 
-@contextmanager
-def serve(fake: FakeOpenAI | None = None) -> Iterator[FakeOpenAI]:
-    """Run ``fake`` (default: a :func:`longer_wins` judge) on ``127.0.0.1:<free port>`` in a thread; its
-    ``base_url`` (``http://127.0.0.1:PORT/v1``) is set while the block runs."""
-    import uvicorn
-
-    fake = fake or FakeOpenAI()
+def free_socket() -> socket.socket:
+    """A socket bound to a free port on 127.0.0.1 (uvicorn serves on it; the port cannot be taken meanwhile)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    return sock
+
+
+@contextmanager
+def serve_app(app: Any, lifespan: str = "auto", start_timeout: float = 20.0) -> Iterator[str]:
+    """Run an ASGI ``app`` with uvicorn on a free port in a background thread; yields its base URL
+    (``http://127.0.0.1:PORT``) while the block runs, then shuts the server down."""
+    import uvicorn
+
+    sock = free_socket()
     server = uvicorn.Server(
         uvicorn.Config(
-            make_app(fake), log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
+            app, log_level="warning", lifespan=lifespan, access_log=False, timeout_graceful_shutdown=1
         )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + start_timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the fake OpenAI server did not start")
+            raise RuntimeError("the test server did not start")
         time.sleep(0.01)
-    fake.base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        yield fake
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=20)
         sock.close()
+
+
+@contextmanager
+def serve(fake: FakeOpenAI | None = None) -> Iterator[FakeOpenAI]:
+    """Run ``fake`` (default: a :func:`longer_wins` judge) on ``127.0.0.1:<free port>`` in a thread; its
+    ``base_url`` (``http://127.0.0.1:PORT/v1``) is set while the block runs."""
+    fake = fake or FakeOpenAI()
+    with serve_app(make_app(fake), lifespan="off", start_timeout=10) as base:
+        fake.base_url = f"{base}/v1"
+        yield fake
