@@ -94,7 +94,24 @@ class OptimSection(StrictModel):
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
 
 
+class DistributedSection(StrictModel):
+    """How `torchrun --nproc-per-node N` (or `alignflow STAGE --nproc N`) splits training; ignored in one process."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp: every rank holds the whole model and optimizer; fsdp: FSDP2 (fully_shard) shards "
+        "parameters, gradients and optimizer state across the ranks.",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        default="no", description="On CUDA only (bf16 falls back to fp16 where unsupported); CPU runs stay fp32."
+    )
+    timeout_minutes: float = Field(
+        default=30.0, gt=0.0, description="How long a collective may wait for a slow or dead rank."
+    )
+
+
 class TrainSection(StrictModel):
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     seed: int = 0
     batch_size: int = Field(default=8, gt=0)
     grad_accum: int = Field(default=1, gt=0)

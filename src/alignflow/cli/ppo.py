@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from alignflow.cli.common import console
+from alignflow.cli.launch import NPROC_HELP, finish_code, launch
 
 
 def ppo(
@@ -15,15 +16,21 @@ def ppo(
     overrides: list[str] = typer.Argument(
         None, help="Dotted overrides, e.g. train.steps=50 advantage.estimator=rloo rollout.num_generations=4."
     ),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Train a policy against a reward function or reward model(s); Ctrl-C checkpoints, re-run resumes."""
     from alignflow.config import load_config
     from alignflow.recipes.ppo import PPOConfig, run
 
+    if nproc > 1:
+        raise typer.Exit(launch(nproc))
     cfg = load_config(config, overrides or [], schema=PPOConfig)
     result = run(cfg)
     if result.get("stopped"):
         console.print(f"stopped at step {result['step']}; resume with the same command")
+        code = finish_code(result)
+        if code:
+            raise typer.Exit(code)
         return
     console.print(
         json.dumps({k: result[k] for k in ("run_id", "checkpoint", "checkpoint_dir", "metrics")}, indent=1)

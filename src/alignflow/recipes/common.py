@@ -58,6 +58,7 @@ from alignflow.data.io import resolve_dataset
 from alignflow.errors import AlignflowError
 from alignflow.monitor.trackers import Tracker, build_trackers, finite_metrics, write_samples
 from alignflow.store import Store
+from alignflow.train.distributed import EXIT_REQUEUE, DistContext
 from alignflow.workspace import Workspace
 
 console = Console(stderr=True, soft_wrap=True)
@@ -98,6 +99,10 @@ class Run:
     trackers: list[Tracker] = field(default_factory=list)
     alerts: Any = None  # alignflow.monitor.alerts.AlertMonitor when monitor.alerts is enabled
     stopped_by: Any = None  # the Alert with the `stop` action that ended the run, if any
+    # Under torchrun: only rank 0 (dist.is_main) writes to the store, the run folder's files, the trackers
+    # and the console; the other ranks get artifact ids from it by broadcast.
+    dist: DistContext = field(default_factory=DistContext)
+    stop_signal: str | None = None  # the signal that stopped the run (SIGTERM/SIGUSR1: exit EXIT_REQUEUE)
     _metrics_file: Any = None
     _alert_state_checked: bool = False
 
@@ -105,7 +110,7 @@ class Run:
 
     def dataset(self, ref: str, kind: str, role: str = "dataset") -> str:
         """Resolve a dataset artifact id/name or import a file on the fly; records it as an input."""
-        aid = resolve_dataset(self.store, ref, kind)
+        aid = self.dist.broadcast(resolve_dataset(self.store, ref, kind) if self.dist.is_main else None)
         self.add_input(aid, role)
         return aid
 
@@ -116,7 +121,10 @@ class Run:
         lies) links to that artifact, and so to its lineage; otherwise it is stored once as a model.
         """
         p = Path(path).resolve()
-        aid = self.store.lookup_directory(p) or self.store.put_directory(p, kind="model", name=p.name)
+        aid = None
+        if self.dist.is_main:
+            aid = self.store.lookup_directory(p) or self.store.put_directory(p, kind="model", name=p.name)
+        aid = self.dist.broadcast(aid)
         self.add_input(aid, role)
         return aid
 
@@ -130,24 +138,30 @@ class Run:
         self, path: str | os.PathLike[str], name: str | None = None, meta: Mapping[str, Any] | None = None
     ) -> str:
         """Store a Hugging Face-format folder as a `checkpoint` artifact with edges to all inputs."""
-        return self.store.put_directory(
-            path,
-            kind="checkpoint",
-            name=name or f"{self.stage}-{self.run_id}",
-            meta={"stage": self.stage, **dict(meta or {})},
-            parents=[*self.inputs, (self.config_artifact, "config")],
-            run_id=self.run_id,
-        )
+        aid = None
+        if self.dist.is_main:
+            aid = self.store.put_directory(
+                path,
+                kind="checkpoint",
+                name=name or f"{self.stage}-{self.run_id}",
+                meta={"stage": self.stage, **dict(meta or {})},
+                parents=[*self.inputs, (self.config_artifact, "config")],
+                run_id=self.run_id,
+            )
+        return self.dist.broadcast(aid)
 
     def register_dataset(self, rows: Any, kind: str, name: str, meta: Mapping[str, Any] | None = None) -> str:
-        return self.store.put_dataset(
-            rows,
-            kind=kind,
-            name=name,
-            meta=meta,
-            parents=[*self.inputs, (self.config_artifact, "config")],
-            run_id=self.run_id,
-        )
+        aid = None
+        if self.dist.is_main:
+            aid = self.store.put_dataset(
+                rows,
+                kind=kind,
+                name=name,
+                meta=meta,
+                parents=[*self.inputs, (self.config_artifact, "config")],
+                run_id=self.run_id,
+            )
+        return self.dist.broadcast(aid)
 
     # -- metrics and progress --------------------------------------------------------------------------
 
@@ -155,6 +169,8 @@ class Run:
         """Metrics go to the store and `<run_dir>/metrics.jsonl` (readable while the run is live), then to
         the trackers, then to the alert rules (`texts`: this step's sampled responses, for the repetition rule).
         """
+        if not self.dist.is_main:
+            return
         clean = finite_metrics({k: v for k, v in metrics.items() if v is not None})
         self.store.log_metrics(self.run_id, step, clean)
         if self._metrics_file is None:
@@ -175,6 +191,8 @@ class Run:
 
     def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> Path:
         """A sample table (prompt, response, reward, KL, ...): `<run_dir>/samples/step-<N>.jsonl` + trackers."""
+        if not self.dist.is_main:
+            return self.run_dir / "samples" / f"step-{step}.jsonl"
         path = write_samples(self.run_dir, step, rows)
         self._each_tracker("log_table", step, "samples", [dict(r) for r in rows])
         return path
@@ -196,7 +214,7 @@ class Run:
                 )
 
     def _save_alert_state(self, step: int) -> None:
-        if self.alerts is None:
+        if self.alerts is None or not self.dist.is_main:
             return
         folder = self.run_dir / ALERT_STATE_DIR
         folder.mkdir(exist_ok=True)
@@ -221,7 +239,7 @@ class Run:
     def progress(
         self, total: int, keys: Sequence[str] = ("loss",), completed: int = 0
     ) -> Iterator[ProgressBar]:
-        bar = ProgressBar(total, keys, completed, description=self.stage)
+        bar = ProgressBar(total, keys, completed, description=self.stage, disable=not self.dist.is_main)
         with bar:
             yield bar
 
@@ -229,16 +247,21 @@ class Run:
 
     @contextmanager
     def stopper(self) -> Iterator[StopFlag]:
-        """SIGINT/SIGTERM set a flag instead of killing: the recipe checkpoints and exits cleanly."""
+        """SIGINT, SIGTERM and SIGUSR1 set a flag instead of killing: the recipe checkpoints at the end of the
+        current step and exits cleanly. SIGTERM and SIGUSR1 (Slurm's warning before a preemption) mean
+        "requeue me": the CLI then exits with EXIT_REQUEUE (75) instead of 0. Under torchrun the ranks agree
+        on the step in ``end_step``, so a signal that reached one rank stops them all at the same step."""
         flag = StopFlag()
 
         def handler(signum: int, _frame: Any) -> None:
-            if flag.requested:  # a second Ctrl-C means "now"
-                raise KeyboardInterrupt
+            if flag.requested:
+                if signum == signal.SIGINT:  # a second Ctrl-C means "now"
+                    raise KeyboardInterrupt
+                return  # a repeated preemption warning (Slurm signals every process of the step) changes nothing
             flag.requested = True
             flag.signal_name = signal.Signals(signum).name
 
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
         for s in old:
             signal.signal(s, handler)
         try:
@@ -250,7 +273,7 @@ class Run:
     def checkpoints(self, retention: Any = None):  # noqa: ANN201 - avoid importing torch-heavy types at module level
         from alignflow.train.checkpoint import CheckpointManager
 
-        return CheckpointManager(self.run_dir / "checkpoints", retention=retention)
+        return CheckpointManager(self.run_dir / "checkpoints", retention=retention, dist=self.dist)
 
     def end_step(
         self,
@@ -272,7 +295,14 @@ class Run:
         so "exit 0" means "resumable". The last step is also written synchronously: the final export
         reads the same weights.
         """
-        if stop.requested or self.stopped_by is not None:
+        requested = stop.requested or self.stopped_by is not None
+        if self.dist.enabled:  # one collective per step: every rank stops at this step, or none does
+            requested = self.dist.any(requested)
+            if requested:
+                names = [n for n in self.dist.gather(stop.signal_name) if n]
+                stop.requested = True
+                stop.signal_name = stop.signal_name or (names[0] if names else None)
+        if requested:
             ckpt.save(step, model, optimizer, scheduler, data_state, self.config, metrics, blocking=True)
             self._save_alert_state(step)
             self.stop(step, stop.signal_name if stop.requested else None)
@@ -301,6 +331,10 @@ class Run:
         else:
             summary["stopped_by"] = f"signal:{signal_name}" if signal_name else "stop"
             reason = f"{signal_name or 'stop'} received"
+        self.stop_signal = signal_name
+        if not self.dist.is_main:
+            self._close("stopped")
+            return
         self.store.finish_run(self.run_id, status="stopped", summary=summary)
         self._each_tracker("log_text", step, "stopped", json.dumps(summary, default=str))
         self._close("stopped")
@@ -310,6 +344,9 @@ class Run:
         )
 
     def finish(self, summary: Mapping[str, Any], outputs: Mapping[str, str] | None = None) -> None:
+        if not self.dist.is_main:
+            self._close("finished")
+            return
         (self.run_dir / "summary.json").write_text(
             json.dumps({**summary, "outputs": dict(outputs or {})}, indent=1)
         )
@@ -331,6 +368,9 @@ class Run:
         return [p for p in first if p.is_file()] + reports
 
     def fail(self, exc: BaseException) -> None:
+        if not self.dist.is_main:
+            self._close("failed")
+            return
         self.store.finish_run(self.run_id, status="failed", summary={"error": str(exc)[:2000]})
         self._each_tracker("log_text", 0, "error", f"{type(exc).__name__}: {str(exc)[:2000]}")
         self._close("failed")
@@ -351,8 +391,41 @@ def _state_step(path: Path) -> int:
     return int(path.stem.split("-", 1)[1])
 
 
-def start_run(cfg: StageConfig, store: Store | None = None) -> Run:
-    """Create (or resume, when its folder already holds a run) the run for a stage config."""
+def start_run(cfg: StageConfig, store: Store | None = None, dist: DistContext | None = None) -> Run:
+    """Create (or resume, when its folder already holds a run) the run for a stage config.
+
+    Under torchrun (``dist.enabled``) rank 0 creates the run and the others join it: they read the store
+    but never write to it, and keep no trackers or alert monitor.
+    """
+    dist = dist or DistContext()
+    if dist.enabled and not dist.is_main:
+        joined = dist.broadcast(None)  # rank 0's run, once it exists (or its error, and we stop too)
+        if isinstance(joined, str):
+            raise AlignflowError(f"rank 0 could not start the run: {joined}")
+        store = store or Store.open(Workspace.from_env())
+        return Run(store=store, dist=dist, **joined)
+    try:
+        run = _start_main_run(cfg, store)
+    except BaseException as exc:
+        if dist.enabled:
+            dist.broadcast(f"{type(exc).__name__}: {exc}")
+        raise
+    run.dist = dist
+    if dist.enabled:
+        dist.broadcast(
+            {
+                "run_id": run.run_id,
+                "run_dir": run.run_dir,
+                "stage": run.stage,
+                "config": run.config,
+                "resumed": run.resumed,
+                "config_artifact": run.config_artifact,
+            }
+        )
+    return run
+
+
+def _start_main_run(cfg: StageConfig, store: Store | None) -> Run:
     store = store or Store.open(Workspace.from_env())
     record = to_record(cfg)
     if cfg.output_dir:
@@ -430,10 +503,15 @@ class ProgressBar:
     """A rich progress bar showing the key metrics; silent when stderr is not a terminal and CI is set."""
 
     def __init__(
-        self, total: int, keys: Sequence[str], completed: int = 0, description: str = "train"
+        self,
+        total: int,
+        keys: Sequence[str],
+        completed: int = 0,
+        description: str = "train",
+        disable: bool = False,
     ) -> None:
         self.keys = list(keys)
-        disable = not sys.stderr.isatty() and os.environ.get("CI") == "true"
+        disable = disable or (not sys.stderr.isatty() and os.environ.get("CI") == "true")
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

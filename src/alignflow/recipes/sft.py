@@ -41,10 +41,11 @@ from alignflow.data.encode import (
 from alignflow.data.packing import pack_examples
 from alignflow.errors import DataFormatError
 from alignflow.models import load_policy, load_tokenizer
-from alignflow.models.export import export_hf
 from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.store import Store
 from alignflow.train.accum import count_target_tokens, global_token_mean_loss, sum_token_nll
+from alignflow.train.distributed import export_hf as export_model
+from alignflow.train.distributed import init_distributed
 from alignflow.train.optim import (
     StepTimer,
     build_optimizer,
@@ -75,12 +76,15 @@ def run(cfg: SFTConfig, store: Store | None = None) -> dict[str, Any]:
     A SIGINT/SIGTERM checkpoints and returns ``{"stopped": True, ...}``; re-running with the same
     ``output_dir`` resumes exactly.
     """
-    r = start_run(cfg, store)
+    dist = init_distributed(cfg.train.distributed)
+    r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)
     except BaseException as exc:
         r.fail(exc)
         raise
+    finally:
+        dist.close()
 
 
 def _load_rows(r: Run, ref: str, role: str) -> list[dict[str, Any]]:
@@ -91,7 +95,8 @@ def _load_rows(r: Run, ref: str, role: str) -> list[dict[str, Any]]:
 def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
     # ---------------------------------------------------------------- setup
     set_seed(cfg.train.seed)
-    device = resolve_device(cfg.model)
+    dist = r.dist
+    device = dist.device(resolve_device(cfg.model))
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
 
     rows = _load_rows(r, cfg.data.train, "dataset")
@@ -120,6 +125,7 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         lora=lora_spec(cfg.lora),
     )
+    model = dist.wrap(model, device)  # DDP or FSDP2 under torchrun; the model itself in one process
     sampler = make_sampler(
         [len(e.input_ids) for e in train],
         cfg.train.batch_size,
@@ -185,13 +191,17 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
                 )
             loss_sum = torch.zeros((), device=device)
             n_tokens = 0
-            for idx, (inputs, labels) in zip(micro, collated, strict=True):
-                logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-                loss = global_token_mean_loss(logits, labels, n_target)
-                check_finite(loss, step, [train_ids[i] for i in idx], ckpt)
-                loss.backward()
+            mine = dist.shard(list(zip(micro, collated, strict=True)))  # this rank's micro-batches
+            for j, (idx, (inputs, labels)) in enumerate(mine):
+                with dist.grad_sync(model, sync=j == len(mine) - 1), dist.autocast(device):
+                    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+                    loss = global_token_mean_loss(logits, labels, n_target)
+                    check_finite(loss, step, [train_ids[i] for i in idx], ckpt)
+                    dist.backward(loss)
                 loss_sum += loss.detach()
                 n_tokens += sum(len(train[i].input_ids) for i in idx)
+            loss_sum = torch.tensor(dist.sum(loss_sum))
+            n_tokens = int(dist.sum(n_tokens))
             grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
             scheduler.step()  # once per optimizer step
             dt = timer.lap()
@@ -236,13 +246,19 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
                 cfg.train.save_every,
                 cfg.checkpoint.async_save,
             ):
-                return {"run_id": r.run_id, "stopped": True, "step": step, "run_dir": str(r.run_dir)}
+                return {
+                    "run_id": r.run_id,
+                    "stopped": True,
+                    "step": step,
+                    "run_dir": str(r.run_dir),
+                    "signal": r.stop_signal,
+                }
 
     # ---------------------------------------------------------------- evaluate and register
     final_eval = evaluate()
     if final_eval:
         r.log(total, final_eval)
-    out_dir = export_hf(model, tok, r.run_dir / "final")
+    out_dir = export_model(dist, model, tok, r.run_dir / "final")
     ckpt_id = r.register_checkpoint(
         out_dir, meta={"adapter_only": cfg.lora.enabled, "base_model": cfg.model.path, "steps": total}
     )

@@ -58,6 +58,7 @@ LATEST = "latest"
 BEST = "best"
 BEST_FILE = "best.json"
 MANIFEST = "manifest.json"
+DCP_DIR = "dcp"  # torch.distributed.checkpoint shards of model + optimizer (a torchrun job's checkpoint)
 STATE_FILE = "trainer_state.json"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -223,7 +224,11 @@ def _write_snapshot(snap: _Snapshot, tmp: Path) -> None:
         "metrics": snap.metrics,
     }
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True))
+    _write_manifest(tmp)
 
+
+def _write_manifest(tmp: Path) -> None:
+    """sha256 and size of every file in ``tmp``, fsynced, then the manifest itself (the last file written)."""
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {"format_version": FORMAT_VERSION, "files": {}}
     for p in files:
@@ -264,6 +269,11 @@ def _commit(run_dir: Path, snap: _Snapshot) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return _publish(run_dir, tmp, name)
+
+
+def _publish(run_dir: Path, tmp: Path, name: str) -> Path:
+    """Rename a fully written ``tmp`` (manifest included) to ``name`` and point ``latest`` at it."""
     final = run_dir / name
     if final.exists():
         # Re-saving a step (e.g. after resuming from an older `latest`): replace the old directory.
@@ -305,7 +315,12 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> str | None:
 
 @dataclass
 class LoadedCheckpoint:
-    """A verified checkpoint; call :meth:`restore` (or the individual loaders) to apply it."""
+    """A verified checkpoint; call :meth:`restore` (or the individual loaders) to apply it.
+
+    Either format loads at any world size: a ``dcp/`` checkpoint (written by a torchrun job) is resharded by
+    ``torch.distributed.checkpoint`` into whatever layout the live model has (one process, DDP, FSDP2), and a
+    single-file checkpoint loads into a distributed model as a full state dict.
+    """
 
     path: Path
     step: int
@@ -314,10 +329,22 @@ class LoadedCheckpoint:
     data_state: Any
     config: Any
     metrics: dict[str, float] = field(default_factory=dict)
+    dist: Any = None  # alignflow.train.distributed.DistContext of the loading process
+
+    @property
+    def is_dcp(self) -> bool:
+        return (self.path / DCP_DIR).is_dir()
 
     def load_model(self, model: nn.Module) -> None:
         """Load weights into ``model`` in place (strict: every key must match)."""
         from safetensors.torch import load_file
+
+        if self.is_dcp:
+            self._load_dcp(model, None)
+            return
+        if _dist_enabled(self.dist):
+            self._load_full_into_distributed(model, None)
+            return
 
         if self.adapter_only:
             from peft import set_peft_model_state_dict
@@ -338,6 +365,64 @@ class LoadedCheckpoint:
                 f"{str(exc).splitlines()[0]}"
             ) from exc
 
+    def _load_dcp(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            get_model_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
+
+        opts = StateDictOptions(ignore_frozen_params=self.adapter_only)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            if optimizer is None:
+                msd = get_model_state_dict(model, options=opts)
+                state: dict[str, Any] = {"model": msd}
+                dcp.load(state, checkpoint_id=str(self.path / DCP_DIR))
+                set_model_state_dict(model, state["model"], options=opts)
+                return
+            msd, osd = get_state_dict(model, optimizer, options=opts)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=str(self.path / DCP_DIR))
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+            )
+
+    def _load_full_into_distributed(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """A single-file (one-process) checkpoint into a DDP or FSDP2 model: every rank reads the full state."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from alignflow.train.distributed import unwrap
+
+        if self.adapter_only:
+            if getattr(self.dist, "strategy", "ddp") == "fsdp":
+                raise CheckpointError(
+                    f"{self.path}: a one-process LoRA checkpoint cannot resume under FSDP; resume it with "
+                    "train.distributed.strategy=ddp"
+                )
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(
+                unwrap(model), load_file(str(self.path / "model" / "adapter_model.safetensors"))
+            )
+            if optimizer is not None:
+                optimizer.load_state_dict(torch.load(self.path / "optimizer.pt", weights_only=True))
+            return
+        full_opts = StateDictOptions(full_state_dict=True)
+        weights = load_file(str(self.path / "model" / "model.safetensors"))
+        set_model_state_dict(model, weights, options=full_opts)
+        if optimizer is not None:
+            saved = torch.load(self.path / "optimizer.pt", weights_only=True)
+            set_optimizer_state_dict(model, optimizer, _fqn_optimizer_state(model, optimizer, saved), options=full_opts)
+
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         f = self.path / "optimizer.pt"
         if not f.is_file():
@@ -351,7 +436,10 @@ class LoadedCheckpoint:
         scheduler.load_state_dict(torch.load(f, weights_only=True))
 
     def restore_rng(self) -> None:
-        f = self.path / "rng.pt"
+        rank = getattr(self.dist, "rank", 0)
+        # this rank's state; at a larger world size than the save's, the new ranks start from rank 0's
+        candidates = [self.path / f"rng-{rank}.pt", self.path / "rng-0.pt", self.path / "rng.pt"]
+        f = next((c for c in candidates if c.is_file()), candidates[-1])
         if not f.is_file():
             raise CheckpointError(f"{f} is missing: this checkpoint was saved without RNG states")
         _set_rng_state(torch.load(f, weights_only=True))
@@ -364,14 +452,45 @@ class LoadedCheckpoint:
         rng: bool = True,
     ) -> Any:
         """Restore model, optimizer, scheduler and RNG states; return the saved data position."""
-        self.load_model(model)
-        if optimizer is not None:
-            self.load_optimizer(optimizer)
+        if self.is_dcp:
+            self._load_dcp(model, optimizer)
+        elif _dist_enabled(self.dist):
+            self._load_full_into_distributed(model, optimizer)
+        else:
+            self.load_model(model)
+            if optimizer is not None:
+                self.load_optimizer(optimizer)
         if scheduler is not None:
             self.load_scheduler(scheduler)
         if rng:
             self.restore_rng()
         return self.data_state
+
+
+def _dist_enabled(dist: Any) -> bool:
+    return dist is not None and getattr(dist, "world_size", 1) > 1
+
+
+def _fqn_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A one-process optimizer state dict (keyed by parameter index) re-keyed by parameter name.
+
+    The index order is the live optimizer's own: its param groups were built the same way, over the same
+    parameters, as the saved one's (``alignflow.train.optim.build_optimizer``).
+    """
+    from alignflow.train.distributed import unwrap
+
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = []
+    k = 0
+    for g in saved["param_groups"]:
+        n = len(g["params"])
+        groups.append({**g, "params": order[k : k + n]})
+        k += n
+    state = {order[int(i)]: v for i, v in saved["state"].items()}
+    return {"state": state, "param_groups": groups}
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -536,8 +655,14 @@ class CheckpointManager:
         clock: Callable[[], float] = time.time,
         save_rng: bool = True,
         reuse_buffers: bool = True,
+        dist: Any = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        # Under torchrun (dist.world_size > 1) every rank calls save/load: the model and optimizer go to
+        # torch.distributed.checkpoint shards, rank 0 writes the rest and commits; see _save_dcp.
+        self.dist = dist
+        self.distributed = _dist_enabled(dist)
+        self.is_main = not self.distributed or dist.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.retention = retention
         self.clock = clock
@@ -551,7 +676,8 @@ class CheckpointManager:
         self.last_stall_seconds = 0.0  # time the caller was blocked in the last save()
         self._saved_step: int | None = None  # the last step this manager saved (a second save is a no-op)
         self._scores: dict[int, float] | None = None  # step -> signed best_metric of the saved checkpoints
-        self._clean_stale_temp_dirs()
+        if self.is_main:
+            self._clean_stale_temp_dirs()
         atexit.register(self._atexit)
 
     def _clean_stale_temp_dirs(self) -> None:
@@ -596,6 +722,10 @@ class CheckpointManager:
             self.last_stall_seconds = time.perf_counter() - t0
             return final
         self._join()  # a second save waits for the first (and re-raises its error)
+        if self.distributed:
+            self._save_dcp(step, model, optimizer, scheduler, data_state, config, metrics, adapter_only)
+            self.last_stall_seconds = time.perf_counter() - t0
+            return final
         snap = self._snapshot(step, model, optimizer, scheduler, data_state, config, metrics, adapter_only)
         self._saved_step = step
         score = self.retention.score(snap.metrics) if self.retention is not None else None
@@ -661,6 +791,83 @@ class CheckpointManager:
             self._pool = copier.used
         return snap
 
+    def _save_dcp(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        scheduler: Any | None,
+        data_state: Any,
+        config: Any,
+        metrics: Mapping[str, float] | None,
+        adapter_only: bool | None,
+    ) -> None:
+        """A collective save: every rank writes its shards and RNG state, rank 0 the rest, then commits.
+
+        Synchronous: the shards are written from the live tensors (no CPU copy), and the commit (manifest,
+        rename, ``latest``, retention) is rank 0's as in one process. The run folder must be on a filesystem
+        every node sees (the usual requirement of torch.distributed.checkpoint).
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        from alignflow.train.distributed import unwrap
+
+        dist = self.dist
+        inner = unwrap(model)
+        peft = _is_peft(inner)
+        adapter_only = peft if adapter_only is None else adapter_only
+        name = step_dir_name(step)
+        tmp = Path(dist.broadcast(str(self.run_dir / f".tmp-{name}-{uuid.uuid4().hex}")))
+        if dist.is_main:
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        opts = StateDictOptions(ignore_frozen_params=adapter_only)
+        if optimizer is not None:
+            msd, osd = get_state_dict(model, optimizer, options=opts)
+            state: dict[str, Any] = {"model": msd, "optim": osd}
+        else:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            state = {"model": get_model_state_dict(model, options=opts)}
+        if self.save_rng:
+            torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")
+        dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
+        dist.barrier()  # every rank's files are on disk
+        if dist.is_main:
+            try:
+                cfg = getattr(inner, "config", None)
+                if hasattr(cfg, "to_json_string") and not peft:
+                    (tmp / "model-config.json").write_text(cfg.to_json_string())
+                if scheduler is not None:
+                    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                doc = {
+                    "format_version": FORMAT_VERSION,
+                    "format": "dcp",
+                    "world_size": dist.world_size,
+                    "strategy": dist.strategy,
+                    "step": step,
+                    "saved_at": float(self.clock()),
+                    "adapter_only": adapter_only,
+                    "data_state": _json_checked("data_state", data_state),
+                    "config": _json_checked("config", config),
+                    "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+                }
+                (tmp / STATE_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+                _write_manifest(tmp)
+                _publish(self.run_dir, tmp, name)
+                score = self.retention.score(doc["metrics"]) if self.retention is not None else None
+                if score is not None:
+                    self._known_scores()[step] = score
+                if self.retention is not None:
+                    self._prune()
+                    self._mark_best()
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self._saved_step = step
+        dist.barrier()  # committed before any rank goes on (a following load or exit sees it)
+
     def _run_background(self, snap: _Snapshot) -> None:
         try:
             self._write_and_prune(snap)
@@ -670,6 +877,11 @@ class CheckpointManager:
     def improves(self, metrics: Mapping[str, Any]) -> bool:
         """True when ``metrics`` carry the retention's ``best_metric`` and a checkpoint of them would rank among
         the ``keep_best`` best saved so far (a tie with a kept one does not: the earlier step wins)."""
+        if self.distributed:  # rank 0 decides: every rank must take part in the save, or none
+            return bool(self.dist.broadcast(self._improves(metrics) if self.is_main else None))
+        return self._improves(metrics)
+
+    def _improves(self, metrics: Mapping[str, Any]) -> bool:
         score = self.retention.score(metrics) if self.retention is not None else None
         if score is None:
             return False
@@ -804,9 +1016,16 @@ class CheckpointManager:
     # -- loading -------------------------------------------------------------------------------------------------
 
     def load_latest(self) -> LoadedCheckpoint | None:
-        """See :func:`load_latest`; waits for a pending save first."""
+        """See :func:`load_latest`; waits for a pending save first. Under torchrun rank 0 picks (and verifies)
+        the checkpoint and every rank loads that one."""
         self._join()
-        return load_latest(self.run_dir)
+        if not self.distributed:
+            return load_latest(self.run_dir)
+        found = load_latest(self.run_dir) if self.is_main else None
+        found = self.dist.broadcast(found)
+        if found is not None:
+            found.dist = self.dist
+        return found
 
     def checkpoints(self) -> list[Path]:
         return list_checkpoints(self.run_dir)

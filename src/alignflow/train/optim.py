@@ -90,6 +90,8 @@ def clip_and_step(
         params = [p for p in params.parameters() if p.requires_grad]
     params = list(params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+        norm = norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
