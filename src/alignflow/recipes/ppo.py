@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from alignflow.config import (
     CheckpointSection,
+    DistributedSection,
     LoraSection,
     ModelSection,
     MonitorBaseSection,
@@ -65,7 +66,6 @@ from alignflow.models import (
     load_value_model,
     reference_mode,
 )
-from alignflow.models.export import export_hf
 from alignflow.recipes.common import Run, check_finite, console, set_seed, start_run
 from alignflow.rollout import (
     OVERALL,
@@ -80,11 +80,12 @@ from alignflow.rollout import (
     RolloutRows,
     RunningMoments,
     ShapingConfig,
+    experience_from,
     explained_variance,
     function_head_scorer,
     function_scorer,
-    make_experience,
     sample,
+    scoring_forwards,
     shape_scores,
 )
 from alignflow.rollout.rewards import AggregateHeadScorer
@@ -92,6 +93,8 @@ from alignflow.store import Store
 from alignflow.train import optim as T
 from alignflow.train.advantages import AdaptiveKLController, FixedKLController, kl_penalty, masked_mean
 from alignflow.train.constraints import LagrangeMultipliers, combine_heads, parse_constraint
+from alignflow.train.distributed import DistContext, init_distributed
+from alignflow.train.distributed import export_hf as export_model
 from alignflow.train.losses import ppo_policy_loss, value_loss
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -273,6 +276,7 @@ class PPOSection(StrictModel):
 
 
 class PPOTrainSection(StrictModel):
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     seed: int = 0
     steps: int = Field(default=100, gt=0, description="PPO steps (rollout + update rounds).")
     save_every: int = Field(
@@ -368,18 +372,55 @@ def run(cfg: PPOConfig, store: Store | None = None) -> dict[str, Any]:
     returns ``{"stopped": True, "step", "run_id", ...}`` instead, and re-running with the same ``output_dir``
     resumes exactly (policy, value model, optimizer, KL controller, reward statistics, RNG, data position).
     """
-    r = start_run(cfg, store)
+    dist = init_distributed(cfg.train.distributed)
     try:
-        return _run(cfg, r)
-    except BaseException as exc:
-        r.fail(exc)
-        raise
+        _check_world(cfg, dist)
+        r = start_run(cfg, store, dist)
+        try:
+            return _run(cfg, r)
+        except BaseException as exc:
+            r.fail(exc)
+            raise
+    finally:
+        dist.close()
+
+
+def _check_world(cfg: PPOConfig, dist: DistContext) -> None:
+    """Under torchrun: DDP only, and a step's prompts and every minibatch split evenly across the processes."""
+    n = dist.world_size
+    if n <= 1:
+        return
+    if dist.strategy != "ddp":
+        raise ConfigError(
+            f"train.distributed.strategy={dist.strategy}: PPO runs data parallel with ddp only (generation "
+            "and the packed forwards call the policy's trunk directly, which FSDP2's sharded root cannot "
+            "serve); set train.distributed.strategy=ddp"
+        )
+    if cfg.rollout.batch_size % n:
+        raise ConfigError(
+            f"rollout.batch_size = {cfg.rollout.batch_size} is not a multiple of the world size {n}: each "
+            f"process samples whole prompt groups (prompts r, r + {n}, ...); set rollout.batch_size to a "
+            f"multiple of {n}"
+        )
+    if cfg.ppo.minibatch_size % n:
+        raise ConfigError(
+            f"ppo.minibatch_size = {cfg.ppo.minibatch_size} is not a multiple of the world size {n}: each "
+            f"minibatch's rows are split evenly across the processes; set ppo.minibatch_size to a multiple "
+            f"of {n}"
+        )
+
+
+def _step_seed(seed: int, step: int, purpose: int) -> int:
+    """A seed for one step's sampling (purpose 0) or one epoch's minibatch order (1 + epoch): the same in every
+    process and independent of the RNG state, so results depend neither on the world size nor on a resume."""
+    return int(np.random.SeedSequence([seed, step, purpose]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     # ================================================================ setup (this order: models draw from the RNG)
     set_seed(cfg.train.seed)
-    device = T.resolve_device(cfg.model)
+    dist = r.dist
+    device = dist.device(T.resolve_device(cfg.model))
     k = cfg.rollout.num_generations
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, padding_side="left")
     train_prompts, held = _load_prompts(cfg, r, tok)
@@ -412,6 +453,9 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     )
     optimizer, params = _optimizer(cfg, forwarder)
     scheduler = T.build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    # Under torchrun the update forwards run through DDP (its gradient all-reduce); generation and the
+    # no-grad scoring forwards use the modules themselves.
+    trainee = dist.wrap(_TrainForward(forwarder), device) if dist.enabled else None
 
     # what a checkpoint holds: a LoRA policy alone saves only its adapter
     ckpt_module = _checkpoint_module(forwarder)
@@ -424,7 +468,8 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
         stream.load_state_dict(state["stream"])
         moments.load_state_dict(state["moments"])
         kl_ctl.value = float(state["kl_coef"])
-        console.print(f"resumed from {loaded.path} (step {start})")
+        if dist.is_main:
+            console.print(f"resumed from {loaded.path} (step {start})")
     multipliers: LagrangeMultipliers | None = None
     if cfg.reward.combine is not None:  # after the resume: restored thresholds are never measured again
         saved = state.get("constraints") if loaded is not None else None
@@ -439,26 +484,60 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     with ckpt, r.stopper() as stop, r.progress(cfg.train.steps, PROGRESS_KEYS, completed=start) as bar:
         for step in range(start + 1, cfg.train.steps + 1):
             t_step = time.perf_counter()
-            # ---- sample: batch_size prompts, each k times (rows grouped per prompt)
+            # ---- sample: batch_size prompts, each k times (rows grouped per prompt); under torchrun process r
+            # samples the prompt groups r, r + N, ... Each row's draws come from the step's own generator at
+            # the row's global index, so the tokens do not depend on the world size.
             batch = [i for i in stream.take(cfg.rollout.batch_size) for _ in range(k)]
+            mine = _my_rows(len(batch), k, dist)
             forwarder.eval()
-            rollout = _sample(forwarder.policy, [train_ids[i] for i in batch], tok, cfg.rollout, device)
-            # ---- score: reward heads, their combination, a multiplier step, then shaping
+            generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, step, 0))
+            local = _sample(
+                forwarder.policy,
+                [train_ids[batch[i]] for i in mine],
+                tok,
+                cfg.rollout,
+                device,
+                generator,
+                row_index=mine,
+                num_rows=len(batch),
+            )
+            # ---- score this process's rows: reward heads, then the no-grad forwards (old/reference
+            # log-probs, values); then the whole step's rows on every process
             t_scoring = time.perf_counter()
+            local_responses = _decode(tok, local)
+            local_heads, heads = scorer([train_prompts[batch[i]].text for i in mine], local_responses)
+            spread = getattr(scorer, "last_std", None)  # set by this scoring, before the monitor's
+            t_training = time.perf_counter()
+            forwards = scoring_forwards(forwarder, RolloutRows(local, group_size=k), spec)
+            step_rows = _all_rows(
+                dist,
+                mine,
+                local,
+                local_responses,
+                local_heads,
+                spread,
+                forwards,
+                batch,
+                train_ids,
+                tok,
+                device,
+            )
+            rollout, responses, head_scores = step_rows.rollout, step_rows.responses, step_rows.head_scores
             prompts = [train_prompts[i].text for i in batch]
-            responses = _decode(tok, rollout)
-            head_scores, heads = scorer(prompts, responses)  # (B, H)
+            # ---- the global batch, identical in every process: heads combined, a multiplier step, shaping
             raw_scores = _training_reward(head_scores, heads, cfg.reward, multipliers).to(device)
             head_metrics = _head_metrics(head_scores, heads, cfg.reward, multipliers)
             if multipliers is not None:
                 multipliers.update({h: float(head_scores[:, j].mean()) for j, h in enumerate(heads)})
             scores = shape_scores(raw_scores, rollout.finished, rollout.lengths, shaping, moments)
-            # ---- make_experience: old/reference log-probs, KL, values, advantages
-            t_training = time.perf_counter()
+            # ---- make_experience: KL, advantages (whitened over the whole batch), returns
             rows = RolloutRows(rollout, group_size=k)
-            experience = make_experience(forwarder, rows, prompts, raw_scores, scores, kl_ctl.value, spec)
+            old, ref, values = step_rows.forwards
+            experience = experience_from(
+                rows, prompts, raw_scores, scores, old, ref, values, kl_ctl.value, spec
+            )
             # ---- ppo_update: ppo.epochs passes over shuffled minibatches
-            updates = _ppo_update(experience, forwarder, optimizer, params, cfg, step, ckpt)
+            updates = _ppo_update(experience, forwarder, trainee, dist, optimizer, params, cfg, step, ckpt)
             # The schedule steps once per rollout round: the round's minibatch updates share a learning rate.
             scheduler.step()
             kl_ctl.update(float(experience.kl_seq.mean()), len(experience))
@@ -470,11 +549,8 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             }
             metrics = _step_metrics(experience, updates, scheduler, times, time.perf_counter() - t_step)
             metrics.update(head_metrics)
-            spread = getattr(
-                scorer, "last_std", None
-            )  # set by the training scoring above, before the monitor's
-            if spread is not None:
-                metrics["reward/ensemble_std"] = spread
+            if step_rows.spread is not None:
+                metrics["reward/ensemble_std"] = step_rows.spread
             if cfg.monitor.every and step % cfg.monitor.every == 0:
                 metrics.update(
                     _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)
@@ -484,6 +560,8 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             if cfg.tracking.samples_every and step % cfg.tracking.samples_every == 0:
                 r.log_samples(step, _sample_rows(prompts, responses, experience))
             bar.update(step, metrics)
+            # every process decides on a best checkpoint (a collective save) from the same metrics: rank 0's
+            metrics = dist.broadcast(metrics)
             # ---- end_step: a best checkpoint (checkpoint.best_metric improved), then the periodic,
             # stop-requested (a signal or a `stop` alert) and final checkpoints
             state = _data_state(step, stream, moments, kl_ctl, multipliers)
@@ -517,6 +595,7 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
                     "run_id": r.run_id,
                     "run_dir": str(r.run_dir),
                     "best_checkpoint": str(best) if best else None,
+                    "signal": r.stop_signal,
                 }
 
     # ================================================================ evaluate and register
@@ -526,10 +605,10 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
         final_metrics.update(
             _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)
         )
-    if loaded is not None and start >= final_step:
+    if loaded is not None and start >= final_step and dist.is_main:
         console.print(f"run already complete at step {start}; re-exporting the final policy")
     out_dir = r.run_dir / "final"
-    export_hf(forwarder.policy, tok, out_dir, merge_lora=True)
+    export_model(dist, forwarder.policy, tok, out_dir, merge_lora=True)
     meta = {"estimator": cfg.advantage.estimator, "steps": final_step, **final_metrics}
     art = r.register_checkpoint(out_dir, meta=meta)
     summary: dict[str, Any] = {
@@ -862,8 +941,11 @@ def _sample(
     settings: RolloutSection,
     device: torch.device,
     generator: torch.Generator | None = None,
+    row_index: list[int] | None = None,
+    num_rows: int | None = None,
 ) -> Rollout:
-    """Left-pad the prompts and sample a response for each with the KV-cache sampler."""
+    """Left-pad the prompts and sample a response for each with the KV-cache sampler (``row_index``,
+    ``num_rows``: the rows' places in the step's global batch, see :func:`alignflow.rollout.sample`)."""
     ids, mask = left_pad(prompt_ids, tok.pad_token_id, device)
     return sample(
         policy,
@@ -875,7 +957,120 @@ def _sample(
         temperature=settings.temperature,
         top_p=settings.top_p,
         generator=generator,
+        row_index=row_index,
+        num_rows=num_rows,
     )
+
+
+def _my_rows(n_rows: int, k: int, dist: DistContext) -> list[int]:
+    """This process's rows of a step's ``n_rows`` (grouped ``k`` per prompt): whole groups ``r, r + N, ...``,
+    so a GRPO/RLOO group's samples stay in one process."""
+    groups = range(n_rows // k)[dist.rank :: dist.world_size]
+    return [g * k + j for g in groups for j in range(k)]
+
+
+@dataclass
+class _StepRows:
+    """The step's whole batch (every process's rows, in the global order), the same in every process."""
+
+    rollout: Rollout
+    responses: list[str]
+    head_scores: Tensor  # (B, H)
+    forwards: tuple[Tensor, Tensor, Tensor | None]  # old log-probs, reference log-probs, values: (B, R)
+    spread: float | None  # reward/ensemble_std over the whole batch
+
+
+def _all_rows(
+    dist: DistContext,
+    mine: list[int],
+    local: Rollout,
+    responses: list[str],
+    head_scores: Tensor,
+    spread: float | None,
+    forwards: tuple[Tensor, Tensor, Tensor | None],
+    batch: list[int],
+    train_ids: list[list[int]],
+    tok: Any,
+    device: torch.device,
+) -> _StepRows:
+    """Gather every process's sampled and scored rows (CPU tensors, ``all_gather_object``) into the step's
+    global batch: responses padded to the longest process's width, prompts left-padded as one process would.
+    In one process: the rows as they are."""
+    if not dist.enabled:
+        return _StepRows(local, responses, head_scores, forwards, spread)
+    old, ref, values = forwards
+    payload = {
+        "rows": mine,
+        "ids": local.response_ids.cpu(),
+        "mask": local.response_mask.cpu(),
+        "logprobs": local.logprobs.cpu(),
+        "finished": local.finished.cpu(),
+        "old": old.detach().cpu(),
+        "ref": ref.detach().cpu(),
+        "values": None if values is None else values.detach().cpu(),
+        "heads": head_scores.detach().cpu(),
+        "responses": responses,
+        "spread": spread,
+        "seconds": local.seconds,
+    }
+    parts = dist.gather(payload)
+    n, width = len(batch), max(p["ids"].shape[1] for p in parts)
+
+    def full(key: str, fill: float | int, dtype: torch.dtype) -> Tensor:
+        out = torch.full((n, width), fill, dtype=dtype)
+        for p in parts:
+            t = p[key]
+            out[torch.tensor(p["rows"], dtype=torch.long), : t.shape[1]] = t.to(dtype)
+        return out.to(device)
+
+    prompt_ids, prompt_mask = left_pad([train_ids[i] for i in batch], tok.pad_token_id, device)
+    rollout = Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=full("ids", tok.pad_token_id, local.response_ids.dtype),
+        response_mask=full("mask", 0, local.response_mask.dtype),
+        logprobs=full("logprobs", 0.0, local.logprobs.dtype),
+        finished=torch.zeros(n, dtype=torch.bool),
+        seconds=max(p["seconds"] for p in parts),
+    )
+    texts: list[str] = [""] * n
+    scores = torch.zeros(n, head_scores.shape[1], dtype=head_scores.dtype)
+    for p in parts:
+        rows = torch.tensor(p["rows"], dtype=torch.long)
+        rollout.finished[rows] = p["finished"]
+        scores[rows] = p["heads"]
+        for i, text in zip(p["rows"], p["responses"], strict=True):
+            texts[i] = text
+    rollout.finished = rollout.finished.to(device)
+    gathered = (
+        full("old", 0.0, old.dtype),
+        full("ref", 0.0, ref.dtype),
+        None if values is None else full("values", 0.0, values.dtype),
+    )
+    spreads = [(p["spread"], len(p["rows"])) for p in parts]
+    total_spread = (
+        None
+        if any(v is None for v, _ in spreads)
+        else sum(v * m for v, m in spreads) / sum(m for _, m in spreads)  # type: ignore[operator]
+    )
+    return _StepRows(rollout, texts, scores.to(head_scores.device), gathered, total_spread)
+
+
+class _TrainForward(nn.Module):
+    """The update forward (:meth:`Forwarder.train_forward`) as one module over every trained parameter, so
+    DDP sees the forward it must prepare its gradient all-reduce for (the packed forwards call the policy's
+    trunk and head separately, never the policy's own ``forward``)."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        super().__init__()
+        self.trained = forwarder.trained
+        if forwarder.critic is not None:
+            self.critic = forwarder.critic
+        self._forwarder = [forwarder]  # not a submodule
+
+    def forward(self, rows: RolloutRows, idx: list[int]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        out = self._forwarder[0].train_forward(rows, idx)
+        return out.logprobs, out.entropy, out.values
 
 
 def _decode(tok: Any, rollout: Rollout) -> list[str]:
@@ -898,6 +1093,8 @@ class _Updates:
 def _ppo_update(
     experience: Experience,
     forwarder: Forwarder,
+    trainee: nn.Module | None,
+    dist: DistContext,
     optimizer: torch.optim.Optimizer,
     params: list[nn.Parameter],
     cfg: PPOConfig,
@@ -905,16 +1102,35 @@ def _ppo_update(
     ckpt: Any,
 ) -> _Updates:
     """``ppo.epochs`` passes over shuffled minibatches, one optimizer step each; stops the round early once the
-    approximate KL to ``pi_old`` exceeds ``ppo.target_kl``."""
+    approximate KL to ``pi_old`` exceeds ``ppo.target_kl``.
+
+    Every process holds the whole experience and draws the same minibatch order (a generator seeded by seed,
+    step and epoch); process r runs the minibatch's rows ``r, r + N, ...``. Each loss is normalised by the
+    minibatch's GLOBAL count (tokens, or sequences), so the gradient is the sum of the processes' (DDP averages:
+    ``dist.backward`` scales by N), and every statistic is summed over the processes: all of them see the
+    same values, and stop early together."""
     forwarder.train()
     updates = _Updates()
-    for _epoch in range(cfg.ppo.epochs):
-        order = torch.randperm(len(experience)).tolist()
-        for first in range(0, len(experience), cfg.ppo.minibatch_size):
-            idx = order[first : first + cfg.ppo.minibatch_size]
-            loss, stats = _minibatch_loss(experience, forwarder.train_forward(experience.rows, idx), idx, cfg)
-            check_finite(loss, step, [experience.prompts[i] for i in idx][:5], ckpt)
-            loss.backward()
+    mb = cfg.ppo.minibatch_size
+    for epoch in range(cfg.ppo.epochs):
+        generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, step, 1 + epoch))
+        order = torch.randperm(len(experience), generator=generator).tolist()
+        for first in range(0, len(experience), mb):
+            whole = order[first : first + mb]
+            idx = whole[dist.rank :: dist.world_size]
+            out = (
+                forwarder.train_forward(experience.rows, idx)
+                if trainee is None
+                else ForwardOut(*trainee(experience.rows, idx))
+            )
+            loss, parts = _minibatch_loss(experience, out, idx, whole, cfg)
+            names = list(parts)
+            summed = dist.sum_tensor(torch.stack([parts[n].detach().double().cpu() for n in names]))
+            stats = {n: float(v) for n, v in zip(names, summed.tolist(), strict=True)}
+            check_finite(
+                torch.tensor(stats["loss/total"]), step, [experience.prompts[i] for i in whole][:5], ckpt
+            )
+            dist.backward(loss)
             stats["optim/grad_norm"] = T.clip_and_step(params, optimizer, cfg.optim.max_grad_norm)
             updates.count += 1
             for name, value in stats.items():
@@ -926,26 +1142,45 @@ def _ppo_update(
 
 
 def _minibatch_loss(
-    experience: Experience, out: ForwardOut, idx: list[int], cfg: PPOConfig
-) -> tuple[Tensor, dict[str, float]]:
-    """Clipped surrogate minus the entropy bonus, plus GRPO's KL term or the (clipped) value loss."""
+    experience: Experience, out: ForwardOut, idx: list[int], whole: list[int], cfg: PPOConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate minus the entropy bonus, plus GRPO's KL term or the (clipped) value loss, on this
+    process's rows ``idx`` of the minibatch ``whole``: every term (and statistic) is this process's share of
+    the minibatch's value, normalised by the minibatch's global token or sequence count, so the shares of all
+    processes sum to the one-process loss (in one process ``idx == whole`` and every share is the value)."""
     mask = experience.mask[idx]
+    n_tok = experience.mask[whole].sum()
+    tok_share = mask.sum() / n_tok  # this process's share of the minibatch's tokens (1 in one process)
+    agg = cfg.ppo.aggregation
+    num_items = n_tok if agg == "token-mean" else None
+    if agg == "token-mean":
+        seq_share = None
+    elif agg == "seq-mean-token-mean":  # sequences with a response token
+        seq_share = (mask.sum(1) > 0).sum() / (experience.mask[whole].sum(1) > 0).sum()
+    else:
+        seq_share = torch.tensor(len(idx) / len(whole))
+
+    def share(loss: Tensor) -> Tensor:
+        return loss if seq_share is None else loss * seq_share.to(loss.dtype)
+
     policy_loss, policy_stats = ppo_policy_loss(
         out.logprobs,
         experience.old_logprobs[idx],
         experience.advantages[idx],
         mask,
         cfg.ppo.clip_range,
-        aggregation=cfg.ppo.aggregation,
+        aggregation=agg,
+        num_items_in_batch=num_items,
     )
-    entropy = masked_mean(out.entropy, mask)  # type: ignore[arg-type]
+    policy_loss = share(policy_loss)
+    entropy = masked_mean(out.entropy, mask) * tok_share  # type: ignore[arg-type]
     loss = policy_loss - cfg.ppo.entropy_coef * entropy
-    stats: dict[str, float] = {}
+    stats: dict[str, Tensor] = {}
     # GRPO's KL is a loss term, not a reward term (Shao et al. 2024, eq. 3).
     if cfg.advantage.estimator == "grpo" and experience.beta > 0:
-        kl_term = masked_mean(kl_penalty(out.logprobs, experience.ref_logprobs[idx], "k3"), mask)
+        kl_term = masked_mean(kl_penalty(out.logprobs, experience.ref_logprobs[idx], "k3"), mask) * tok_share
         loss = loss + experience.beta * kl_term
-        stats["loss/kl"] = float(kl_term.detach())
+        stats["loss/kl"] = kl_term
     if experience.values is not None and experience.returns is not None:
         critic_loss, critic_stats = value_loss(
             out.values,  # type: ignore[arg-type]
@@ -953,17 +1188,19 @@ def _minibatch_loss(
             experience.returns[idx],
             mask,
             cfg.value.clip_range,
-            aggregation=cfg.ppo.aggregation,
+            aggregation=agg,
+            num_items_in_batch=num_items,
         )
+        critic_loss = share(critic_loss)
         loss = loss + cfg.value.coef * critic_loss
-        stats["value/loss"] = float(critic_loss.detach())
-        stats["value/clip_frac"] = float(critic_stats["clip_frac"])
-    stats["loss/policy"] = float(policy_loss.detach())
-    stats["loss/total"] = float(loss.detach())
-    stats["policy/entropy"] = float(entropy.detach())
+        stats["value/loss"] = critic_loss
+        stats["value/clip_frac"] = critic_stats["clip_frac"] * tok_share
+    stats["loss/policy"] = policy_loss
+    stats["loss/total"] = loss
+    stats["policy/entropy"] = entropy
     for name in ("clip_frac", "approx_kl", "ratio_mean"):
-        stats[f"policy/{name}"] = float(policy_stats[name])
-    return loss, stats
+        stats[f"policy/{name}"] = policy_stats[name] * tok_share
+    return loss, {name: value.detach() for name, value in stats.items()}
 
 
 def _step_metrics(

@@ -5,8 +5,10 @@ from alignflow.rollout.experience import (
     Experience,
     RunningMoments,
     ShapingConfig,
+    experience_from,
     explained_variance,
     make_experience,
+    scoring_forwards,
     shape_scores,
 )
 from alignflow.rollout.forward import (
@@ -50,6 +52,7 @@ __all__ = [
     "RolloutTrees",
     "RunningMoments",
     "ShapingConfig",
+    "experience_from",
     "explained_variance",
     "function_head_scorer",
     "function_scorer",
@@ -60,6 +63,7 @@ __all__ = [
     "response_forward",
     "rollout_trees",
     "sample",
+    "scoring_forwards",
     "shape_scores",
     "top_p_filter",
     "tree_response_forward",

@@ -203,23 +203,52 @@ def make_experience(
         raw_scores, scores: ``(B,)`` scores before and after shaping.
         beta: the KL coefficient (from the KL controller).
     """
-    mask = rows.rollout.response_mask.float()
+    old, ref, values = scoring_forwards(forwarder, rows, spec)
+    return experience_from(rows, prompts, raw_scores, scores, old, ref, values, beta, spec)
+
+
+def scoring_forwards(
+    forwarder: Forwarder, rows: RolloutRows, spec: AdvantageSpec
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The no-grad forwards of :func:`make_experience`: ``(old, ref, values)`` log-probs and critic values,
+    all ``(B, R)`` (values ``None`` unless ``gae``). Row by row, so a process can run them on its own rows."""
     old = forwarder.policy_logprobs(rows) if spec.recompute_logprobs else rows.rollout.logprobs
     ref = forwarder.reference_logprobs(rows)
+    values = forwarder.values(rows) if spec.estimator == "gae" else None
+    return old, ref, values
+
+
+def experience_from(
+    rows: RolloutRows,
+    prompts: list[str],
+    raw_scores: Tensor,
+    scores: Tensor,
+    old: Tensor,
+    ref: Tensor,
+    values: Tensor | None,
+    beta: float,
+    spec: AdvantageSpec,
+) -> Experience:
+    """The arithmetic of :func:`make_experience` (KL, advantages, returns, whitening over the whole batch) on
+    given forwards (:func:`scoring_forwards`, e.g. gathered from several processes)."""
+    mask = rows.rollout.response_mask.float()
     kl = kl_penalty(old, ref, spec.kl_estimator) * mask  # (B, R)
     kl_seq = kl.sum(dim=1)  # (B,)
-    values = returns = None
+    returns = None
     k = spec.group_size
     if spec.estimator == "gae":
-        values = forwarder.values(rows)
+        if values is None:
+            raise ValueError("experience_from: estimator 'gae' needs the critic's values")
         rewards, _, _ = per_token_rewards(scores, old, ref, mask, beta, spec.kl_estimator)
         advantages, returns = gae(rewards, values, mask, spec.gamma, spec.lam)
         if spec.whiten:
             advantages = masked_whiten(advantages, mask)
     elif spec.estimator == "rloo":
         advantages = rloo_advantages(scores - beta * kl_seq, k, normalize=spec.whiten)
+        values = None
     elif spec.estimator == "grpo":
         advantages = grpo_advantages(scores, k, scale_rewards=spec.grpo_scale)
+        values = None
     else:
         raise ValueError(f"unknown advantage estimator {spec.estimator!r}; valid: 'gae', 'rloo', 'grpo'")
     return Experience(

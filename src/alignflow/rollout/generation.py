@@ -30,6 +30,7 @@ the unscaled distribution (temperature 1).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,18 +96,22 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill_(drop, float("-inf"))
 
 
-def categorical_draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def categorical_draw(
+    probs: Tensor, generator: torch.Generator | None = None, u: Tensor | None = None
+) -> Tensor:
     """One draw per row from the (possibly unnormalised) categorical distributions ``probs`` ``(B, V)``.
 
     Inverse CDF: ``u ~ U[0, 1)`` per row, the first index whose cumulative mass exceeds ``u * total``. Zero-mass
     entries (e.g. removed by top-p) are never drawn: the cumulative sum is flat there and the search is strict
     (``right=True``). The cumulative sum is in float64 so rounding over a large vocabulary does not shift mass,
     and the target is kept strictly below the total so a ``u`` that rounds up cannot fall off the end.
-    Rows must have positive total mass. Returns ``(B,)`` int64.
+    Rows must have positive total mass. ``u`` ``(B, 1)`` float64: the uniforms to use instead of drawing them
+    from ``generator``. Returns ``(B,)`` int64.
     """
     cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
     total = cdf[:, -1:]
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
@@ -131,6 +136,9 @@ def sample(
     generator: torch.Generator | None = None,
     static_cache: bool = True,
     fast: bool = True,
+    row_index: Tensor | list[int] | None = None,
+    num_rows: int | None = None,
+    keep_going: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` tokens for each left-padded prompt with a KV cache.
 
@@ -148,6 +156,14 @@ def sample(
         static_cache: pre-allocate the KV cache (``transformers.StaticCache``) instead of growing it (HF path).
         fast: use :mod:`alignflow.rollout.fast_llama` when the model is eligible (plain Llama); otherwise, or
             with ``fast=False``, the HF forward.
+        row_index, num_rows: draws that do not depend on which rows a process holds (data-parallel PPO).
+            With them, every decode step draws ``num_rows`` uniforms from ``generator`` (a CPU generator, the
+            same seed in every process) and row ``b`` of this batch uses entry ``row_index[b]``: the rows of
+            a global batch of ``num_rows`` get the same tokens however the batch is split across processes.
+            Without them (the default) one uniform per row of this batch is drawn, as before.
+        keep_going: called once per decode step with "all of this batch's rows are done"; the loop stops when
+            it returns False (e.g. a collective ``any`` over processes that must run the same number of
+            forwards). Default: stop when this batch is done.
 
     Returns:
         :class:`Rollout`.
@@ -165,6 +181,17 @@ def sample(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if bool((prompt_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left-padded: the last column of prompt_mask has zeros")
+    if (row_index is None) != (num_rows is None):
+        raise ValueError("pass both row_index and num_rows, or neither")
+    draw_rows: Tensor | None = None
+    if row_index is not None:
+        draw_rows = torch.as_tensor(row_index, dtype=torch.long).cpu()
+        if draw_rows.shape != (prompt_ids.shape[0],):
+            raise ValueError(
+                f"row_index must have one entry per row ({prompt_ids.shape[0]}), got {tuple(draw_rows.shape)}"
+            )
+        if len(draw_rows) and (int(draw_rows.min()) < 0 or int(draw_rows.max()) >= int(num_rows)):  # type: ignore[arg-type]
+            raise ValueError(f"row_index entries must lie in [0, num_rows={num_rows})")
     from transformers import DynamicCache, StaticCache
 
     t0 = time.perf_counter()
@@ -213,7 +240,11 @@ def sample(
             logps = torch.log_softmax(logits, dim=-1)
             # Without top-p the sampling distribution is exp(logps): saves a softmax.
             probs = logps.exp() if top_p >= 1.0 else top_p_filter(logits, top_p).softmax(dim=-1)
-            token = categorical_draw(probs, generator)
+            if draw_rows is None:
+                token = categorical_draw(probs, generator)
+            else:  # the global batch's uniforms for this step; this batch's rows read theirs
+                u_all = torch.rand(int(num_rows), 1, generator=generator, dtype=torch.float64)  # type: ignore[arg-type]
+                token = categorical_draw(probs, u=u_all[draw_rows].to(device))
         else:
             logps = torch.log_softmax(logits, dim=-1)
             token = logits.argmax(dim=-1)
@@ -225,7 +256,10 @@ def sample(
         done |= hit
         steps = t + 1
         # One host sync per step: stopping early when all rows are done pays for itself many times over.
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1:
+            break
+        finished_all = bool(done.all())
+        if not (keep_going(finished_all) if keep_going is not None else not finished_all):
             break
         if lean is not None:
             logits = lean.step(token, next_pos, plen + t)
