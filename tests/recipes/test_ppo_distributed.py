@@ -137,3 +137,97 @@ def test_batch_not_divisible_by_world_size_is_a_config_error(tiny_model, toy_dat
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "rollout.batch_size = 3 is not a multiple of the world size 2" in (out + err).decode()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the pieces, in one process: split sampling, the gather of rows of different widths, the world-size checks
+
+
+class _FakeDist:
+    """Rank ``rank`` of 2 whose ``gather`` records what it sent and returns the given parts."""
+
+    def __init__(self, rank: int, parts: list[Any] | None = None) -> None:
+        self.rank, self.world_size, self.enabled, self.parts, self.sent = rank, 2, True, parts, None
+
+    def gather(self, obj: Any) -> list[Any]:
+        self.sent = obj
+        return self.parts if self.parts is not None else [obj]
+
+
+def test_split_sampling_and_gather_equal_one_batch(tiny_model):
+    import torch
+
+    from alignflow.data.prompts import left_pad
+    from alignflow.models import load_policy, load_tokenizer
+    from alignflow.recipes.ppo import _all_rows, _my_rows
+    from alignflow.rollout import sample
+
+    tok = load_tokenizer(str(tiny_model), padding_side="left")
+    model = load_policy(str(tiny_model), dtype="float32").eval()
+    k, n_groups = 2, 4
+    texts = ["Hello there", "The model wrote a short poem carefully.", "x", "Item 42 costs $3.50 today, why?"]
+    train_ids = [tok(t).input_ids for t in texts]
+    batch = [g for g in range(n_groups) for _ in range(k)]
+    eos = list(range(3, 120))  # many "EOS" ids: rows finish at different steps, the processes' widths differ
+
+    def run(rows: list[int]):  # noqa: ANN202
+        ids, mask = left_pad([train_ids[batch[i]] for i in rows], tok.pad_token_id, "cpu")
+        gen = torch.Generator().manual_seed(1234)
+        return sample(
+            model, ids, mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+            generator=gen, row_index=rows, num_rows=len(batch),
+        )  # fmt: skip
+
+    whole = run(list(range(len(batch))))
+    assert len(set(whole.lengths.tolist())) > 1
+    sent, args = [], []
+    for rank in (0, 1):
+        fake = _FakeDist(rank)
+        mine = _my_rows(len(batch), k, fake)  # type: ignore[arg-type]
+        assert mine == [g * k + j for g in range(rank, n_groups, 2) for j in range(k)]
+        local = run(mine)
+        heads = local.lengths.float().unsqueeze(1)  # a stand-in (B, 1) score
+        fwd = (local.logprobs, local.logprobs * 2, local.logprobs * 3)
+        args.append(
+            (mine, local, [str(i) for i in mine], heads, 0.5 * (1 + rank), fwd, batch, train_ids, tok, "cpu")
+        )
+        _all_rows(fake, *args[-1])  # type: ignore[arg-type]
+        sent.append(fake.sent)
+    assert sent[0]["ids"].shape[1] != sent[1]["ids"].shape[1]  # the padding path is exercised
+    got = _all_rows(_FakeDist(0, sent), *args[0])  # type: ignore[arg-type]
+    roll = got.rollout
+    width = whole.response_ids.shape[1]
+    assert roll.response_ids.shape[1] == width
+    assert torch.equal(roll.response_ids, whole.response_ids)
+    assert torch.equal(roll.response_mask, whole.response_mask)
+    assert torch.equal(roll.finished, whole.finished)
+    assert torch.equal(roll.prompt_ids, whole.prompt_ids) and torch.equal(roll.prompt_mask, whole.prompt_mask)
+    torch.testing.assert_close(roll.logprobs, whole.logprobs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.forwards[2], whole.logprobs * 3, rtol=1e-5, atol=1e-6)
+    assert got.responses == [str(i) for i in range(len(batch))]
+    assert torch.equal(got.head_scores.squeeze(1), whole.lengths.float())
+    assert got.spread == pytest.approx(0.75)  # rows-weighted mean of the processes' 0.5 and 1.0
+
+
+def test_world_size_checks():
+    from alignflow.errors import ConfigError
+    from alignflow.recipes.ppo import PPOConfig, _check_world
+    from alignflow.train.distributed import DistContext
+
+    def cfg(**rollout_ppo: int) -> PPOConfig:
+        return PPOConfig.model_validate(
+            {
+                "model": {"path": "m"},
+                "data": {"train": "d"},
+                "reward": {"fn": REWARD},
+                "rollout": {"batch_size": rollout_ppo.get("batch_size", 4)},
+                "ppo": {"minibatch_size": rollout_ppo.get("minibatch_size", 4)},
+            }
+        )
+
+    _check_world(cfg(batch_size=3, minibatch_size=3), DistContext())  # one process: anything goes
+    _check_world(cfg(), DistContext(rank=0, world_size=2))
+    with pytest.raises(ConfigError, match="ppo.minibatch_size = 3 is not a multiple of the world size 2"):
+        _check_world(cfg(minibatch_size=3), DistContext(rank=0, world_size=2))
+    with pytest.raises(ConfigError, match="strategy=fsdp: PPO runs data parallel with ddp only"):
+        _check_world(cfg(), DistContext(rank=0, world_size=2, strategy="fsdp"))
