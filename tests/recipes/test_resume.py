@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignflow.train.distributed import EXIT_REQUEUE
+
 from .conftest import base_config, write_config
 
 STEPS = 16
@@ -72,7 +74,8 @@ def test_sigterm_then_rerun_equals_uninterrupted(
     cfg = config(out)
     cmd = [sys.executable, "-m", "alignflow.cli.main", stage, str(cfg)]
     proc = _sigterm_after_step(cmd, out, step=3)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # SIGTERM means "requeue me": checkpointed, then the CLI exits EXIT_REQUEUE (75), not 0
+    assert proc.returncode == EXIT_REQUEUE, proc.stderr[-3000:]
     assert "SIGTERM received: checkpoint saved at step" in proc.stderr, proc.stderr[-3000:]
     assert "Resume with the same command" in proc.stderr
     assert not (out / "final").exists()  # it really stopped early

@@ -49,12 +49,14 @@ from alignflow.data.encode import (
 )
 from alignflow.errors import DataFormatError
 from alignflow.models import load_policy, load_reference, load_tokenizer
-from alignflow.models.export import export_hf
-from alignflow.recipes.common import Run, check_finite, set_seed, start_run
+from alignflow.recipes.common import Run, check_finite, console, set_seed, start_run
 from alignflow.store import Store
 from alignflow.train.accum import example_mean_share
+from alignflow.train.distributed import DistContext, init_distributed
+from alignflow.train.distributed import export_hf as export_model
 from alignflow.train.logprobs import PairLogps, concatenated_forward, splittable, tree_pair_logps
 from alignflow.train.losses import DPO_LOSS_TYPES, dpo_loss, dpo_soft_label_loss
+from alignflow.train.memory import resolve_token_budget
 from alignflow.train.optim import (
     StepTimer,
     build_optimizer,
@@ -116,13 +118,20 @@ class DPOConfig(StageConfig):
 
 
 def run(cfg: DPOConfig, store: Store | None = None) -> dict[str, Any]:
-    """Train, evaluate and register a DPO-family checkpoint (full weights or a LoRA adapter)."""
-    r = start_run(cfg, store)
+    """Train, evaluate and register a DPO-family checkpoint (full weights or a LoRA adapter).
+
+    Under torchrun the policy trains data-parallel (DDP or FSDP2); the frozen reference model stays
+    unwrapped and replicated on every rank, and the held-out evaluation runs identically on every rank.
+    """
+    dist = init_distributed(cfg.train.distributed)
+    r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)
     except BaseException as exc:
         r.fail(exc)
         raise
+    finally:
+        dist.close()
 
 
 @dataclass
@@ -138,7 +147,8 @@ class _Pairs:
 def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
     # ---------------------------------------------------------------- setup
     set_seed(cfg.train.seed)
-    device = resolve_device(cfg.model)
+    dist = r.dist
+    device = dist.device(resolve_device(cfg.model))
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     pad_id = tok.pad_token_id
     counter = TruncationCounter("responses")
@@ -156,6 +166,12 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
         lora=lora,
     )
     packed = cfg.data.packing and splittable(policy)
+    if packed and dist.enabled:
+        # The packed forward calls the trunk and the LM head separately, past DDP's/FSDP's forward (no
+        # gradient sync, sharded parameters); the padded forward gives the same log-probs up to float order.
+        packed = False
+        if dist.is_main:
+            console.print("data.packing is off under torchrun (the packed pair forward bypasses DDP/FSDP)")
 
     def forward(model: Any, items: Sequence[EncodedPair], packed: bool = packed) -> PairLogps:
         """Pair log-probs of ``model``: packed when the policy allows it, unless the caller says otherwise."""
@@ -174,11 +190,27 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
     def evaluate() -> dict[str, float]:
         return _evaluate(cfg, policy, held, forward, reference)
 
+    # Wrapped after the reference is ready: a LoRA reference is the (unwrapped) policy with its adapters off,
+    # and precomputing runs before any collective forward. ``evaluate`` sees the wrapped policy.
+    policy = dist.wrap(policy, device)  # DDP or FSDP2 under torchrun; the policy itself in one process
     # ---------------------------------------------------------------- optimizer and resume
-    sampler = make_sampler(
-        [2 * p.length for p in train], cfg.train.batch_size, 2 * cfg.data.max_length, cfg.train.seed
+    plan = resolve_token_budget(
+        cfg.train,
+        policy,
+        cfg.model,
+        2 * cfg.data.max_length,
+        reference=None if reference is None else ("cached" if reference.precomputed else "live"),
+        state_dir=r.run_dir,
     )
-    total = steps_for(sampler, cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps)
+    sampler = make_sampler(
+        [2 * p.length for p in train],
+        cfg.train.batch_size,
+        2 * cfg.data.max_length,
+        cfg.train.seed,
+        token_budget=plan.tokens_per_batch,
+    )
+    grad_accum = plan.grad_accum  # train.grad_accum, or what train.tokens_per_batch=auto raised it to
+    total = steps_for(sampler, grad_accum, cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer(policy, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     ckpt = r.checkpoints(retention=retention(cfg.checkpoint))
@@ -202,8 +234,8 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
     keys = ("loss", "rewards/margin", "rewards/accuracy", "pairs_per_sec")
     with ckpt, r.stopper() as stop, r.progress(total, keys, completed=start) as bar:
         for step in range(start + 1, total + 1):
-            micro = [[train[i] for i in next(batches)] for _ in range(cfg.train.grad_accum)]
-            stats = _accumulate_gradients(cfg, policy, micro, forward, reference, step, ckpt)
+            micro = [[train[i] for i in next(batches)] for _ in range(grad_accum)]
+            stats = _accumulate_gradients(cfg, policy, micro, forward, reference, step, ckpt, dist)
             grad_norm = clip_and_step(policy, optimizer, cfg.optim.max_grad_norm)
             scheduler.step()  # once per optimizer step
             n_pairs = sum(len(m) for m in micro)
@@ -247,13 +279,19 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
                 cfg.train.save_every,
                 cfg.checkpoint.async_save,
             ):
-                return {"run_id": r.run_id, "stopped": True, "step": step, "run_dir": str(r.run_dir)}
+                return {
+                    "run_id": r.run_id,
+                    "stopped": True,
+                    "step": step,
+                    "run_dir": str(r.run_dir),
+                    "signal": r.stop_signal,
+                }
 
     # ---------------------------------------------------------------- evaluate and register
     final_eval = evaluate()
     if final_eval:
         r.log(total, final_eval)
-    out_dir = export_hf(policy, tok, r.run_dir / "final")
+    out_dir = export_model(dist, policy, tok, r.run_dir / "final")
     ckpt_id = r.register_checkpoint(
         out_dir, meta={"adapter_only": cfg.lora.enabled, "base_model": cfg.model.path, "loss": cfg.loss.type}
     )
@@ -268,6 +306,7 @@ def _run(cfg: DPOConfig, r: Run) -> dict[str, Any]:
         "eval_pairs": len(held),
         "truncated_responses": counter.count,
         "reference_logps": ref_artifact,
+        "batch_plan": plan.as_dict(),
     }
     r.finish(summary, outputs={"checkpoint": ckpt_id})
     return {
@@ -407,23 +446,32 @@ def _precomputed_reference(
         "dtype": cfg.model.dtype,
     }
     key = cache_key(spec)
-    hits = [a for a in r.store.find(kind=REF_KIND) if a.meta.get("cache_key") == key]
-    if hits:
-        artifact = hits[0].id
+    # Under torchrun rank 0 decides whether the cache hits and alone stores a new table; every rank then
+    # loads or computes the same table (the computation is replicated: no collective, whatever the strategy).
+    hit = None
+    if r.dist.is_main:
+        hits = [a for a in r.store.find(kind=REF_KIND) if a.meta.get("cache_key") == key]
+        hit = hits[0].id if hits else None
+    hit = r.dist.broadcast(hit)
+    if hit is not None:
+        artifact = hit
         reference.load(r.store.read_dataset(artifact).to_pylist())
     else:
         rows = reference.precompute(pairs.train + pairs.held, cfg.train.batch_size)
         parents = [(pairs.train_aid, "pairs"), (ref_aid, "reference_model")]
         if pairs.eval_aid:
             parents.append((pairs.eval_aid, "eval_pairs"))
-        artifact = r.store.put_dataset(
-            rows,
-            kind=REF_KIND,
-            name=f"ref-logps-{pairs.train_aid[:12]}",
-            meta={"cache_key": key, **spec},
-            parents=parents,
-            run_id=r.run_id,
-        )
+        artifact = None
+        if r.dist.is_main:
+            artifact = r.store.put_dataset(
+                rows,
+                kind=REF_KIND,
+                name=f"ref-logps-{pairs.train_aid[:12]}",
+                meta={"cache_key": key, **spec},
+                parents=parents,
+                run_id=r.run_id,
+            )
+        artifact = r.dist.broadcast(artifact)
     r.add_input(artifact, "reference_logps")
     return artifact
 
@@ -442,35 +490,55 @@ def _accumulate_gradients(
     reference: ReferenceLogps | None,
     step: int,
     ckpt: Any,
+    dist: DistContext | None = None,
 ) -> dict[str, float]:
     """Forward and backward over the step's micro-batches; the step's loss, rewards and log-prob metrics.
 
-    The step's loss is the mean over ALL its pairs (:func:`alignflow.train.accum.example_mean_share`).
+    The step's loss is the mean over ALL its pairs (:func:`alignflow.train.accum.example_mean_share`). Under
+    torchrun every rank gets ALL the step's micro-batches (the same seeded sampler), so ``n_pairs`` is the
+    global count; each rank runs only its share (``dist.shard``) and the metrics are sums over all ranks.
     """
+    dist = dist or DistContext()
     n_pairs = sum(len(m) for m in micro)
-    loss_sum = torch.zeros((), device=next(policy.parameters()).device)
+    device = next(policy.parameters()).device
+    loss_sum = torch.zeros((), device=device)
     chosen_rewards, rejected_rewards = [], []
     chosen_logps_sum = rejected_logps_sum = 0.0
-    for items in micro:
-        out = forward(policy, items)
-        loss, chosen_reward, rejected_reward = _loss(cfg, out, *_reference_for(reference, items), items)
-        loss = example_mean_share(loss, len(items), n_pairs)
-        check_finite(loss, step, [p.id for p in items], ckpt)
-        loss.backward()
+    mine = dist.shard(micro)  # this rank's micro-batches
+    for j, items in enumerate(mine):
+        with dist.grad_sync(policy, sync=j == len(mine) - 1), dist.autocast(device):
+            out = forward(policy, items)
+            loss, chosen_reward, rejected_reward = _loss(cfg, out, *_reference_for(reference, items), items)
+            loss = example_mean_share(loss, len(items), n_pairs)
+            check_finite(loss, step, [p.id for p in items], ckpt)
+            dist.backward(loss)
         loss_sum += loss.detach()
-        chosen_rewards.append(chosen_reward.float())
-        rejected_rewards.append(rejected_reward.float())
+        chosen_rewards.append(chosen_reward.detach().float())
+        rejected_rewards.append(rejected_reward.detach().float())
         chosen_logps_sum += float(out.chosen_logps.detach().sum())
         rejected_logps_sum += float(out.rejected_logps.detach().sum())
     chosen_reward, rejected_reward = torch.cat(chosen_rewards), torch.cat(rejected_rewards)
+    # Sums over this rank's pairs, then over all ranks (one collective): means over the step's n_pairs.
+    sums = torch.tensor(
+        [
+            float(loss_sum),
+            float(chosen_reward.sum()),
+            float(rejected_reward.sum()),
+            float((chosen_reward > rejected_reward).sum()),
+            chosen_logps_sum,
+            rejected_logps_sum,
+        ],
+        dtype=torch.float64,
+    )
+    loss, chosen, rejected, wins, c_logps, r_logps = dist.sum_tensor(sums).tolist()
     return {
-        "loss": float(loss_sum),
-        "rewards/chosen": float(chosen_reward.mean()),
-        "rewards/rejected": float(rejected_reward.mean()),
-        "rewards/margin": float((chosen_reward - rejected_reward).mean()),
-        "rewards/accuracy": float((chosen_reward > rejected_reward).float().mean()),
-        "logps/chosen": chosen_logps_sum / n_pairs,
-        "logps/rejected": rejected_logps_sum / n_pairs,
+        "loss": loss,
+        "rewards/chosen": chosen / n_pairs,
+        "rewards/rejected": rejected / n_pairs,
+        "rewards/margin": (chosen - rejected) / n_pairs,
+        "rewards/accuracy": wins / n_pairs,
+        "logps/chosen": c_logps / n_pairs,
+        "logps/rejected": r_logps / n_pairs,
     }
 
 

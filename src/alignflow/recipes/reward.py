@@ -64,7 +64,6 @@ from alignflow.errors import ConfigError, DataFormatError
 from alignflow.evaluate.reward import preference_accuracy, preference_metrics
 from alignflow.evaluate.rm_eval import fit_temperature, head_accuracy
 from alignflow.models import load_reward_model, load_tokenizer
-from alignflow.models.export import export_hf
 from alignflow.models.reward import (
     OVERALL,
     freeze_bottom,
@@ -72,13 +71,16 @@ from alignflow.models.reward import (
     with_pooling,
     write_ensemble,
 )
-from alignflow.recipes.common import Run, check_finite, set_seed, start_run
+from alignflow.recipes.common import Run, check_finite, console, set_seed, start_run
 from alignflow.splits import prompt_bucket
 from alignflow.store import Store
 from alignflow.train.accum import example_mean_share, step_weight
 from alignflow.train.checkpoint import CheckpointManager
+from alignflow.train.distributed import DistContext, init_distributed, unwrap
+from alignflow.train.distributed import export_hf as export_model
 from alignflow.train.logprobs import splittable, tree_pair_scores
 from alignflow.train.losses import bradley_terry_loss, multi_head_bradley_terry_sums
+from alignflow.train.memory import resolve_token_budget
 from alignflow.train.optim import (
     StepTimer,
     build_optimizer,
@@ -214,13 +216,20 @@ def resolved_options(cfg: RewardConfig, encoder: bool) -> RewardOptions:
 
 
 def run(cfg: RewardConfig, store: Store | None = None) -> dict[str, Any]:
-    """Train ``ensemble.size`` reward models, evaluate them and register one artifact holding all of them."""
-    r = start_run(cfg, store)
+    """Train ``ensemble.size`` reward models, evaluate them and register one artifact holding all of them.
+
+    Under torchrun every member trains data-parallel (DDP or FSDP2) in all processes; held-out and
+    calibration scoring runs, identically, on every rank; rank 0 writes the member folders and reports.
+    """
+    dist = init_distributed(cfg.train.distributed)
+    r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)
     except BaseException as exc:
         r.fail(exc)
         raise
+    finally:
+        dist.close()
 
 
 @dataclass
@@ -250,6 +259,7 @@ class _Member:
     total_steps: int
     stopped_at: int | None = None
     calib_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+    batch_plan: dict[str, Any] | None = None  # alignflow.train.memory.BatchPlan.as_dict()
 
 
 def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
@@ -257,7 +267,12 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     if cfg.model.freeze_layers and cfg.lora.enabled:
         raise ConfigError("model.freeze_layers applies to full fine-tuning; with LoRA set it to 0")
-    device = resolve_device(cfg.model)
+    if r.dist.enabled and r.dist.strategy == "fsdp" and cfg.lora.enabled:  # fail now, not at the export
+        raise ConfigError(
+            "a LoRA reward model is merged into each member folder, which FSDP-sharded weights do not "
+            "support: set train.distributed.strategy=ddp (the adapter is small; sharding buys nothing)"
+        )
+    device = r.dist.device(resolve_device(cfg.model))
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     opts = resolved_options(cfg, _is_encoder(cfg, tok))
     counter = TruncationCounter("responses")
@@ -280,6 +295,7 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
                     "step": member.stopped_at,
                     "member": k,
                     "run_dir": str(r.run_dir),
+                    "signal": r.stop_signal,
                 }
             members.append(member)
 
@@ -310,21 +326,24 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
                 bins_calibrated=reliability_calibrated,
                 ece_calibrated=final["eval/ece_calibrated"],
             )
-        (r.run_dir / "reliability.json").write_text(json.dumps(rel, indent=1))
+        if r.dist.is_main:  # every rank scored the same pairs; one writes
+            (r.run_dir / "reliability.json").write_text(json.dumps(rel, indent=1))
 
     # ---------------------------------------------------------------- register the ensemble
-    manifest = write_ensemble(
-        out_root,
-        [f"member-{k}" for k in range(K)],
-        backbone="encoder" if opts.encoder else "causal",
-        max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length,
-        eval_metrics={k: v for k, v in final.items() if k.startswith("eval/")},
-        pooling=opts.pooling,
-        keep_completion=opts.keep_response,
-        temperature=temperature,
-        heads=data.heads,
-    )
+    manifest = {"eval": {}}  # rank 0 writes ensemble.json (and alone registers the folder)
+    if r.dist.is_main:
+        manifest = write_ensemble(
+            out_root,
+            [f"member-{k}" for k in range(K)],
+            backbone="encoder" if opts.encoder else "causal",
+            max_length=cfg.data.max_length,
+            max_prompt_length=cfg.data.max_prompt_length,
+            eval_metrics={k: v for k, v in final.items() if k.startswith("eval/")},
+            pooling=opts.pooling,
+            keep_completion=opts.keep_response,
+            temperature=temperature,
+            heads=data.heads,
+        )
     ckpt_id = r.register_checkpoint(
         out_root,
         meta={"kind": "reward_model", "ensemble_size": K, "heads": data.heads, **manifest["eval"]},
@@ -339,6 +358,7 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
         "calibration_pairs": len(calib),
         "truncated_responses": counter.count,
         "responses_cut": counter.completions_cut,
+        "batch_plan": members[-1].batch_plan,
         "options": {
             "pooling": opts.pooling,
             "keep_response": opts.keep_response,
@@ -497,17 +517,30 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
     model = with_pooling(model, data.opts.pooling)
     # Packed: a causal trunk whose ``score`` head splits off; encoders attend both ways and always pad.
     packed = cfg.data.packing and not data.encoder and splittable(model, "score")
+    if packed and r.dist.enabled:
+        # The packed forward calls the trunk and the head separately, past DDP's/FSDP's forward (no gradient
+        # sync, sharded parameters); the padded forward gives the same scores up to float summation order.
+        packed = False
+        if r.dist.is_main and k == 0:
+            console.print("data.packing is off under torchrun (the packed pair forward bypasses DDP/FSDP)")
+    model = r.dist.wrap(model, data.device)  # DDP or FSDP2 under torchrun; the model itself in one process
+    plan = resolve_token_budget(cfg.train, model, cfg.model, 2 * cfg.data.max_length, state_dir=r.run_dir)
     sampler = make_sampler(
-        [2 * data.train[i].length for i in idx], cfg.train.batch_size, 2 * cfg.data.max_length, seed
+        [2 * data.train[i].length for i in idx],
+        cfg.train.batch_size,
+        2 * cfg.data.max_length,
+        seed,
+        token_budget=plan.tokens_per_batch,
     )
-    total = steps_for(sampler, cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps)
+    grad_accum = plan.grad_accum  # train.grad_accum, or what train.tokens_per_batch=auto raised it to
+    total = steps_for(sampler, grad_accum, cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     if cfg.ensemble.size == 1:
         ckpt = r.checkpoints(retention=retention(cfg.checkpoint))
     else:
         ckpt = CheckpointManager(
-            r.run_dir / "checkpoints" / f"member-{k}", retention=retention(cfg.checkpoint)
+            r.run_dir / "checkpoints" / f"member-{k}", retention=retention(cfg.checkpoint), dist=r.dist
         )
     start = 0
     resumed = ckpt.load_latest()
@@ -522,9 +555,9 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
     timer = StepTimer()
     with ckpt, r.progress(total, ("loss", "accuracy", "pairs_per_sec"), completed=start) as bar:
         for step in range(start + 1, total + 1):
-            micro = [[data.train[idx[j]] for j in next(batches)] for _ in range(cfg.train.grad_accum)]
+            micro = [[data.train[idx[j]] for j in next(batches)] for _ in range(grad_accum)]
             loss, correct, margin_sum = _accumulate_gradients(
-                cfg, model, micro, pad_id, data.device, packed, step, ckpt, data.heads
+                cfg, model, micro, pad_id, data.device, packed, step, ckpt, data.heads, r.dist
             )
             grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
             scheduler.step()  # once per optimizer step
@@ -568,9 +601,10 @@ def _train_member(cfg: RewardConfig, r: Run, data: _Data, k: int, stop: Any, out
     if data.calib:
         calib_scores = _score_pairs(model, data.calib, pad_id, data.device, cfg.train.batch_size, packed)
     # A LoRA reward model is merged so each member is a standalone scorer (no base model needed); a pooled
-    # one is saved as its HF model (ensemble.json's pooling re-wraps it).
-    export_hf(unwrap_pooling(model), data.tok, out_dir, merge_lora=True)
-    return _Member(metrics, held_scores, total, calib_scores=calib_scores)
+    # one is saved as its HF model (ensemble.json's pooling re-wraps it). Under torchrun rank 0 writes it
+    # (FSDP2 shards gathered first: a collective).
+    export_model(r.dist, unwrap_pooling(unwrap(model)), data.tok, out_dir, merge_lora=True)
+    return _Member(metrics, held_scores, total, calib_scores=calib_scores, batch_plan=plan.as_dict())
 
 
 def _accumulate_gradients(
@@ -583,6 +617,7 @@ def _accumulate_gradients(
     step: int,
     ckpt: Any,
     heads: list[str],
+    dist: DistContext | None = None,
 ) -> tuple[float, float, float]:
     """Forward and backward over the step's micro-batches; returns ``(loss, n_correct, summed reward gap)``.
 
@@ -591,7 +626,12 @@ def _accumulate_gradients(
     per dimension head, ``loss.head_weight`` times the mean soft Bradley-Terry loss over the step's pairs that
     label that dimension (:func:`~alignflow.train.losses.multi_head_bradley_terry_sums`); correct and gap are
     the overall head's.
+
+    Under torchrun every rank gets ALL the step's micro-batches (the same seeded sampler), takes the
+    normalisers (summed weights, labelled pairs per head) over all of them, then runs only its share
+    (``dist.shard``); the returned sums are over all ranks.
     """
+    dist = dist or DistContext()
     weighted = cfg.loss.use_weights and not cfg.loss.soft_labels
     eps = cfg.loss.label_smoothing
     pair_weights = [[p.weight if weighted else 1.0 for p in items] for items in micro]
@@ -602,32 +642,38 @@ def _accumulate_gradients(
     ).clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     correct = margin_sum = 0.0
-    for items, weights in zip(micro, pair_weights, strict=True):
-        scores_c, scores_r = _pair_scores(model, items, pad_id, device, packed)  # (B, H) each
-        chosen, rejected = scores_c[:, 0], scores_r[:, 0]
-        w = torch.tensor([p.weight for p in items], dtype=chosen.dtype, device=device)
-        target = w if cfg.loss.soft_labels else None
-        if eps > 0:
-            target = eps + (1 - 2 * eps) * (w if cfg.loss.soft_labels else torch.ones_like(w))
-        loss = bradley_terry_loss(
-            chosen,
-            rejected,
-            margin=cfg.loss.margin,
-            center_coef=cfg.loss.center_coef,
-            weights=w if weighted else None,
-            soft_labels=target,
-        )
-        loss = example_mean_share(loss, sum(weights), total_weight)
-        if len(heads) > 1 and cfg.loss.head_weight > 0:
-            targets, mask = _head_targets(items, heads, eps, device)
-            sums = multi_head_bradley_terry_sums(scores_c[:, 1:], scores_r[:, 1:], targets, mask)
-            loss = loss + cfg.loss.head_weight * (sums / head_counts).sum()
-        check_finite(loss, step, [p.id for p in items], ckpt)
-        loss.backward()
+    mine = dist.shard(list(zip(micro, pair_weights, strict=True)))  # this rank's micro-batches
+    for j, (items, weights) in enumerate(mine):
+        with dist.grad_sync(model, sync=j == len(mine) - 1), dist.autocast(device):
+            scores_c, scores_r = _pair_scores(model, items, pad_id, device, packed)  # (B, H) each
+            chosen, rejected = scores_c[:, 0], scores_r[:, 0]
+            w = torch.tensor([p.weight for p in items], dtype=chosen.dtype, device=device)
+            target = w if cfg.loss.soft_labels else None
+            if eps > 0:
+                target = eps + (1 - 2 * eps) * (w if cfg.loss.soft_labels else torch.ones_like(w))
+            loss = bradley_terry_loss(
+                chosen,
+                rejected,
+                margin=cfg.loss.margin,
+                center_coef=cfg.loss.center_coef,
+                weights=w if weighted else None,
+                soft_labels=target,
+            )
+            loss = example_mean_share(loss, sum(weights), total_weight)
+            if len(heads) > 1 and cfg.loss.head_weight > 0:
+                targets, mask = _head_targets(items, heads, eps, device)
+                sums = multi_head_bradley_terry_sums(scores_c[:, 1:], scores_r[:, 1:], targets, mask)
+                loss = loss + cfg.loss.head_weight * (sums / head_counts).sum()
+            check_finite(loss, step, [p.id for p in items], ckpt)
+            dist.backward(loss)
         loss_sum += loss.detach()
         gap = (chosen - rejected).detach().float()
         correct += float((gap > 0).sum())
         margin_sum += float(gap.sum())
+    if dist.enabled:  # one collective: the step's loss, correct pairs and summed gaps over all ranks
+        sums = torch.tensor([float(loss_sum), correct, margin_sum], dtype=torch.float64)
+        total_loss, correct, margin_sum = dist.sum_tensor(sums).tolist()
+        return total_loss, correct, margin_sum
     return float(loss_sum), correct, margin_sum
 
 
