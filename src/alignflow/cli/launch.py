@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,11 +25,15 @@ from pathlib import Path
 from alignflow.train.distributed import EXIT_REQUEUE
 
 STATUS_ENV = "ALIGNFLOW_STATUS_FILE"  # rank 0 writes {"exit_code": N} here before exiting
+# torchrun's rendezvous arguments instead of --standalone, for several nodes (examples/slurm, examples/k8s):
+# e.g. "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29500 --rdzv-id JOB"
+TORCHRUN_ARGS_ENV = "ALIGNFLOW_TORCHRUN_ARGS"
 NPROC_HELP = (
     "Processes on this machine: N > 1 runs the command under `torchrun --standalone --nproc-per-node N` "
-    "(data parallel; train.distributed.strategy picks DDP or FSDP2). For several nodes call torchrun "
-    "yourself: torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT "
-    "-m alignflow STAGE CONFIG."
+    "(data parallel; train.distributed.strategy picks DDP or FSDP2). For several nodes set "
+    "ALIGNFLOW_TORCHRUN_ARGS to torchrun's rendezvous options instead of --standalone (e.g. '--nnodes 2 "
+    "--rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB'; see examples/slurm and examples/k8s). "
+    "Exit code 75: stopped by SIGTERM/SIGUSR1 after a checkpoint; requeue the same command to resume."
 )
 
 
@@ -53,15 +58,16 @@ def launch(nproc: int, argv: Sequence[str] | None = None) -> int:
     """Run ``alignflow <argv>`` in ``nproc`` processes; returns the exit code the CLI should end with."""
     argv = strip_nproc(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory(prefix="alignflow-launch-") as tmp:
-        status = Path(tmp) / "status.json"
         env = dict(os.environ)
+        status = Path(tmp) / "status.json"
         env[STATUS_ENV] = str(status)
+        rendezvous = shlex.split(env.get(TORCHRUN_ARGS_ENV, "")) or ["--standalone"]
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         cmd = [
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--standalone",
+            *rendezvous,
             f"--nproc-per-node={nproc}",
             "-m",
             "alignflow",

@@ -58,7 +58,7 @@ from alignflow.data.io import resolve_dataset
 from alignflow.errors import AlignflowError
 from alignflow.monitor.trackers import Tracker, build_trackers, finite_metrics, write_samples
 from alignflow.store import Store
-from alignflow.train.distributed import EXIT_REQUEUE, DistContext
+from alignflow.train.distributed import DistContext
 from alignflow.workspace import Workspace
 
 console = Console(stderr=True, soft_wrap=True)

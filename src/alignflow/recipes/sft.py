@@ -46,6 +46,7 @@ from alignflow.store import Store
 from alignflow.train.accum import count_target_tokens, global_token_mean_loss, sum_token_nll
 from alignflow.train.distributed import export_hf as export_model
 from alignflow.train.distributed import init_distributed
+from alignflow.train.memory import resolve_token_budget
 from alignflow.train.optim import (
     StepTimer,
     build_optimizer,
@@ -77,6 +78,7 @@ def run(cfg: SFTConfig, store: Store | None = None) -> dict[str, Any]:
     ``output_dir`` resumes exactly.
     """
     dist = init_distributed(cfg.train.distributed)
+    dist.check_split(cfg.train.grad_accum)
     r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)
@@ -126,14 +128,17 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
         lora=lora_spec(cfg.lora),
     )
     model = dist.wrap(model, device)  # DDP or FSDP2 under torchrun; the model itself in one process
+    plan = resolve_token_budget(cfg.train, model, cfg.model, cfg.data.max_length, state_dir=r.run_dir)
     sampler = make_sampler(
         [len(e.input_ids) for e in train],
         cfg.train.batch_size,
         cfg.data.max_length,
         cfg.train.seed,
         packed=cfg.data.packing,
+        token_budget=plan.tokens_per_batch,
     )
-    total = steps_for(sampler, cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps)
+    grad_accum = plan.grad_accum  # train.grad_accum, or what train.tokens_per_batch=auto raised it to
+    total = steps_for(sampler, grad_accum, cfg.train.epochs, cfg.train.max_steps)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
 
@@ -182,7 +187,7 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
     timer = StepTimer()
     with ckpt, r.stopper() as stop, r.progress(total, ("loss", "tokens_per_sec"), completed=start) as bar:
         for step in range(start + 1, total + 1):
-            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            micro = [next(batches) for _ in range(grad_accum)]
             collated = [collate(idx) for idx in micro]
             n_target = count_target_tokens([labels for _, labels in collated])
             if n_target == 0:
@@ -268,6 +273,7 @@ def _run(cfg: SFTConfig, r: Run) -> dict[str, Any]:
         "train_examples": len(train),
         "eval_examples": len(held),
         "truncated_examples": counter.count,
+        "batch_plan": plan.as_dict(),
     }
     r.finish(summary, outputs={"checkpoint": ckpt_id})
     return {

@@ -369,8 +369,8 @@ class LoadedCheckpoint:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
-            get_state_dict,
             get_model_state_dict,
+            get_state_dict,
             set_model_state_dict,
             set_state_dict,
         )
@@ -388,7 +388,11 @@ class LoadedCheckpoint:
             state = {"model": msd, "optim": osd}
             dcp.load(state, checkpoint_id=str(self.path / DCP_DIR))
             set_state_dict(
-                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+                model,
+                optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+                options=opts,
             )
 
     def _load_full_into_distributed(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -421,7 +425,9 @@ class LoadedCheckpoint:
         set_model_state_dict(model, weights, options=full_opts)
         if optimizer is not None:
             saved = torch.load(self.path / "optimizer.pt", weights_only=True)
-            set_optimizer_state_dict(model, optimizer, _fqn_optimizer_state(model, optimizer, saved), options=full_opts)
+            set_optimizer_state_dict(
+                model, optimizer, _fqn_optimizer_state(model, optimizer, saved), options=full_opts
+            )
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         f = self.path / "optimizer.pt"
@@ -656,13 +662,21 @@ class CheckpointManager:
         save_rng: bool = True,
         reuse_buffers: bool = True,
         dist: Any = None,
+        format: Literal["auto", "single", "dcp"] = "auto",
     ) -> None:
         self.run_dir = Path(run_dir)
         # Under torchrun (dist.world_size > 1) every rank calls save/load: the model and optimizer go to
-        # torch.distributed.checkpoint shards, rank 0 writes the rest and commits; see _save_dcp.
+        # torch.distributed.checkpoint shards, rank 0 writes the rest and commits; see _save_dcp. `format`
+        # "dcp" forces that format in one process too (benchmarks/bench_distributed.py compares the two).
+        if format == "single" and _dist_enabled(dist):
+            raise CheckpointError("a torchrun job (world size > 1) saves distributed checkpoints (format dcp)")
+        if dist is None:
+            from alignflow.train.distributed import DistContext
+
+            dist = DistContext()
         self.dist = dist
-        self.distributed = _dist_enabled(dist)
-        self.is_main = not self.distributed or dist.is_main
+        self.distributed = _dist_enabled(dist) or format == "dcp"
+        self.is_main = dist.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.retention = retention
         self.clock = clock
@@ -723,7 +737,9 @@ class CheckpointManager:
             return final
         self._join()  # a second save waits for the first (and re-raises its error)
         if self.distributed:
-            self._save_dcp(step, model, optimizer, scheduler, data_state, config, metrics, adapter_only)
+            self._save_dcp(
+                step, model, optimizer, scheduler, data_state, config, metrics, adapter_only, blocking
+            )
             self.last_stall_seconds = time.perf_counter() - t0
             return final
         snap = self._snapshot(step, model, optimizer, scheduler, data_state, config, metrics, adapter_only)
@@ -801,12 +817,15 @@ class CheckpointManager:
         config: Any,
         metrics: Mapping[str, float] | None,
         adapter_only: bool | None,
+        blocking: bool = True,
     ) -> None:
         """A collective save: every rank writes its shards and RNG state, rank 0 the rest, then commits.
 
-        Synchronous: the shards are written from the live tensors (no CPU copy), and the commit (manifest,
-        rename, ``latest``, retention) is rank 0's as in one process. The run folder must be on a filesystem
-        every node sees (the usual requirement of torch.distributed.checkpoint).
+        The shards are written from the live tensors and the commit (manifest, rename, ``latest``,
+        retention) is rank 0's as in one process. Always synchronous (``blocking`` is ignored): with
+        ``dcp.async_save``, whose background collectives need a process group of their own, a torchrun
+        restart after a killed rank hung in its rendezvous in our tests. The run folder must be on a
+        filesystem every node sees (the usual requirement of torch.distributed.checkpoint).
         """
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -832,41 +851,50 @@ class CheckpointManager:
             state = {"model": get_model_state_dict(model, options=opts)}
         if self.save_rng:
             torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")
+        sched = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
+        inner_cfg = getattr(inner, "config", None)
+        cfg_json = inner_cfg.to_json_string() if hasattr(inner_cfg, "to_json_string") and not peft else None
+        doc = {
+            "format_version": FORMAT_VERSION,
+            "format": "dcp",
+            "world_size": dist.world_size,
+            "strategy": dist.strategy,
+            "step": step,
+            "saved_at": float(self.clock()),
+            "adapter_only": adapter_only,
+            "data_state": _json_checked("data_state", data_state),
+            "config": _json_checked("config", config),
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        }
+        self._saved_step = step
         dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
         dist.barrier()  # every rank's files are on disk
         if dist.is_main:
-            try:
-                cfg = getattr(inner, "config", None)
-                if hasattr(cfg, "to_json_string") and not peft:
-                    (tmp / "model-config.json").write_text(cfg.to_json_string())
-                if scheduler is not None:
-                    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                doc = {
-                    "format_version": FORMAT_VERSION,
-                    "format": "dcp",
-                    "world_size": dist.world_size,
-                    "strategy": dist.strategy,
-                    "step": step,
-                    "saved_at": float(self.clock()),
-                    "adapter_only": adapter_only,
-                    "data_state": _json_checked("data_state", data_state),
-                    "config": _json_checked("config", config),
-                    "metrics": {k: float(v) for k, v in (metrics or {}).items()},
-                }
-                (tmp / STATE_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
-                _write_manifest(tmp)
-                _publish(self.run_dir, tmp, name)
-                score = self.retention.score(doc["metrics"]) if self.retention is not None else None
-                if score is not None:
-                    self._known_scores()[step] = score
-                if self.retention is not None:
-                    self._prune()
-                    self._mark_best()
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        self._saved_step = step
+            self._commit_dcp(tmp, name, doc, sched, cfg_json)
         dist.barrier()  # committed before any rank goes on (a following load or exit sees it)
+
+    def _commit_dcp(
+        self, tmp: Path, name: str, doc: dict[str, Any], sched: Any, cfg_json: str | None
+    ) -> None:
+        """Rank 0: the files besides the shards, the manifest, the rename and ``latest``, then retention."""
+        step = int(doc["step"])
+        try:
+            if cfg_json is not None:
+                (tmp / "model-config.json").write_text(cfg_json)
+            if sched is not None:
+                torch.save(sched, tmp / "scheduler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+            _write_manifest(tmp)
+            _publish(self.run_dir, tmp, name)
+            score = self.retention.score(doc["metrics"]) if self.retention is not None else None
+            if score is not None:
+                self._known_scores()[step] = score
+            if self.retention is not None:
+                self._prune()
+                self._mark_best()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _run_background(self, snap: _Snapshot) -> None:
         try:

@@ -87,6 +87,10 @@ class DistContext:
             )
         return list(items[self.rank :: self.world_size])
 
+    def check_split(self, n: int, what: str = "train.grad_accum") -> None:
+        """Fail before any work when ``n`` items per step cannot be split evenly across the ranks."""
+        self.shard(range(n), what)
+
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` with the scale that turns DDP's/FSDP's average over ranks into a sum."""
         (loss * self.world_size if self.enabled else loss).backward()
@@ -253,7 +257,11 @@ def init_distributed(section: Any = None) -> DistContext:
 
     owns = False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("ALIGNFLOW_DIST_BACKEND") != "gloo" else "gloo"
+        backend = (
+            "nccl"
+            if torch.cuda.is_available() and os.environ.get("ALIGNFLOW_DIST_BACKEND") != "gloo"
+            else "gloo"
+        )
         timeout = timedelta(minutes=float(getattr(section, "timeout_minutes", 30.0)))
         dist.init_process_group(backend=backend, timeout=timeout)
         owns = True
@@ -269,7 +277,9 @@ def init_distributed(section: Any = None) -> DistContext:
     return ctx
 
 
-def export_hf(ctx: DistContext, model: nn.Module, tokenizer: Any, out_dir: Any, merge_lora: bool = False) -> Any:
+def export_hf(
+    ctx: DistContext, model: nn.Module, tokenizer: Any, out_dir: Any, merge_lora: bool = False
+) -> Any:
     """:func:`alignflow.models.export.export_hf` for a possibly wrapped model: rank 0 writes one normal
     ``save_pretrained`` folder (FSDP2 shards gathered first, a collective); every rank returns its path."""
     from alignflow.models.export import export_hf as export_one
