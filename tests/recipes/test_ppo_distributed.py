@@ -29,7 +29,9 @@ STEPS = 3
 KEYS = ("loss/policy", "loss/total", "reward/raw_mean", "reward/shaped_mean", "kl/seq_sum_mean", "kl/coef")
 
 
-def ppo_config(model: Path, prompts: Path, out: Path, estimator: str) -> dict[str, Any]:
+def ppo_config(
+    model: Path, prompts: Path, out: Path, estimator: str, strategy: str = "ddp"
+) -> dict[str, Any]:
     grpo = estimator == "grpo"
     return {
         "stage": "ppo",
@@ -46,8 +48,9 @@ def ppo_config(model: Path, prompts: Path, out: Path, estimator: str) -> dict[st
         "kl": {"coef": 0.01, "adaptive": True, "target": 0.5, "horizon": 100},  # global KL -> same beta
         "advantage": {"estimator": estimator},
         "ppo": {"epochs": 2, "minibatch_size": 4},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"seed": 0, "steps": STEPS},
+        # lr: Adam turns rounding-level differences of near-zero gradients into steps of ~lr (export tolerance)
+        "optim": {"lr": 1e-3, "scheduler": "constant"},
+        "train": {"seed": 0, "steps": STEPS, "distributed": {"strategy": strategy}},
     }
 
 
@@ -71,21 +74,26 @@ def finish(proc: subprocess.Popen[bytes], what: str) -> str:
     return out.decode()
 
 
-def one_vs_two(tmp_path: Path, model: Path, prompts: Path, estimator: str) -> dict[int, Path]:
-    """The same config in 1 and in 2 processes, run side by side (separate workspaces: no shared SQLite)."""
-    runs: dict[int, Path] = {}
+def one_vs_two(
+    tmp_path: Path, model: Path, prompts: Path, estimator: str, strategies: tuple[str, ...] = ("ddp",)
+) -> dict[str, Path]:
+    """The same config in 1 process and in 2 (per strategy), run side by side (separate workspaces: no
+    shared SQLite); returns the run folders by "1" / strategy."""
+    runs: dict[str, Path] = {}
     procs = {}
-    for n in (1, 2):
-        runs[n] = tmp_path / f"{estimator}-{n}"
-        cfg = write_config(tmp_path / f"{estimator}-{n}.yaml", ppo_config(model, prompts, runs[n], estimator))
-        procs[n] = launch(cfg, tmp_path / f"ws-{n}", n)
-    for n, proc in procs.items():
-        finish(proc, f"{estimator} with {n} process(es)")
+    for name, n in [("1", 1), *((s, 2) for s in strategies)]:
+        runs[name] = tmp_path / f"{estimator}-{name}"
+        cfg = ppo_config(model, prompts, runs[name], estimator, "ddp" if n == 1 else name)
+        procs[name] = launch(
+            write_config(tmp_path / f"{estimator}-{name}.yaml", cfg), tmp_path / f"ws-{name}", n
+        )
+    for name, proc in procs.items():
+        finish(proc, f"{estimator} {'in 1 process' if name == '1' else f'in 2 processes ({name})'}")
     return runs
 
 
-def assert_same_metrics(runs: dict[int, Path], keys: tuple[str, ...]) -> None:
-    one, two = read_metrics(runs[1]), read_metrics(runs[2])
+def assert_same_metrics(one_dir: Path, two_dir: Path, keys: tuple[str, ...]) -> None:
+    one, two = read_metrics(one_dir), read_metrics(two_dir)
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
     for a, b in zip(one, two, strict=True):
         for key in keys:
@@ -98,12 +106,12 @@ def assert_same_metrics(runs: dict[int, Path], keys: tuple[str, ...]) -> None:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key, a[key], b[key])
 
 
-def assert_same_export(runs: dict[int, Path]) -> None:
+def assert_same_export(one_dir: Path, two_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    a = AutoModelForCausalLM.from_pretrained(str(runs[1] / "final")).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(str(runs[2] / "final")).state_dict()
+    a = AutoModelForCausalLM.from_pretrained(str(one_dir / "final")).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(str(two_dir / "final")).state_dict()
     assert a.keys() == b.keys()
     for key in a:
         # Adam turns rounding-level differences of near-zero gradients into steps of ~lr on a few weights
@@ -115,19 +123,23 @@ def assert_same_export(runs: dict[int, Path]) -> None:
 
 def test_grpo_two_processes_equal_one(tiny_model, toy_data, tmp_path):
     runs = one_vs_two(tmp_path, tiny_model, toy_data["sft"], "grpo")
-    assert_same_metrics(runs, (*KEYS, "loss/kl", "policy/approx_kl", "policy/entropy"))
-    assert_same_export(runs)
-    summary = json.loads((runs[2] / "summary.json").read_text())
+    assert_same_metrics(runs["1"], runs["ddp"], (*KEYS, "loss/kl", "policy/approx_kl", "policy/entropy"))
+    assert_same_export(runs["1"], runs["ddp"])
+    summary = json.loads((runs["ddp"] / "summary.json").read_text())
     assert summary["steps"] == STEPS
 
 
-def test_gae_two_processes_equal_one(tiny_model, toy_data, tmp_path):
-    runs = one_vs_two(tmp_path, tiny_model, toy_data["sft"], "gae")
-    assert_same_metrics(runs, (*KEYS, "value/loss", "value/clip_frac", "policy/approx_kl"))
-    assert_same_export(runs)
-    # the torchrun job's checkpoint is a DCP one, policy and value model together
-    ckpt = runs[2] / "checkpoints"
-    assert any((p / "dcp").is_dir() for p in ckpt.glob("step-*"))
+def test_gae_two_processes_ddp_and_fsdp_equal_one(tiny_model, toy_data, tmp_path):
+    """PPO with a separate value model: DDP, and FSDP2 (policy and critic sharded for the update, gathered
+    for generation and scoring)."""
+    runs = one_vs_two(tmp_path, tiny_model, toy_data["sft"], "gae", ("ddp", "fsdp"))
+    for strategy in ("ddp", "fsdp"):
+        assert_same_metrics(
+            runs["1"], runs[strategy], (*KEYS, "value/loss", "value/clip_frac", "policy/approx_kl")
+        )
+        assert_same_export(runs["1"], runs[strategy])
+        # the torchrun job's checkpoint is a DCP one, policy and value model together
+        assert any((p / "dcp").is_dir() for p in (runs[strategy] / "checkpoints").glob("step-*"))
 
 
 def test_batch_not_divisible_by_world_size_is_a_config_error(tiny_model, toy_data, tmp_path):
@@ -229,5 +241,7 @@ def test_world_size_checks():
     _check_world(cfg(), DistContext(rank=0, world_size=2))
     with pytest.raises(ConfigError, match="ppo.minibatch_size = 3 is not a multiple of the world size 2"):
         _check_world(cfg(minibatch_size=3), DistContext(rank=0, world_size=2))
-    with pytest.raises(ConfigError, match="strategy=fsdp: PPO runs data parallel with ddp only"):
-        _check_world(cfg(), DistContext(rank=0, world_size=2, strategy="fsdp"))
+    _check_world(cfg(), DistContext(rank=0, world_size=2, strategy="fsdp"))
+    lora = cfg().model_copy(update={"lora": cfg().lora.model_copy(update={"enabled": True})})
+    with pytest.raises(ConfigError, match="strategy=fsdp with lora.enabled"):
+        _check_world(lora, DistContext(rank=0, world_size=2, strategy="fsdp"))

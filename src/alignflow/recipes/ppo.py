@@ -26,6 +26,25 @@ Ziegler et al. 2019):
 6. ``ppo.epochs`` passes over shuffled minibatches with the clipped surrogate (and the clipped value loss for
    ``gae``); an epoch stops early when the approximate KL to ``pi_old`` exceeds ``ppo.target_kl``. The
    learning-rate schedule steps once per step (rollout round), not once per minibatch.
+
+Randomness per step, not per process: a step's sampling draws come from a generator seeded by (train.seed,
+step), one uniform per GLOBAL row and decode step, and each epoch's minibatch order from one seeded by (seed,
+step, epoch). Results therefore depend neither on the world size nor on the RNG state a resume restores.
+
+Under torchrun (``alignflow ppo CONFIG --nproc N``, ``train.distributed.strategy: ddp``) every process holds
+the policy, reference, critic and reward source (replicated) and sees the same step prompts; process ``r``
+samples the prompt groups ``r, r + N, ...`` (whole groups: GRPO/RLOO baselines stay local), scores its rows
+and runs the no-grad reference/value forwards on them. The rows are then gathered (``all_gather_object``),
+so the reward shaping and its running moments, the multipliers, advantages and their whitening, the KL
+controller and every logged metric are computed over the global batch, identically in every process. Each
+global minibatch is split across the processes (rows ``r::N``), its losses normalised by the minibatch's
+global token (or sequence) count; DDP sums the gradients (``dist.backward``) and the statistics are summed, so
+early stopping on ``ppo.target_kl`` is global too. ``rollout.batch_size`` and ``ppo.minibatch_size`` must be
+multiples of N. Checkpoints are DCP (every process saves), the final export is rank 0's. With
+``strategy: fsdp`` the policy and critic are sharded (parameters, gradients, optimizer state) for the update;
+generation and the no-grad forwards gather their weights first (each process then holds them whole for that
+phase, as under DDP), so the processes need no collective per decode step. FSDP with LoRA is refused (the
+export merges the adapter, which sharded weights do not support).
 """
 
 from __future__ import annotations
@@ -386,15 +405,16 @@ def run(cfg: PPOConfig, store: Store | None = None) -> dict[str, Any]:
 
 
 def _check_world(cfg: PPOConfig, dist: DistContext) -> None:
-    """Under torchrun: DDP only, and a step's prompts and every minibatch split evenly across the processes."""
+    """Under torchrun: a step's prompts and every minibatch split evenly across the processes; no LoRA under
+    FSDP."""
     n = dist.world_size
     if n <= 1:
         return
-    if dist.strategy != "ddp":
+    if dist.strategy == "fsdp" and cfg.lora.enabled:
         raise ConfigError(
-            f"train.distributed.strategy={dist.strategy}: PPO runs data parallel with ddp only (generation "
-            "and the packed forwards call the policy's trunk directly, which FSDP2's sharded root cannot "
-            "serve); set train.distributed.strategy=ddp"
+            "train.distributed.strategy=fsdp with lora.enabled: the final export merges the adapter, which "
+            "FSDP-sharded weights do not support (and an adapter is small: sharding buys nothing); set "
+            "train.distributed.strategy=ddp"
         )
     if cfg.rollout.batch_size % n:
         raise ConfigError(
@@ -451,11 +471,12 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
         grpo_scale=cfg.advantage.grpo_scale,
         recompute_logprobs=cfg.rollout.recompute_logprobs,
     )
+    # Under torchrun the update forwards run through DDP or FSDP2 (their gradient reductions); generation
+    # and the no-grad scoring forwards use the modules themselves (under FSDP2 with their weights gathered,
+    # _whole_weights). Wrapped before the optimizer is built: FSDP2 replaces the parameters.
+    trainee = dist.wrap(_TrainForward(forwarder), device) if dist.enabled else None
     optimizer, params = _optimizer(cfg, forwarder)
     scheduler = T.build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    # Under torchrun the update forwards run through DDP (its gradient all-reduce); generation and the
-    # no-grad scoring forwards use the modules themselves.
-    trainee = dist.wrap(_TrainForward(forwarder), device) if dist.enabled else None
 
     # what a checkpoint holds: a LoRA policy alone saves only its adapter
     ckpt_module = _checkpoint_module(forwarder)
@@ -473,7 +494,8 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     multipliers: LagrangeMultipliers | None = None
     if cfg.reward.combine is not None:  # after the resume: restored thresholds are never measured again
         saved = state.get("constraints") if loaded is not None else None
-        multipliers = _multipliers(cfg, saved, forwarder, tok, train_prompts, train_ids, scorer, device)
+        with _whole_weights(trainee, dist):
+            multipliers = _multipliers(cfg, saved, forwarder, tok, train_prompts, train_ids, scorer, device)
 
     # the monitor's proxy reward is the training reward: the heads combined with the current multipliers
     def proxy_reward(prompts: list[str], responses: list[str]) -> Tensor:
@@ -489,26 +511,27 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             # the row's global index, so the tokens do not depend on the world size.
             batch = [i for i in stream.take(cfg.rollout.batch_size) for _ in range(k)]
             mine = _my_rows(len(batch), k, dist)
-            forwarder.eval()
-            generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, step, 0))
-            local = _sample(
-                forwarder.policy,
-                [train_ids[batch[i]] for i in mine],
-                tok,
-                cfg.rollout,
-                device,
-                generator,
-                row_index=mine,
-                num_rows=len(batch),
-            )
-            # ---- score this process's rows: reward heads, then the no-grad forwards (old/reference
-            # log-probs, values); then the whole step's rows on every process
-            t_scoring = time.perf_counter()
-            local_responses = _decode(tok, local)
-            local_heads, heads = scorer([train_prompts[batch[i]].text for i in mine], local_responses)
-            spread = getattr(scorer, "last_std", None)  # set by this scoring, before the monitor's
-            t_training = time.perf_counter()
-            forwards = scoring_forwards(forwarder, RolloutRows(local, group_size=k), spec)
+            with _whole_weights(trainee, dist):
+                forwarder.eval()
+                generator = torch.Generator().manual_seed(_step_seed(cfg.train.seed, step, 0))
+                local = _sample(
+                    forwarder.policy,
+                    [train_ids[batch[i]] for i in mine],
+                    tok,
+                    cfg.rollout,
+                    device,
+                    generator,
+                    row_index=mine,
+                    num_rows=len(batch),
+                )
+                # ---- score this process's rows: reward heads, then the no-grad forwards (old/reference
+                # log-probs, values); then the whole step's rows on every process
+                t_scoring = time.perf_counter()
+                local_responses = _decode(tok, local)
+                local_heads, heads = scorer([train_prompts[batch[i]].text for i in mine], local_responses)
+                spread = getattr(scorer, "last_std", None)  # set by this scoring, before the monitor's
+                t_training = time.perf_counter()
+                forwards = scoring_forwards(forwarder, RolloutRows(local, group_size=k), spec)
             step_rows = _all_rows(
                 dist,
                 mine,
@@ -552,9 +575,10 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
             if step_rows.spread is not None:
                 metrics["reward/ensemble_std"] = step_rows.spread
             if cfg.monitor.every and step % cfg.monitor.every == 0:
-                metrics.update(
-                    _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)
-                )
+                with _whole_weights(trainee, dist):
+                    metrics.update(
+                        _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)
+                    )
             # texts: this step's responses, for the alert rules that read them (repetition)
             r.log(step, metrics, texts=responses)
             if cfg.tracking.samples_every and step % cfg.tracking.samples_every == 0:
@@ -602,9 +626,10 @@ def _run(cfg: PPOConfig, r: Run) -> dict[str, Any]:
     final_step = cfg.train.steps
     final_metrics = {key: metrics[key] for key in PROGRESS_KEYS if key in metrics}
     if held:
-        final_metrics.update(
-            _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)
-        )
+        with _whole_weights(trainee, dist):
+            final_metrics.update(
+                _monitor(forwarder.policy, tok, held, proxy_reward, heldout, cfg, device, scorer)
+            )
     if loaded is not None and start >= final_step and dist.is_main:
         console.print(f"run already complete at step {start}; re-exporting the final policy")
     out_dir = r.run_dir / "final"
@@ -1054,6 +1079,30 @@ def _all_rows(
         else sum(v * m for v, m in spreads) / sum(m for _, m in spreads)  # type: ignore[operator]
     )
     return _StepRows(rollout, texts, scores.to(head_scores.device), gathered, total_spread)
+
+
+@contextmanager
+def _whole_weights(trainee: nn.Module | None, dist: DistContext) -> Iterator[None]:
+    """Under FSDP2: every sharded module's weights gathered (and kept: no resharding after a forward), so the
+    sampler and the no-grad forwards run on plain tensors without collectives, whatever number of forwards
+    each process makes; resharded on exit. Otherwise nothing."""
+    if trainee is None or dist.strategy != "fsdp":
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    root = trainee._get_fsdp_state()  # type: ignore[operator]
+    root._lazy_init()  # FSDP2 initialises on the root's first forward; unshard() before it needs this
+    modules = [m for m in trainee.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 class _TrainForward(nn.Module):
