@@ -142,6 +142,37 @@ def test_gae_two_processes_ddp_and_fsdp_equal_one(tiny_model, toy_data, tmp_path
         assert any((p / "dcp").is_dir() for p in (runs[strategy] / "checkpoints").glob("step-*"))
 
 
+def test_sigusr1_in_two_processes_then_resume_in_one_equals_one(tiny_model, toy_data, tmp_path):
+    """A torchrun job preempted (SIGUSR1: checkpoint, exit 75) resumes in one process from its DCP checkpoint
+    (policy, critic, optimizer, moments, KL coefficient, stream) and ends where one uninterrupted process does."""
+    import signal
+    import time
+
+    runs = {name: tmp_path / f"gae-{name}" for name in ("one", "preempted")}
+    cfgs = {
+        name: write_config(tmp_path / f"{name}.yaml", ppo_config(tiny_model, toy_data["sft"], out, "gae"))
+        for name, out in runs.items()
+    }
+    one = launch(cfgs["one"], tmp_path / "ws-one", 1)
+    two = launch(cfgs["preempted"], tmp_path / "ws-two", 2)
+    metrics = runs["preempted"] / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and two.poll() is None:
+        if metrics.is_file() and metrics.read_text().strip():
+            break
+        time.sleep(0.05)
+    two.send_signal(signal.SIGUSR1)  # the launcher forwards it to both workers
+    _, err = two.communicate(timeout=300)
+    assert two.returncode == 75, err.decode()[-3000:]  # EXIT_REQUEUE: checkpointed, requeue me
+    stopped = [r["step"] for r in read_metrics(runs["preempted"])]
+    assert stopped[-1] < STEPS, "the run finished before SIGUSR1 arrived; nothing was tested"
+    assert any((p / "dcp").is_dir() for p in (runs["preempted"] / "checkpoints").glob("step-*"))
+    finish(launch(cfgs["preempted"], tmp_path / "ws-two", 1), "the resume in 1 process")
+    finish(one, "gae in 1 process")
+    assert_same_metrics(runs["one"], runs["preempted"], (*KEYS, "value/loss", "policy/approx_kl"))
+    assert_same_export(runs["one"], runs["preempted"])
+
+
 def test_batch_not_divisible_by_world_size_is_a_config_error(tiny_model, toy_data, tmp_path):
     cfg = ppo_config(tiny_model, toy_data["sft"], tmp_path / "odd", "grpo")
     cfg["rollout"]["batch_size"] = 3
