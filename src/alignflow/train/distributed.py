@@ -242,6 +242,25 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _attempt_store(timeout: timedelta) -> dict[str, Any]:
+    """The env:// store under a prefix of this torchrun attempt (TORCHELASTIC_RESTART_COUNT).
+
+    torchrun's agent keeps one TCPStore across restarts, and the process group's keys (each rank's address)
+    are not namespaced by attempt: after a rank was killed and the job restarted, a new rank could read the
+    dead rank's address and wait forever in ``init_process_group`` (seen in about one run in three of
+    tests/train/test_distributed.py's SIGKILL test). A prefix per attempt gives each attempt fresh keys.
+    """
+    if "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
+        return {}
+    from torch.distributed import PrefixStore
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world = next(rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = PrefixStore(f"alignflow/attempt-{attempt}", store)
+    return {"store": store, "rank": rank, "world_size": world}
+
+
 def init_distributed(section: Any = None) -> DistContext:
     """Join the torchrun job described by the environment, or return the one-process context.
 
@@ -263,7 +282,7 @@ def init_distributed(section: Any = None) -> DistContext:
             else "gloo"
         )
         timeout = timedelta(minutes=float(getattr(section, "timeout_minutes", 30.0)))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, **_attempt_store(timeout))
         owns = True
     ctx = DistContext(
         rank=dist.get_rank(),
