@@ -117,7 +117,7 @@ def test_resume_with_combine_equals_uninterrupted(cli, tiny_model, toy_data, tmp
     multihead_rewards.SIGTERM_AT_CALL = 3  # reference, step 1, step 2
     path = write_config(tmp_path / "stopped.yaml", config("stopped"))
     res = cli("ppo", path)
-    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert res.exit_code == 75, res.output + repr(res.exception)  # EXIT_REQUEUE after SIGTERM
     assert "stopped at step 2" in res.output
     assert [r["step"] for r in read_metrics(tmp_path / "stopped")] == [1, 2]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -26,6 +27,8 @@ def ppo(
         raise typer.Exit(launch(nproc))
     cfg = load_config(config, overrides or [], schema=PPOConfig)
     result = run(cfg)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the result is rank 0's to print
+        raise typer.Exit(finish_code(result))
     if result.get("stopped"):
         console.print(f"stopped at step {result['step']}; resume with the same command")
         code = finish_code(result)
