@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 from alignflow.errors import ConfigError
 
@@ -120,6 +130,48 @@ class TrainSection(StrictModel):
     eval_every: int = Field(default=0, ge=0, description="0 = only at the end")
     save_every: int = Field(default=0, ge=0, description="0 = only at the end")
     log_every: int = Field(default=1, gt=0)
+    tokens_per_batch: int | Literal["auto"] | None = Field(
+        default=None,
+        description="Token budget of one micro-batch: a padded batch's rows x its longest example, or a packed "
+        "batch's tokens; `batch_size` still caps its rows (RM and DPO count chosen + rejected). None: "
+        "batch_size x data.max_length (x2 for pairs). N: at most N tokens (at least one longest example); "
+        "grad_accum as configured. auto: the largest budget (whole rows of max_length, at most batch_size "
+        "rows) that alignflow.train.memory estimates to fit `memory_limit_gb`, with grad_accum raised so an "
+        "optimizer step still sees about batch_size x grad_accum rows. The chosen plan is logged and kept in "
+        "summary.json under batch_plan.",
+    )
+    memory_limit_gb: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="tokens_per_batch: auto only. GiB (2^30 bytes) the run may use for parameters, gradients, "
+        "optimizer state and activations. Default: CUDA, 0.9 x the device's total memory; CPU, 0.8 x "
+        "MemAvailable (/proc/meminfo) plus what the loaded models already hold, split across local ranks.",
+    )
+
+    @field_validator("tokens_per_batch", mode="before")
+    @classmethod
+    def _budget_value(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        raise ValueError("expected a positive number of tokens, 'auto', or null (batch_size x max_length)")
+
+    @field_validator("memory_limit_gb")
+    @classmethod
+    def _limit_needs_auto(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("tokens_per_batch") != "auto":
+            raise ValueError("applies only with tokens_per_batch: auto")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_budget(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Unset budget keys are left out, so a config that does not use them records (and hashes) as before."""
+        data = handler(self)
+        for key in ("tokens_per_batch", "memory_limit_gb"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class CheckpointSection(StrictModel):

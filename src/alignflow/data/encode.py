@@ -335,14 +335,28 @@ def pack_pairs(items: Sequence[EncodedPair], pad_token_id: int, device: torch.de
 
 
 def make_sampler(
-    lengths: Sequence[int], batch_size: int, max_length: int, seed: int, packed: bool = False
+    lengths: Sequence[int],
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    packed: bool = False,
+    token_budget: int | None = None,
 ) -> TokenBudgetSampler:
     """A seeded, resumable sampler of micro-batches.
 
     Unpacked: up to ``batch_size`` examples of similar length per micro-batch. Packed: as many examples as
     fill ``batch_size`` rows of ``max_length`` tokens (a token budget), so packing raises tokens per step.
+
+    ``token_budget`` (``train.tokens_per_batch``, resolved by :func:`alignflow.train.memory.resolve_token_budget`)
+    caps a micro-batch's tokens instead of ``batch_size * max_length``: padded, rows x the longest example
+    (still at most ``batch_size`` rows); packed, the examples' total, at most ``batch_size * max_length``. None
+    keeps ``batch_size * max_length``.
     """
     budget = batch_size * max_length
+    if token_budget is not None:
+        if token_budget <= 0:
+            raise ValueError(f"token_budget must be positive, got {token_budget}")
+        budget = min(token_budget, budget) if packed else token_budget
     if packed:
         return TokenBudgetSampler(lengths, budget, seed=seed, mode="packed")
     return TokenBudgetSampler(lengths, budget, seed=seed, mode="padded", max_batch_size=batch_size)
