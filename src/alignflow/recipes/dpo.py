@@ -124,6 +124,7 @@ def run(cfg: DPOConfig, store: Store | None = None) -> dict[str, Any]:
     unwrapped and replicated on every rank, and the held-out evaluation runs identically on every rank.
     """
     dist = init_distributed(cfg.train.distributed)
+    dist.check_split(cfg.train.grad_accum)  # before any work, not at step 1
     r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)

@@ -222,6 +222,7 @@ def run(cfg: RewardConfig, store: Store | None = None) -> dict[str, Any]:
     calibration scoring runs, identically, on every rank; rank 0 writes the member folders and reports.
     """
     dist = init_distributed(cfg.train.distributed)
+    dist.check_split(cfg.train.grad_accum)  # before any work, not at step 1
     r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)
