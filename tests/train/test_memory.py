@@ -61,6 +61,14 @@ def test_fixed_bytes_by_hand_lora_bf16_frozen_reference_and_mixed_precision() ->
     assert sgd.parts["optimizer"] == 0
     two = estimate_memory(TINY, trainable_params=100, total_params=1000, n_models=2)
     assert two.parts["parameters"] == 2 * 4000 and two.parts["optimizer"] == 2 * 100 * 8
+    # FSDP over 4 ranks: the trained model's parameters, gradients and state split four ways, not the reference
+    fsdp = estimate_memory(TINY, trainable_params=1000, total_params=1000, shards=4, frozen_params=1000)
+    assert [fsdp.parts[k] for k in ("parameters", "gradients", "optimizer", "frozen")] == [
+        1000,
+        1000,
+        2000,
+        4000,
+    ]
 
 
 def test_bytes_per_token_by_hand() -> None:
@@ -345,3 +353,41 @@ def test_sft_auto_with_an_absurd_limit_fails_naming_the_limit(
     assert isinstance(res.exception, ConfigError), repr(res.exception)
     assert "tokens_per_batch=auto" in msg and "over the memory limit of 0.00 GiB" in msg
     assert "lora.enabled=true" in msg and "model.gradient_checkpointing" in msg
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny: dict[str, Path]) -> Path:
+    return toy.write_jsonl(tiny["sft"].parent / "pairs.jsonl", toy.pair_rows(48))
+
+
+def test_rm_and_dpo_take_the_budget_and_record_the_plan(
+    cli, tiny: dict[str, Path], pairs: Path, tmp_path: Path
+) -> None:
+    # rm: a pair costs chosen + rejected (2 x its longer side). Responses long enough to be cut to
+    # data.max_length=64 cost 128 each, so a budget of 128 tokens holds one pair per micro-batch.
+    rows = toy.pair_rows(24)
+    for row in rows:
+        row["chosen"] += " and then" * 60
+        row["rejected"] += " and then" * 60
+    long_pairs = toy.write_jsonl(tmp_path / "long.jsonl", rows)
+    out = tmp_path / "rm"
+    cfg = write_config(
+        tmp_path / "rm.yaml", base_config("rm", tiny["model"], long_pairs, out, train={"max_steps": 3})
+    )
+    res = cli("rm", cfg, "train.tokens_per_batch=128")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    steps = [m for m in read_metrics(out) if "num_pairs" in m]
+    assert len(steps) == 3 and all(m["num_pairs"] == 1 for m in steps), steps
+    plan = json.loads((out / "summary.json").read_text())["batch_plan"]
+    assert (plan["tokens_per_batch"], plan["mode"]) == (128, "fixed")
+    # dpo with auto and room to spare: the configured micro-batch (8 pairs of 2 x 64 tokens), grad_accum as set
+    out = tmp_path / "dpo"
+    cfg = write_config(
+        tmp_path / "dpo.yaml",
+        base_config("dpo", tiny["model"], pairs, out, train={"max_steps": 2, "grad_accum": 2}),
+    )
+    res = cli("dpo", cfg, "train.tokens_per_batch=auto", "train.memory_limit_gb=8")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    plan = json.loads((out / "summary.json").read_text())["batch_plan"]
+    assert (plan["tokens_per_batch"], plan["grad_accum"], plan["mode"]) == (8 * 128, 2, "auto")
+    assert plan["fixed_bytes"] > 0 and plan["est_peak_bytes"] < 8 * GIB

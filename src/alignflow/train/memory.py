@@ -9,7 +9,7 @@ The model of a training step's peak resident memory is linear in the micro-batch
 
     fixed_bytes = n_models * (N_total * p                 # parameters
                               + N_trainable * p           # gradients (trainable parameters only)
-                              + N_trainable * S)          # optimizer state
+                              + N_trainable * S) / shards # optimizer state; FSDP shards all three
                   + N_frozen * p                          # e.g. DPO's reference model (no gradients)
                   + RUNTIME_OVERHEAD                      # thread pools, kernel workspaces, malloc arenas
 
@@ -179,6 +179,7 @@ def estimate_memory(
     lora_mlp: bool = False,
     n_models: int = 1,
     frozen_params: int = 0,
+    shards: int = 1,
     mixed_precision: bool = False,
     lm_head: bool = True,
     seq_len: int | None = None,
@@ -200,6 +201,8 @@ def estimate_memory(
             fine-tuning (the LoRA activation count assumes attention-only adapters, the config's default).
         n_models: trained models resident at once (each with parameters, gradients and optimizer state).
         frozen_params: parameters of frozen models held beside them (DPO's reference).
+        shards: ranks the trained parameters, gradients and optimizer state are sharded over (FSDP); frozen
+            models stay whole on every rank.
         mixed_precision: fp32 master weights and fp32 optimizer states beside low-precision parameters.
         lm_head: a causal-LM head whose vocabulary-wide logits enter the loss (False for a score head).
         seq_len: the padded row length, for the attention mask (and eager attention's probabilities).
@@ -226,10 +229,12 @@ def estimate_memory(
         state = 4 if mixed_precision else 0
     else:
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
     parts = {
-        "parameters": n_models * total_params * p,
-        "gradients": n_models * trainable_params * p,
-        "optimizer": n_models * trainable_params * state,
+        "parameters": -(-n_models * total_params * p // shards),
+        "gradients": -(-n_models * trainable_params * p // shards),
+        "optimizer": -(-n_models * trainable_params * state // shards),
         "frozen": frozen_params * p,
         "runtime": RUNTIME_OVERHEAD,
     }
@@ -354,6 +359,7 @@ def model_estimate(
     attn_implementation: str = "sdpa",
     frozen_params: int = 0,
     reference_forward: bool = False,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """:func:`estimate_memory` for a loaded model: counts, dtype, LoRA and the head read off the model."""
     inner = _unwrap(model)
@@ -376,6 +382,7 @@ def model_estimate(
         seq_len=seq_len,
         attn_implementation=attn_implementation,
         reference_forward=reference_forward,
+        shards=shards,
     )
 
 
@@ -413,6 +420,16 @@ def _agree_on_min(value: int, device: torch.device) -> tuple[int, int]:
     t = torch.tensor([value], dtype=torch.float64, device=on)
     tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
     return int(t.item()), tdist.get_world_size()
+
+
+def _fsdp_shards(train: TrainSection) -> int:
+    """The world size when ``train.distributed.strategy`` is fsdp under torch.distributed, else 1."""
+    import torch.distributed as tdist
+
+    dist = getattr(train, "distributed", None)
+    if getattr(dist, "strategy", None) != "fsdp" or not (tdist.is_available() and tdist.is_initialized()):
+        return 1
+    return tdist.get_world_size()
 
 
 def _is_main() -> bool:
@@ -470,6 +487,7 @@ def resolve_token_budget(
             attn_implementation=model_section.attn_implementation,
             frozen_params=frozen_params,
             reference_forward=reference == "live",
+            shards=_fsdp_shards(train),
         )
     except (AttributeError, TypeError, ValueError) as exc:  # a model whose config names no sizes we know
         if setting == "auto":
