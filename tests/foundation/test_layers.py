@@ -270,5 +270,7 @@ def test_cycle_checker_finds_module_level_cycles_only(tmp_path: Path) -> None:
 
 def test_rules_parse_from_the_doc() -> None:
     layers, exceptions = load_rules(DOC.read_text(encoding="utf-8"))
-    assert layers["errors"] == 0 and layers["cli"] == max(layers.values())
+    # the CLI is the top, under only `python -m alignflow` (the entry point torchrun runs), which imports it
+    above_cli = {k for k, v in layers.items() if v > layers["cli"]}
+    assert layers["errors"] == 0 and above_cli <= {"__main__"}
     assert ("store.migrations", "feedback") in exceptions
