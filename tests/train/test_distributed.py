@@ -126,7 +126,9 @@ def test_two_processes_log_the_losses_and_export_the_model_of_one(setup: dict, s
 def _signal_after(
     cmd: list[str], env: dict[str, str], run_dir: Path, step: int, sig: int
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -139,9 +141,16 @@ def _signal_after(
             time.sleep(0.05)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_tree(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """The launcher, torchrun and every worker (a hung collective must not outlive the test)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _stopped_step(run_dir: Path) -> int:
@@ -201,7 +210,9 @@ def test_sigkill_of_one_rank_restarts_and_resumes(setup: dict) -> None:
         "sft",
         str(cfg),
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     killed = None
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -220,8 +231,7 @@ def test_sigkill_of_one_rank_restarts_and_resumes(setup: dict) -> None:
             time.sleep(0.05)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _kill_tree(proc)
     assert killed is not None, "rank 1 was never seen"
     assert proc.returncode == 0, err[-4000:]
     losses = _losses(run_dir)
