@@ -190,14 +190,14 @@ def main() -> None:
         if os.environ.get("RANK", "0") == "0":
             Path(out).write_text(json.dumps(result))
         return
-    body = []
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         work = Path(tmp)
         if args.part in ("all", "throughput"):
             rows = throughput(work)
-            body.append(
+            body = (
                 f"SFT through the CLI, Llama {MODEL['hidden_size']}x{MODEL['num_layers']} (vocab "
-                f"{MODEL['vocab_size']}), global batch 4 micro-batches x 8 rows x <= 64 tokens, gloo on CPU.\n\n"
+                f"{MODEL['vocab_size']}), global batch 4 micro-batches x 8 rows x <= 64 tokens, gloo on CPU; "
+                "median of steps 3-14.\n\n"
                 + markdown_table(
                     [
                         "run",
@@ -209,18 +209,25 @@ def main() -> None:
                     rows,
                 )
             )
+            print(body)
+            write_section(
+                "distributed-throughput", "Scale-out: SFT tokens/s at 1 and 2 processes", body, ("torch",)
+            )
         if args.part in ("all", "ckpt"):
             rows = checkpoints(work)
-            body.append(
+            body = (
                 f"Checkpoint of a Llama {CKPT_MODEL['hidden_size']}x{CKPT_MODEL['num_layers']} (vocab "
                 f"{CKPT_MODEL['vocab_size']}) with AdamW state; blocking save (incl. manifest hashing and fsync) "
-                "and restore, median of 3.\n\n"
+                "and restore (incl. verification), median of 3.\n\n"
                 + markdown_table(["format", "processes", "save s", "restore s", "MiB on disk"], rows)
             )
-    print("\n\n".join(body))
-    write_section(
-        "distributed", "Scale-out: processes and distributed checkpoints", "\n\n".join(body), ("torch",)
-    )
+            print(body)
+            write_section(
+                "distributed-ckpt",
+                "Scale-out: distributed checkpoints against single files",
+                body,
+                ("torch",),
+            )
 
 
 if __name__ == "__main__":
