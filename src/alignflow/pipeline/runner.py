@@ -58,6 +58,18 @@ pipeline file's stages and the overrides. Metrics: every numeric output of every
 `STAGE/OUTPUT` (nested outputs joined by '/'); a top-level stage at step 0, a round stage `S@R` as `S/...` at
 step R, so a block's outputs plot against the round. A table `stages` (stage, status, seconds, key, outputs)
 ends the run, also in that folder as `stages.json`.
+
+Engines. `run_pipeline(..., engine="local")` (the default) runs each stage in this process; `engine="ray"`
+runs each stage as a Ray task (`alignflow.pipeline.ray_engine`), on a local Ray instance or, with `address`,
+an existing cluster. This module stays the scheduler either way: keys, skipping, state.json, resume and
+lineage do not depend on the engine, so a pipeline run locally is skipped entirely under Ray and the
+reverse. A stage may ask the Ray engine for resources, which are not part of its key:
+
+    sft:
+      recipe: sft
+      resources: {num_cpus: 2, num_gpus: 0, nproc: 1}   # nproc: the recipe runs under torchrun
+
+The local engine ignores `resources`.
 """
 
 from __future__ import annotations
@@ -82,7 +94,10 @@ from alignflow.store import Store
 from alignflow.workspace import Workspace
 
 _REF = re.compile(r"\$\{([A-Za-z_][\w-]*(?:@(?:\d+|last))?)\.([A-Za-z_][\w.-]*)\}")
-_STAGE_KEYS = {"call", "recipe", "params", "config", "after"}
+_STAGE_KEYS = {"call", "recipe", "params", "config", "after", "resources"}
+_RESOURCE_KEYS = ("num_cpus", "num_gpus", "nproc")
+NPROC_RECIPES = ("sft", "rm", "reward", "dpo")  # recipes whose CLI command takes --result-json
+ENGINES = ("local", "ray")
 ROUND = "round"  # the reserved name of the `${round.…}` references
 RECIPES = {
     "sft": "alignflow.recipes.sft",
@@ -106,6 +121,7 @@ class StageSpec:
     config: dict[str, Any] = field(default_factory=dict)  # for `recipe` stages
     after: list[str] = field(default_factory=list)  # ordering without a data reference
     round: int | None = None  # R of a `STAGE@R` instance of the rounds block
+    resources: dict[str, Any] = field(default_factory=dict)  # for the Ray engine; not part of the key
 
     def refs(self) -> set[str]:
         found = {m.group(1) for m in _REF.finditer(json.dumps([self.params, self.config]))}
@@ -242,6 +258,7 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | tuple[str
             config=dict(raw.get("config") or {}),
             after=list(raw.get("after") or []),
             round=int(name.rsplit("@", 1)[1]) if "@" in name else None,
+            resources=_resources(p, where, raw),
         )
     return Pipeline(
         name=str(data.get("name") or p.stem),
@@ -251,6 +268,42 @@ def load_pipeline(path: str | os.PathLike[str], overrides: list[str] | tuple[str
         tracking=_tracking(p, data.get("tracking")),
         overrides=list(overrides),
     )
+
+
+def _resources(p: Path, where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's `resources:` (num_cpus, num_gpus, nproc), checked; {} when absent."""
+    res = raw.get("resources")
+    if res is None:
+        return {}
+    if not isinstance(res, dict):
+        raise PipelineError(
+            f"{p}: {where}.resources: expected a mapping with {', '.join(_RESOURCE_KEYS)}, got {res!r}"
+        )
+    bad = set(res) - set(_RESOURCE_KEYS)
+    if bad:
+        raise PipelineError(
+            f"{p}: {where}.resources: unknown key(s) {', '.join(sorted(map(str, bad)))} "
+            f"(expected {', '.join(_RESOURCE_KEYS)})"
+        )
+    for key in ("num_cpus", "num_gpus"):
+        v = res.get(key)
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0
+        ):
+            raise PipelineError(f"{p}: {where}.resources.{key}: expected a number >= 0, got {v!r}")
+    if res.get("num_cpus") == 0:
+        raise PipelineError(f"{p}: {where}.resources.num_cpus: expected a number > 0, got 0")
+    if "nproc" in res:
+        n = res["nproc"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise PipelineError(f"{p}: {where}.resources.nproc: expected an integer >= 1, got {n!r}")
+        if raw.get("recipe") not in NPROC_RECIPES:
+            what = f"recipe {raw['recipe']!r}" if raw.get("recipe") else "a 'call' stage"
+            raise PipelineError(
+                f"{p}: {where}.resources.nproc: torchrun runs only the recipes {', '.join(NPROC_RECIPES)}, "
+                f"not {what}"
+            )
+    return dict(res)
 
 
 def _tracking(p: Path, raw: Any) -> TrackingSection | None:
@@ -400,11 +453,8 @@ def _import(path: str) -> Callable[..., Any]:
         raise PipelineError(f"call {path!r}: cannot import: {exc}") from None
 
 
-def _run_recipe(spec: StageSpec, config: dict[str, Any], work_dir: Path, store: Store) -> dict[str, Any]:
-    from alignflow.config import validate_config
-
-    module = importlib.import_module(RECIPES[spec.recipe])  # type: ignore[index]
-    schema = next(
+def _recipe_schema(module: Any) -> Any:
+    return next(
         obj
         for obj in vars(module).values()
         if isinstance(obj, type)
@@ -412,10 +462,76 @@ def _run_recipe(spec: StageSpec, config: dict[str, Any], work_dir: Path, store: 
         and obj.__module__ == module.__name__
         and "stage" in getattr(obj, "model_fields", {})
     )
+
+
+def recipe_config(spec: StageSpec, config: dict[str, Any], work_dir: Path) -> tuple[Any, dict[str, Any], Any]:
+    """(module, config data, validated config) of a recipe stage, with `output_dir` its work folder."""
+    from alignflow.config import validate_config
+
+    module = importlib.import_module(RECIPES[spec.recipe])  # type: ignore[index]
+    schema = _recipe_schema(module)
     data = {"stage": schema.model_fields["stage"].default or spec.recipe, **config}
     data["output_dir"] = str(work_dir)
     cfg = validate_config(data, schema, source=f"stage '{spec.name}'")
+    return module, data, cfg
+
+
+def _run_recipe(spec: StageSpec, config: dict[str, Any], work_dir: Path, store: Store) -> dict[str, Any]:
+    module, _, cfg = recipe_config(spec, config, work_dir)
     return module.run(cfg, store=store)
+
+
+def run_call(spec: StageSpec, resolved: dict[str, Any], ctx: StageContext) -> Any:
+    return _import(spec.call)(resolved, ctx)  # type: ignore[arg-type]
+
+
+def check_result(name: str, result: Any) -> None:
+    if not isinstance(result, dict):
+        raise PipelineError(f"stage '{name}' returned {type(result).__name__}, expected a dict of outputs")
+
+
+class LocalEngine:
+    """Runs each stage in this process (the default engine); `resources` are ignored."""
+
+    name = "local"
+
+    def __init__(self, store: Store, log: Callable[[str], None]) -> None:
+        self.store = store
+        self.log = log
+
+    def run(
+        self, spec: StageSpec, resolved: dict[str, Any], work_dir: Path, outputs: dict[str, dict[str, Any]]
+    ) -> Any:
+        if spec.recipe:
+            return _run_recipe(spec, resolved, work_dir, self.store)
+        ctx = StageContext(
+            store=self.store,
+            stage=spec.name,
+            work_dir=work_dir,
+            outputs=outputs,
+            log=self.log,
+            round=spec.round,
+        )
+        return run_call(spec, resolved, ctx)
+
+    def prepare(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_engine(engine: str, store: Store, log: Callable[[str], None], address: str | None = None) -> Any:
+    """The executor for `engine` ("local" or "ray"); the Ray one imports ray, and only then."""
+    if engine not in ENGINES:
+        raise PipelineError(f"engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "local":
+        if address:
+            raise PipelineError(f"address {address!r} is for the Ray engine: add --engine ray")
+        return LocalEngine(store, log)
+    from alignflow.pipeline.ray_engine import RayEngine
+
+    return RayEngine(store, log, address=address)
 
 
 def _state_path(store: Store, name: str) -> Path:
@@ -450,19 +566,29 @@ def run_pipeline(
     store: Store | None = None,
     force: list[str] | None = None,
     log: Callable[[str], None] = print,
+    engine: str = "local",
+    address: str | None = None,
 ) -> dict[str, Any]:
-    """Run the stages whose key changed; return {"outputs": ..., "ran": [...], "skipped": [...], "times": ...}."""
+    """Run the stages whose key changed; return {"outputs": ..., "ran": [...], "skipped": [...], "times": ...}.
+
+    `engine`: "local" runs each stage in this process, "ray" each stage as a Ray task, on the cluster at
+    `address` or (None) on a local Ray instance started when the first stage runs and shut down at the end.
+    """
     pipe = load_pipeline(path, overrides)
     store = store or Store.open(Workspace.from_env())
-    tracked = _PipelineTracking.start(pipe, store, log)  # None unless the file's `tracking:` names a tracker
+    executor = make_engine(engine, store, log, address)
     try:
-        result = _run_stages(pipe, store, force, log, tracked)
-    except BaseException as exc:
+        tracked = _PipelineTracking.start(pipe, store, log)  # None unless `tracking:` names a tracker
+        try:
+            result = _run_stages(pipe, store, force, log, tracked, executor)
+        except BaseException as exc:
+            if tracked is not None:
+                tracked.close("failed", exc)
+            raise
         if tracked is not None:
-            tracked.close("failed", exc)
-        raise
-    if tracked is not None:
-        tracked.close("finished")
+            tracked.close("finished")
+    finally:
+        executor.close()
     return result
 
 
@@ -472,7 +598,9 @@ def _run_stages(
     force: list[str] | None,
     log: Callable[[str], None],
     tracked: _PipelineTracking | None,
+    executor: Any = None,
 ) -> dict[str, Any]:
+    executor = executor or LocalEngine(store, log)
     state_file = _state_path(store, pipe.name)
     state = _load_state(state_file)
     outputs: dict[str, dict[str, Any]] = {}
@@ -497,6 +625,7 @@ def _run_stages(
             if tracked is not None:
                 tracked.stage(spec, "skipped", key, done_before, None)
             continue
+        executor.prepare()  # the Ray engine starts or joins its cluster before the first stage that runs
         work_dir = store.workspace.home / "pipelines" / pipe.name / f"{name}-{key[:12]}"
         work_dir.mkdir(parents=True, exist_ok=True)
         resuming = prev.get("key") == key and prev.get("status") in ("running", "failed")
@@ -512,22 +641,13 @@ def _run_stages(
         _save_state(state_file, state)
         t0 = time.perf_counter()
         try:
-            if spec.recipe:
-                result = _run_recipe(spec, resolved, work_dir, store)
-            else:
-                ctx = StageContext(
-                    store=store, stage=name, work_dir=work_dir, outputs=outputs, log=log, round=spec.round
-                )
-                result = _import(spec.call)(resolved, ctx)  # type: ignore[arg-type]
+            result = executor.run(spec, resolved, work_dir, outputs)
         except BaseException:
             # Same key -> same work_dir next time, so a recipe resumes from its own checkpoints.
             state[name]["status"] = "failed"
             _save_state(state_file, state)
             raise
-        if not isinstance(result, dict):
-            raise PipelineError(
-                f"stage '{name}' returned {type(result).__name__}, expected a dict of outputs"
-            )
+        check_result(name, result)
         times[name] = time.perf_counter() - t0
         result = json.loads(json.dumps(result, default=str))
         outputs[name] = result
