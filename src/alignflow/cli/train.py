@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from alignflow.cli.common import console
+from alignflow.cli.launch import NPROC_HELP, finish_code, launch
 from alignflow.config import load_config
 
 CONFIG_HELP = "Stage config YAML (see src/alignflow/recipes/<stage>.yaml for a commented example)."
@@ -21,8 +22,15 @@ RESULT_HELP = (
 
 
 def _report(result: dict[str, Any]) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the result is rank 0's to print
+        raise typer.Exit(finish_code(result))
     if result.get("stopped"):
         console.print(f"stopped at step {result['step']}; run folder {result['run_dir']} (re-run to resume)")
+        code = finish_code(result)
+        if code:
+            raise typer.Exit(code)
         return
     shown = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}
     console.print(f"run {result['run_id']} finished; checkpoint {result['checkpoint']}")
@@ -47,12 +55,15 @@ def _run(
     overrides: list[str],
     home: str | None,
     result_json: Path | None = None,
+    nproc: int = 1,
 ) -> None:
     import importlib
     import os
 
     from alignflow.errors import AlignflowError
 
+    if nproc > 1:  # the same command in N processes under torchrun (alignflow.cli.launch)
+        raise typer.Exit(launch(nproc))
     if home:
         os.environ["ALIGNFLOW_HOME"] = home
     try:
@@ -72,9 +83,10 @@ def sft(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     home: str | None = typer.Option(None, "--home", help=HOME_HELP),
     result_json: Path | None = typer.Option(None, "--result-json", help=RESULT_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Supervised fine-tuning on prompt/completion or chat `messages` rows (loss on completion tokens)."""
-    _run("sft", "SFTConfig", config, overrides or [], home, result_json)
+    _run("sft", "SFTConfig", config, overrides or [], home, result_json, nproc)
 
 
 def rm(
@@ -82,9 +94,10 @@ def rm(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     home: str | None = typer.Option(None, "--home", help=HOME_HELP),
     result_json: Path | None = typer.Option(None, "--result-json", help=RESULT_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Train a Bradley-Terry reward model (or an ensemble) on preference pairs or rankings."""
-    _run("reward", "RewardConfig", config, overrides or [], home, result_json)
+    _run("reward", "RewardConfig", config, overrides or [], home, result_json, nproc)
 
 
 def dpo(
@@ -92,6 +105,7 @@ def dpo(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     home: str | None = typer.Option(None, "--home", help=HOME_HELP),
     result_json: Path | None = typer.Option(None, "--result-json", help=RESULT_HELP),
+    nproc: int = typer.Option(1, "--nproc", min=1, help=NPROC_HELP),
 ) -> None:
     """Preference-optimise a policy with DPO or a family member (cdpo, robust, ipo, hinge, simpo, orpo)."""
-    _run("dpo", "DPOConfig", config, overrides or [], home, result_json)
+    _run("dpo", "DPOConfig", config, overrides or [], home, result_json, nproc)
