@@ -31,6 +31,9 @@ def train(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
         progress.write_text(json.dumps({"step": step + 1}))
         if params.get("die_at") == step and not os.environ.get("AF_TEST_NO_DIE"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if params.get("stop_at") == step and not os.environ.get("AF_TEST_NO_STOP"):
+            # what a recipe returns after a SIGUSR1/SIGTERM checkpoint: not finished, no outputs
+            return {"stopped": True, "step": step + 1, "signal": "SIGUSR1"}
     model = ctx.store.put_dataset(
         [{"w": params["lr"] * params["steps"]}], kind="checkpoint", parents=[(params["data"], "dataset")]
     )

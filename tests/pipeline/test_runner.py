@@ -89,6 +89,26 @@ def test_killed_stage_resumes_in_its_own_folder(tmp_path: Path, sqlite_workspace
     assert state["train"]["outputs"]["resumed_from"] == 3  # steps 1..3 were done before the kill
 
 
+def test_a_stage_stopped_for_requeue_stops_the_pipeline_and_resumes(tmp_path: Path, sqlite_workspace) -> None:
+    p = tmp_path / "stop.yaml"
+    p.write_text(PIPE.replace("die_at: DIE", "stop_at: 1"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "alignflow", "run", str(p)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75, proc.stdout + proc.stderr  # EXIT_REQUEUE: checkpointed, run again
+    assert "stage 'train' stopped at step 2 (SIGUSR1)" in proc.stdout + proc.stderr
+    store = Store.open(sqlite_workspace)
+    state = json.loads((store.workspace.home / "pipelines" / "toy" / "state.json").read_text())
+    assert state["train"]["status"] == "stopped" and "evaluate" not in state  # nothing ran on missing outputs
+    proc = subprocess.run(
+        cmd, env={**env, "AF_TEST_NO_STOP": "1"}, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "train (resuming)" in proc.stdout
+    state = json.loads((store.workspace.home / "pipelines" / "toy" / "state.json").read_text())
+    assert state["train"]["outputs"]["resumed_from"] == 2 and state["evaluate"]["status"] == "done"
+
+
 def test_bad_pipelines(tmp_path: Path, sqlite_workspace) -> None:
     def bad(text: str, match: str) -> None:
         p = tmp_path / "bad.yaml"

@@ -55,16 +55,24 @@ def run(
     With --engine ray each stage runs as a Ray task: its output is printed here as it is written (and kept in the stage's folder as ray-task.log), and a failing stage reports the same error as locally.
     """
     from alignflow.pipeline import run_pipeline
+    from alignflow.pipeline.runner import PipelineStopped
+    from alignflow.train.distributed import EXIT_REQUEUE
 
     _check_engine(engine, address)
-    result = run_pipeline(
-        pipeline,
-        overrides or [],
-        force=force,
-        log=lambda m: console.print(m, highlight=False, markup=False),
-        engine=engine.value,
-        address=address,
-    )
+    try:
+        result = run_pipeline(
+            pipeline,
+            overrides or [],
+            force=force,
+            log=lambda m: console.print(m, highlight=False, markup=False),
+            engine=engine.value,
+            address=address,
+        )
+    except PipelineStopped as exc:
+        if exc.signal not in ("SIGTERM", "SIGUSR1"):
+            raise  # Ctrl-C or a `stop` alert: an error (exit 2) naming the stage
+        console.print(f"{exc}; exit {EXIT_REQUEUE} (requeue)", highlight=False, markup=False)
+        raise typer.Exit(EXIT_REQUEUE) from None
     table = Table("stage", "status", "seconds")
     for name in result["outputs"]:
         status = "ran" if name in result["ran"] else "skipped"

@@ -112,6 +112,15 @@ class PipelineError(AlignflowError):
     """A pipeline file is invalid, or a stage failed."""
 
 
+class PipelineStopped(PipelineError):
+    """A recipe stage stopped before its end (a signal or a `stop` alert) after a checkpoint: the pipeline
+    stops there, and running it again resumes that stage."""
+
+    def __init__(self, message: str, signal: str | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
+
+
 @dataclass
 class StageSpec:
     name: str
@@ -628,7 +637,7 @@ def _run_stages(
         executor.prepare()  # the Ray engine starts or joins its cluster before the first stage that runs
         work_dir = store.workspace.home / "pipelines" / pipe.name / f"{name}-{key[:12]}"
         work_dir.mkdir(parents=True, exist_ok=True)
-        resuming = prev.get("key") == key and prev.get("status") in ("running", "failed")
+        resuming = prev.get("key") == key and prev.get("status") in ("running", "failed", "stopped")
         log(f"[run]  {name}{' (resuming)' if resuming else ''} -> {work_dir}")
         history = prev.get("done", {})
         state[name] = {
@@ -648,6 +657,15 @@ def _run_stages(
             _save_state(state_file, state)
             raise
         check_result(name, result)
+        if result.get("stopped"):  # checkpointed, not finished: its outputs do not exist yet
+            state[name]["status"] = "stopped"
+            _save_state(state_file, state)
+            raise PipelineStopped(
+                f"stage '{name}' stopped at step {result.get('step')} "
+                f"({result.get('signal') or result.get('stopped_by') or 'stop requested'}); run the same "
+                "command again to resume it from its checkpoint",
+                signal=result.get("signal"),
+            )
         times[name] = time.perf_counter() - t0
         result = json.loads(json.dumps(result, default=str))
         outputs[name] = result
