@@ -261,3 +261,18 @@ def test_one_process_context_is_a_no_op() -> None:
     model = torch.nn.Linear(2, 2)
     assert ctx.wrap(model, torch.device("cpu")) is model
     assert strip_nproc(["sft", "c.yaml", "--nproc", "2", "x=1", "--nproc=4"]) == ["sft", "c.yaml", "x=1"]
+
+
+@pytest.mark.parametrize(("args", "code"), [(["sft", "--help"], 0), (["sft", "/nonexistent.yaml"], 2)])
+def test_a_torchrun_worker_exits_with_the_commands_code_and_output(
+    tmp_path: Path, args: list[str], code: int
+) -> None:
+    """Under torchrun `python -m alignflow` ends with os._exit (no interpreter finalization, see __main__):
+    the command's exit code and its whole output still come out."""
+    env = {**_env(tmp_path / "ws"), "TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": "1"}
+    proc = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    if code == 0:
+        assert "Usage:" in proc.stdout and proc.stdout.rstrip().endswith("─╯")
+    else:
+        assert "/nonexistent.yaml" in proc.stdout + proc.stderr

@@ -172,7 +172,9 @@ def test_dpo_two_processes_log_the_losses_and_export_the_policy_of_one(setup: di
     assert g_two[1] == pytest.approx(g_one[1], rel=1e-5), (g_two, g_one)
     for key in ("rewards/margin", "rewards/accuracy", "logps/chosen"):
         a, b = _losses(d / name, key), _losses(d / "dpo-one", key)
-        for s in range(1, STEPS + 1):
+        # At step 1 the policy is the reference: every margin is rounding noise (~1e-8) and the accuracy, the
+        # fraction of margins > 0, is the sign of that noise, which the processes' batch shapes change.
+        for s in range(2 if key == "rewards/accuracy" else 1, STEPS + 1):
             assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-6), (key, s, a, b)
     summary = json.loads((d / name / "summary.json").read_text())
     one_summary = json.loads((d / "dpo-one" / "summary.json").read_text())
