@@ -50,13 +50,18 @@ stages:
 
 
 def chatty(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
-    """Logs three ways (ctx.log, print, a raw write to fd 2) and reports the torch thread count it got."""
+    """Logs three ways (ctx.log, print, a raw write to fd 2); reports its torch thread count and niceness."""
     import torch
 
     ctx.log(f"chatty says {params['word']} (score {params['score']})")
     print("printed by the stage", flush=True)
     os.write(2, b"written to fd 2\n")
-    return {"word": params["word"], "threads": torch.get_num_threads(), "pid": os.getpid()}
+    return {
+        "word": params["word"],
+        "threads": torch.get_num_threads(),
+        "nice": os.nice(0),
+        "pid": os.getpid(),
+    }
 
 
 def boom(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
@@ -140,9 +145,9 @@ def test_ray_gives_the_local_outputs_and_each_engine_skips_what_the_other_ran(
     for side in (local, ray):
         side["chatty"].pop("pid")
     assert ray == local  # artifact ids (content hashes) and every other output
-    assert (
-        ray["chatty"]["threads"] == local["chatty"]["threads"]
-    )  # the driver's torch thread count, not Ray's 1
+    # The driver's torch thread count (not the 1 Ray gives a task) and its priority (not Ray's nice 15).
+    assert ray["chatty"]["threads"] == local["chatty"]["threads"]
+    assert ray["chatty"]["nice"] == local["chatty"]["nice"]
     # Keys do not depend on the engine (nor on `resources`): the same stage keys in both workspaces.
     assert {s: e["key"] for s, e in state(ray_home, "toy").items()} == {
         s: e["key"] for s, e in state(local_home, "toy").items()
@@ -289,7 +294,9 @@ def test_an_existing_instance_is_used_and_left_running(
     lines: list[str] = []
     res = run_pipeline(toy, store=Store.open(sqlite_workspace), engine="ray", log=lines.append)
     assert res["ran"] == ["data", "train", "evaluate", "chatty"]
-    assert not [m for m in lines if m.startswith("[ray]")]
+    assert not [m for m in lines if m.startswith("[ray]  started")]
+    # This instance was started with Ray's defaults: its workers run at nice 15, and the task log says so.
+    assert any("this Ray worker runs at nice 15" in m for m in lines)
     assert "chatty says hello (score 2.0)" in lines
     assert ray.is_initialized()
     # A second driver, the CLI, joins the same cluster with --address and leaves it running too.
