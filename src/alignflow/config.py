@@ -113,7 +113,8 @@ class DistributedSection(StrictModel):
         "parameters, gradients and optimizer state across the ranks.",
     )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        default="no", description="On CUDA only (bf16 falls back to fp16 where unsupported); CPU runs stay fp32."
+        default="no",
+        description="On CUDA only (bf16 falls back to fp16 where unsupported); CPU runs stay fp32.",
     )
     timeout_minutes: float = Field(
         default=30.0, gt=0.0, description="How long a collective may wait for a slow or dead rank."

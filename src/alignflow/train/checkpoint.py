@@ -669,7 +669,9 @@ class CheckpointManager:
         # torch.distributed.checkpoint shards, rank 0 writes the rest and commits; see _save_dcp. `format`
         # "dcp" forces that format in one process too (benchmarks/bench_distributed.py compares the two).
         if format == "single" and _dist_enabled(dist):
-            raise CheckpointError("a torchrun job (world size > 1) saves distributed checkpoints (format dcp)")
+            raise CheckpointError(
+                "a torchrun job (world size > 1) saves distributed checkpoints (format dcp)"
+            )
         if dist is None:
             from alignflow.train.distributed import DistContext
 
