@@ -2,8 +2,9 @@
 
 Same outputs and artifact ids as the local engine, one cache for both engines, a failing or killed stage
 marked failed with the local engine's error text and resumed on the next run, `resources:` validated, and
-`resources.nproc` running a recipe under torchrun. Every `--engine ray` command starts (and shuts down) its
-own local Ray instance.
+`resources.nproc` running a recipe under torchrun. The first test's `--engine ray` commands start (and shut
+down) their own local Ray instance, as a user's would; the others join one instance the module starts once
+(`--address`), since a Ray start costs seconds to tens of seconds on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -120,6 +121,22 @@ def toy(tmp_path: Path) -> Path:
     return p
 
 
+@pytest.fixture(scope="module")
+def ray_instance() -> Any:
+    """A Ray instance in this process (started once for the module): the 'someone else's cluster' case."""
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def address(ray_instance: Any) -> str:
+    """`--address` of the module's instance, for the tests that are not about starting one."""
+    return ray_instance.get_runtime_context().gcs_address
+
+
 # -------------------------------------------------------------------------------------------------- tests
 
 
@@ -168,7 +185,7 @@ def test_ray_gives_the_local_outputs_and_each_engine_skips_what_the_other_ran(
 
 
 @pytest.mark.slow
-def test_a_failing_stage_fails_as_locally_and_resumes(tmp_path: Path) -> None:
+def test_a_failing_stage_fails_as_locally_and_resumes(tmp_path: Path, address: str) -> None:
     pipe = tmp_path / "boom.yaml"
     pipe.write_text(
         "name: boom\nstages:\n"
@@ -177,7 +194,7 @@ def test_a_failing_stage_fails_as_locally_and_resumes(tmp_path: Path) -> None:
     )
     local_home, ray_home = tmp_path / "local", tmp_path / "ray"
     local = cli(local_home, str(pipe))
-    ray = cli(ray_home, str(pipe), "--engine", "ray")
+    ray = cli(ray_home, str(pipe), "--engine", "ray", "--address", address)
     assert local.returncode == ray.returncode == 2, ray.stdout[-2000:] + ray.stderr[-2000:]
     # The same one line, not a Ray traceback.
     assert (
@@ -188,24 +205,28 @@ def test_a_failing_stage_fails_as_locally_and_resumes(tmp_path: Path) -> None:
         assert state(home, "boom")["boom"]["status"] == "failed"
         assert state(home, "boom")["data"]["status"] == "done"
     # The next run resumes the failed stage in its own folder and skips the rest.
-    out = ok(cli(ray_home, str(pipe), "--engine", "ray", extra_env={"AF_TEST_NO_BOOM": "1"}))
+    out = ok(
+        cli(ray_home, str(pipe), "--engine", "ray", "--address", address, extra_env={"AF_TEST_NO_BOOM": "1"})
+    )
     assert "[skip] data: unchanged" in out and "[run]  boom (resuming)" in out
     assert state(ray_home, "boom")["boom"]["outputs"] == {"ok": True, "attempts": 2}
 
 
 @pytest.mark.slow
-def test_a_killed_ray_worker_marks_the_stage_failed_and_the_rerun_resumes(tmp_path: Path) -> None:
+def test_a_killed_ray_worker_marks_the_stage_failed_and_the_rerun_resumes(
+    tmp_path: Path, address: str
+) -> None:
     pipe = tmp_path / "die.yaml"
     pipe.write_text(TOY.replace("DIE", "2"))
     home = tmp_path / "ws"
-    proc = cli(home, str(pipe), "--engine", "ray")
+    proc = cli(home, str(pipe), "--engine", "ray", "--address", address)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "stage 'train': the Ray worker running it died" in error_text(proc)
     assert "run the pipeline again to resume" in error_text(proc)
     st = state(home, "toy")
     assert st["train"]["status"] == "failed" and st["data"]["status"] == "done"
     assert "evaluate" not in st
-    out = ok(cli(home, str(pipe), "--engine", "ray", extra_env={"AF_TEST_NO_DIE": "1"}))
+    out = ok(cli(home, str(pipe), "--engine", "ray", "--address", address, extra_env={"AF_TEST_NO_DIE": "1"}))
     assert "[skip] data: unchanged" in out and "[run]  train (resuming)" in out
     assert state(home, "toy")["train"]["outputs"]["resumed_from"] == 3  # steps 1..3 were done before the kill
     assert state(home, "toy")["evaluate"]["outputs"]["score"] == 2.0
@@ -252,7 +273,8 @@ def test_resources_are_validated_and_not_part_of_the_key(tmp_path: Path, sqlite_
 @pytest.mark.slow
 def test_cli_errors_for_the_engine_flags(toy: Path, tmp_path: Path) -> None:
     home = tmp_path / "ws"
-    # More CPUs than the local instance has: a clear error, not a task that waits forever.
+    # More CPUs than the local instance has: a clear error, not a task that waits forever (a cluster joined
+    # with --address may still grow, so there the stage waits with a warning).
     proc = cli(home, str(toy), "--engine", "ray", "train.resources.num_cpus=64")
     assert proc.returncode == 2
     assert error_text(proc).startswith("error: stage 'train': resources.num_cpus=64 but the Ray cluster has")
@@ -275,19 +297,9 @@ def test_cli_errors_for_the_engine_flags(toy: Path, tmp_path: Path) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def ray_instance() -> Any:
-    """A Ray instance in this process (started once for the module): the 'someone else's cluster' case."""
-    import ray
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_an_existing_instance_is_used_and_left_running(
-    ray_instance: Any, toy: Path, tmp_path: Path, sqlite_workspace
+    ray_instance: Any, address: str, toy: Path, tmp_path: Path, sqlite_workspace
 ) -> None:
     ray = ray_instance
     # In-process: run_pipeline finds Ray initialised, runs the stages on it and does not shut it down.
@@ -300,7 +312,6 @@ def test_an_existing_instance_is_used_and_left_running(
     assert "chatty says hello (score 2.0)" in lines
     assert ray.is_initialized()
     # A second driver, the CLI, joins the same cluster with --address and leaves it running too.
-    address = ray.get_runtime_context().gcs_address
     out = ok(cli(tmp_path / "cli-ws", str(toy), "--engine", "ray", "--address", address))
     assert f"[ray]  connected to the Ray cluster at {address}" in out
     assert outputs(tmp_path / "cli-ws", "toy")["train"] == res["outputs"]["train"]
@@ -336,7 +347,7 @@ stages:
 
 
 @pytest.mark.slow
-def test_nproc_runs_the_recipe_under_torchrun_with_the_local_result(tmp_path: Path) -> None:
+def test_nproc_runs_the_recipe_under_torchrun_with_the_local_result(tmp_path: Path, address: str) -> None:
     from tests.recipes import toy as toy_data
 
     data = toy_data.write_jsonl(tmp_path / "sft.jsonl", toy_data.sft_rows(32))
@@ -344,7 +355,7 @@ def test_nproc_runs_the_recipe_under_torchrun_with_the_local_result(tmp_path: Pa
     pipe.write_text(TINY_SFT.replace("DATA", str(data)))
     local_home, ray_home = tmp_path / "local", tmp_path / "ray"
     ok(cli(local_home, str(pipe)))  # the local engine ignores resources: the recipe runs in-process
-    out = ok(cli(ray_home, str(pipe), "--engine", "ray"))
+    out = ok(cli(ray_home, str(pipe), "--engine", "ray", "--address", address))
     assert "[torchrun] " in out and "--nproc-per-node 1" in out and "--standalone" in out
     work = Path(state(ray_home, "tiny-sft")["sft"]["work_dir"])
     assert (work / "stage-config.yaml").is_file() and (work / "stage-result.json").is_file()
@@ -360,7 +371,7 @@ def test_nproc_runs_the_recipe_under_torchrun_with_the_local_result(tmp_path: Pa
     assert ray["sft"]["checkpoint_dir"].startswith(str(ray_home))
     # A config error is reported before torchrun starts, with the local engine's text.
     bad = [str(pipe), "sft.config.train.batch_size=0"]
-    err_local, err_ray = cli(local_home, *bad), cli(ray_home, *bad, "--engine", "ray")
+    err_local, err_ray = cli(local_home, *bad), cli(ray_home, *bad, "--engine", "ray", "--address", address)
     assert err_ray.returncode == err_local.returncode == 2
     assert error_text(err_ray) == error_text(err_local)
     assert "stage 'sft'" in error_text(err_ray) and "train.batch_size" in error_text(err_ray)
