@@ -185,6 +185,11 @@ def test_dpo_two_processes_log_the_losses_and_export_the_policy_of_one(setup: di
 
 def test_grad_accum_not_a_multiple_of_the_world_size_fails_clearly(setup: dict) -> None:
     proc = _two(setup, "rm", "rm-accum3", grad_accum=3)
-    assert proc.returncode != 0
     out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]  # the launcher's check: torchrun never started
     assert "train.grad_accum = 3 is not a multiple of the world size 2" in out, out[-3000:]
+    assert "ChildFailedError" not in out
+    # a LoRA reward model cannot be merged from FSDP shards: also refused before any process starts
+    proc = _two(setup, "rm", "rm-fsdp-lora", "lora.enabled=true", distributed={"strategy": "fsdp"})
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "set train.distributed.strategy=ddp" in proc.stdout + proc.stderr

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from alignflow.train.distributed import EXIT_REQUEUE
 
@@ -120,3 +121,12 @@ def finish_code(result: dict) -> int:
     if os.environ.get("RANK", "0") == "0" and os.environ.get(STATUS_ENV):
         Path(os.environ[STATUS_ENV]).write_text(json.dumps({"exit_code": code}))
     return 0
+
+
+def preflight(cfg: Any, check_world: Any, nproc: int) -> None:
+    """The recipe's world-size checks for ``nproc`` processes, in the launcher: a config torchrun's processes
+    would reject fails here, in one process and before any of them starts (each process checks again)."""
+    from alignflow.train.distributed import DistContext
+
+    section = cfg.train.distributed
+    check_world(cfg, DistContext(rank=0, world_size=nproc, strategy=section.strategy))

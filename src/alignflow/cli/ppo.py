@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from alignflow.cli.common import console
-from alignflow.cli.launch import NPROC_HELP, finish_code, launch
+from alignflow.cli.launch import NPROC_HELP, finish_code, launch, preflight
 
 
 def ppo(
@@ -21,11 +21,12 @@ def ppo(
 ) -> None:
     """Train a policy against a reward function or reward model(s); Ctrl-C checkpoints, re-run resumes."""
     from alignflow.config import load_config
-    from alignflow.recipes.ppo import PPOConfig, run
+    from alignflow.recipes.ppo import PPOConfig, check_world, run
 
-    if nproc > 1:
-        raise typer.Exit(launch(nproc))
     cfg = load_config(config, overrides or [], schema=PPOConfig)
+    if nproc > 1:  # checked here, before torchrun starts its processes
+        preflight(cfg, check_world, nproc)
+        raise typer.Exit(launch(nproc))
     result = run(cfg)
     if os.environ.get("RANK", "0") != "0":  # under torchrun the result is rank 0's to print
         raise typer.Exit(finish_code(result))

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from alignflow.cli.common import console
-from alignflow.cli.launch import NPROC_HELP, finish_code, launch
+from alignflow.cli.launch import NPROC_HELP, finish_code, launch, preflight
 from alignflow.config import load_config
 
 CONFIG_HELP = "Stage config YAML (see src/alignflow/recipes/<stage>.yaml for a commented example)."
@@ -62,13 +62,14 @@ def _run(
 
     from alignflow.errors import AlignflowError
 
-    if nproc > 1:  # the same command in N processes under torchrun (alignflow.cli.launch)
-        raise typer.Exit(launch(nproc))
     if home:
         os.environ["ALIGNFLOW_HOME"] = home
     try:
         mod = importlib.import_module(f"alignflow.recipes.{module}")
         cfg = load_config(config, overrides, schema=getattr(mod, schema_name))
+        if nproc > 1:  # the same command in N processes under torchrun (alignflow.cli.launch)
+            preflight(cfg, mod.check_world, nproc)
+            raise typer.Exit(launch(nproc))
         result = mod.run(cfg)
     except AlignflowError as exc:
         err = {"type": type(exc).__name__, "module": type(exc).__module__, "message": str(exc)}

@@ -117,6 +117,12 @@ class DPOConfig(StageConfig):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
 
 
+def check_world(cfg: DPOConfig, dist: DistContext) -> None:
+    """What a job of ``dist.world_size`` processes needs of the config; `--nproc N` checks it before torchrun
+    starts, each process again at the start of :func:`run`."""
+    dist.check_split(cfg.train.grad_accum)
+
+
 def run(cfg: DPOConfig, store: Store | None = None) -> dict[str, Any]:
     """Train, evaluate and register a DPO-family checkpoint (full weights or a LoRA adapter).
 
@@ -124,7 +130,7 @@ def run(cfg: DPOConfig, store: Store | None = None) -> dict[str, Any]:
     unwrapped and replicated on every rank, and the held-out evaluation runs identically on every rank.
     """
     dist = init_distributed(cfg.train.distributed)
-    dist.check_split(cfg.train.grad_accum)  # before any work, not at step 1
+    check_world(cfg, dist)  # before any work, not at step 1
     r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)

@@ -393,7 +393,7 @@ def run(cfg: PPOConfig, store: Store | None = None) -> dict[str, Any]:
     """
     dist = init_distributed(cfg.train.distributed)
     try:
-        _check_world(cfg, dist)
+        check_world(cfg, dist)
         r = start_run(cfg, store, dist)
         try:
             return _run(cfg, r)
@@ -404,9 +404,9 @@ def run(cfg: PPOConfig, store: Store | None = None) -> dict[str, Any]:
         dist.close()
 
 
-def _check_world(cfg: PPOConfig, dist: DistContext) -> None:
+def check_world(cfg: PPOConfig, dist: DistContext) -> None:
     """Under torchrun: a step's prompts and every minibatch split evenly across the processes; no LoRA under
-    FSDP."""
+    FSDP. `--nproc N` checks it before torchrun starts, each process again at the start of :func:`run`."""
     n = dist.world_size
     if n <= 1:
         return

@@ -215,6 +215,17 @@ def resolved_options(cfg: RewardConfig, encoder: bool) -> RewardOptions:
 # recipe
 
 
+def check_world(cfg: RewardConfig, dist: DistContext) -> None:
+    """What a job of ``dist.world_size`` processes needs of the config; `--nproc N` checks it before torchrun
+    starts, each process again at the start of :func:`run`."""
+    dist.check_split(cfg.train.grad_accum)
+    if dist.enabled and dist.strategy == "fsdp" and cfg.lora.enabled:  # fail now, not at the export
+        raise ConfigError(
+            "a LoRA reward model is merged into each member folder, which FSDP-sharded weights do not "
+            "support: set train.distributed.strategy=ddp (the adapter is small; sharding buys nothing)"
+        )
+
+
 def run(cfg: RewardConfig, store: Store | None = None) -> dict[str, Any]:
     """Train ``ensemble.size`` reward models, evaluate them and register one artifact holding all of them.
 
@@ -222,7 +233,7 @@ def run(cfg: RewardConfig, store: Store | None = None) -> dict[str, Any]:
     calibration scoring runs, identically, on every rank; rank 0 writes the member folders and reports.
     """
     dist = init_distributed(cfg.train.distributed)
-    dist.check_split(cfg.train.grad_accum)  # before any work, not at step 1
+    check_world(cfg, dist)  # before any work, not at step 1
     r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)
@@ -268,11 +279,6 @@ def _run(cfg: RewardConfig, r: Run) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     if cfg.model.freeze_layers and cfg.lora.enabled:
         raise ConfigError("model.freeze_layers applies to full fine-tuning; with LoRA set it to 0")
-    if r.dist.enabled and r.dist.strategy == "fsdp" and cfg.lora.enabled:  # fail now, not at the export
-        raise ConfigError(
-            "a LoRA reward model is merged into each member folder, which FSDP-sharded weights do not "
-            "support: set train.distributed.strategy=ddp (the adapter is small; sharding buys nothing)"
-        )
     device = r.dist.device(resolve_device(cfg.model))
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     opts = resolved_options(cfg, _is_encoder(cfg, tok))

@@ -44,8 +44,8 @@ from alignflow.models import load_policy, load_tokenizer
 from alignflow.recipes.common import Run, check_finite, set_seed, start_run
 from alignflow.store import Store
 from alignflow.train.accum import count_target_tokens, global_token_mean_loss, sum_token_nll
+from alignflow.train.distributed import DistContext, init_distributed
 from alignflow.train.distributed import export_hf as export_model
-from alignflow.train.distributed import init_distributed
 from alignflow.train.memory import resolve_token_budget
 from alignflow.train.optim import (
     StepTimer,
@@ -71,6 +71,12 @@ class SFTConfig(StageConfig):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
 
 
+def check_world(cfg: SFTConfig, dist: DistContext) -> None:
+    """What a job of ``dist.world_size`` processes needs of the config; `--nproc N` checks it before torchrun
+    starts, each process again at the start of :func:`run`."""
+    dist.check_split(cfg.train.grad_accum)
+
+
 def run(cfg: SFTConfig, store: Store | None = None) -> dict[str, Any]:
     """Train, evaluate and register an SFT checkpoint; returns run id, checkpoint id/dir and metrics.
 
@@ -78,7 +84,7 @@ def run(cfg: SFTConfig, store: Store | None = None) -> dict[str, Any]:
     ``output_dir`` resumes exactly.
     """
     dist = init_distributed(cfg.train.distributed)
-    dist.check_split(cfg.train.grad_accum)
+    check_world(cfg, dist)  # before any work, not at step 1
     r = start_run(cfg, store, dist)
     try:
         return _run(cfg, r)
