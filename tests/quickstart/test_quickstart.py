@@ -204,3 +204,64 @@ def test_report_renders_in_chromium(quickstart_run: dict) -> None:
         browser.close()
     assert errors == []
     assert broken == 0
+
+
+# The only artifacts that differ between the local and the Ray run, and between any two runs of the quickstart
+# whatever the engine: the data these stages write is not deterministic; the pipeline's execution is.
+RAY_EXEMPT = {
+    ("feedback", "annotations"): "rows carry annotator_id, usernames prefixed by the project name "
+    "collect_feedback draws with uuid4 (quickstart-<8 hex>), and created_at, each response's wall-clock time",
+    ("feedback", "preferences"): "rows embed the same annotator_ids in votes and dimension_votes",
+    ("report", "report"): "the HTML page stamps its creation time (created_at) and the stages' wall times",
+}
+
+
+def _content_hashes(node: object, prefix: str = "") -> dict[str, str]:
+    """Every 64-hex output (an artifact id: a content hash) of a stage, by its dotted path."""
+    import re
+
+    if isinstance(node, dict):
+        return {k: v for key, val in node.items() for k, v in _content_hashes(val, f"{prefix}{key}.").items()}
+    if isinstance(node, list):
+        return {k: v for i, val in enumerate(node) for k, v in _content_hashes(val, f"{prefix}{i}.").items()}
+    if isinstance(node, str) and re.fullmatch(r"[0-9a-f]{64}", node):
+        return {prefix.rstrip("."): node}
+    return {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # a few minutes on an idle 2-core machine, far more when it is shared
+def test_ray_engine_gives_the_local_runners_artifacts(
+    quickstart_run: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The small quickstart with --engine ray on a local Ray instance, in a fresh workspace: every stage's
+    artifact ids (content hashes) equal the local runner's (the module fixture's run), except RAY_EXEMPT, and
+    the gold-scored evaluation is the same to the last digit."""
+    import time
+
+    pytest.importorskip("ray")
+    home = tmp_path_factory.mktemp("qs-ray") / "ws"
+    env = {**quickstart_run["env"], "ALIGNFLOW_HOME": str(home)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [*quickstart_run["cmd"], "--engine", "ray"], env=env, capture_output=True, text=True, timeout=3000
+    )
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[ray]  started a local Ray instance" in proc.stdout
+    local = quickstart_run["state"]
+    ray = json.loads((home / "pipelines" / "quickstart" / "state.json").read_text())
+    assert ray.keys() == local.keys()
+    local_s = sum(e["seconds"] for e in local.values())
+    print(f"quickstart (small): ray run {seconds:.0f} s; local stage seconds {local_s:.0f} s")
+    compared = 0
+    for stage in local:
+        want, got = _content_hashes(local[stage]["outputs"]), _content_hashes(ray[stage]["outputs"])
+        assert got.keys() == want.keys(), stage
+        differ = sorted(k for k in want if want[k] != got[k] and (stage, k) not in RAY_EXEMPT)
+        assert not differ, f"stage {stage}: artifact ids differ: " + ", ".join(
+            f"{k}: {want[k][:12]} vs {got[k][:12]}" for k in differ
+        )
+        compared += sum((stage, k) not in RAY_EXEMPT for k in want)
+    assert compared >= 10  # base's model, data's 4 datasets, feedback's pairs, the sft/rm/ppo/dpo checkpoints
+    assert ray["evaluate"]["outputs"] == local["evaluate"]["outputs"]
