@@ -129,10 +129,17 @@ def test_grpo_two_processes_equal_one(tiny_model, toy_data, tmp_path):
     assert summary["steps"] == STEPS
 
 
-def test_gae_two_processes_ddp_and_fsdp_equal_one(tiny_model, toy_data, tmp_path):
+@pytest.fixture(scope="module")
+def gae_runs(tiny_model, toy_data, tmp_path_factory):  # noqa: ANN001, ANN201 - pytest fixture
+    """PPO with GAE in 1 process, and in 2 with DDP and with FSDP2; the 1-process run is also the reference
+    of the preemption test."""
+    return one_vs_two(tmp_path_factory.mktemp("gae"), tiny_model, toy_data["sft"], "gae", ("ddp", "fsdp"))
+
+
+def test_gae_two_processes_ddp_and_fsdp_equal_one(gae_runs):
     """PPO with a separate value model: DDP, and FSDP2 (policy and critic sharded for the update, gathered
     for generation and scoring)."""
-    runs = one_vs_two(tmp_path, tiny_model, toy_data["sft"], "gae", ("ddp", "fsdp"))
+    runs = gae_runs
     for strategy in ("ddp", "fsdp"):
         assert_same_metrics(
             runs["1"], runs[strategy], (*KEYS, "value/loss", "value/clip_frac", "policy/approx_kl")
@@ -142,18 +149,19 @@ def test_gae_two_processes_ddp_and_fsdp_equal_one(tiny_model, toy_data, tmp_path
         assert any((p / "dcp").is_dir() for p in (runs[strategy] / "checkpoints").glob("step-*"))
 
 
-def test_sigusr1_in_two_processes_then_resume_in_one_equals_one(tiny_model, toy_data, tmp_path):
+def test_sigusr1_in_two_processes_then_resume_in_one_equals_one(tiny_model, toy_data, tmp_path, gae_runs):
     """A torchrun job preempted (SIGUSR1: checkpoint, exit 75) resumes in one process from its DCP checkpoint
-    (policy, critic, optimizer, moments, KL coefficient, stream) and ends where one uninterrupted process does."""
+    (policy, critic, optimizer, moments, KL coefficient, stream) and ends where one uninterrupted process does
+    (the fixture's 1-process run of the same config)."""
     import signal
     import time
 
-    runs = {name: tmp_path / f"gae-{name}" for name in ("one", "preempted")}
+    runs = {"one": gae_runs["1"], "preempted": tmp_path / "gae-preempted"}
     cfgs = {
-        name: write_config(tmp_path / f"{name}.yaml", ppo_config(tiny_model, toy_data["sft"], out, "gae"))
-        for name, out in runs.items()
+        "preempted": write_config(
+            tmp_path / "preempted.yaml", ppo_config(tiny_model, toy_data["sft"], runs["preempted"], "gae")
+        )
     }
-    one = launch(cfgs["one"], tmp_path / "ws-one", 1)
     two = launch(cfgs["preempted"], tmp_path / "ws-two", 2)
     metrics = runs["preempted"] / "metrics.jsonl"
     deadline = time.time() + 300
@@ -168,7 +176,6 @@ def test_sigusr1_in_two_processes_then_resume_in_one_equals_one(tiny_model, toy_
     assert stopped[-1] < STEPS, "the run finished before SIGUSR1 arrived; nothing was tested"
     assert any((p / "dcp").is_dir() for p in (runs["preempted"] / "checkpoints").glob("step-*"))
     finish(launch(cfgs["preempted"], tmp_path / "ws-two", 1), "the resume in 1 process")
-    finish(one, "gae in 1 process")
     assert_same_metrics(runs["one"], runs["preempted"], (*KEYS, "value/loss", "policy/approx_kl"))
     assert_same_export(runs["one"], runs["preempted"])
 
@@ -179,7 +186,9 @@ def test_batch_not_divisible_by_world_size_is_a_config_error(tiny_model, toy_dat
     proc = launch(write_config(tmp_path / "odd.yaml", cfg), tmp_path / "ws", 2)
     out, err = proc.communicate(timeout=300)
     text = (out + err).decode()
-    assert proc.returncode == 2, text[-3000:]  # the CLI's config error, from the launcher: torchrun never started
+    assert proc.returncode == 2, text[
+        -3000:
+    ]  # the CLI's config error, from the launcher: torchrun never started
     assert "rollout.batch_size = 3 is not a multiple of the world size 2" in text
     assert "ChildFailedError" not in text and "torch.distributed" not in text
 
