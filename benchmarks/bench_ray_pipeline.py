@@ -195,11 +195,11 @@ def main() -> None:
         "from state.json (under Ray: task submission, a worker process and its imports, the stage, the result "
         f"back). Load average at the start: {load:.1f} on {os.cpu_count()} cores (the machine is shared).\n\n"
         f"{table}\n\n{sft_line}\n\n"
-        "The overhead is close to a constant per command: `ray.init` (which also writes the token-auth file "
-        "under ~/.ray the first time), the driver importing ray and torch (for the thread count it passes to "
-        "the tasks), a worker process per task shape that imports alignflow and torch before its first stage, and "
-        "`ray.shutdown`. Per stage after the first it is a task round trip plus the log file the driver follows. "
-        "A command whose stages are all cached starts no Ray instance, so the flag alone costs the ray import."
+        "The overhead has two parts: one per command, `ray.init` (which also writes the token-auth file under "
+        "~/.ray the first time), the driver importing ray and torch (for the thread count it passes to the "
+        "tasks) and `ray.shutdown`; and one per stage, since every stage is a task whose worker process imports "
+        "alignflow and torch, opens its own store and sends its result back (compare the stage columns). A "
+        "command whose stages are all cached starts no Ray instance, so the flag alone costs the ray import."
     )
     write_section(
         "ray-pipeline",
