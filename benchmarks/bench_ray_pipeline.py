@@ -197,8 +197,9 @@ def main() -> None:
         f"{table}\n\n{sft_line}\n\n"
         "The overhead has two parts: one per command, `ray.init` (which also writes the token-auth file under "
         "~/.ray the first time), the driver importing ray and torch (for the thread count it passes to the "
-        "tasks) and `ray.shutdown`; and one per stage, since every stage is a task whose worker process imports "
-        "alignflow and torch, opens its own store and sends its result back (compare the stage columns). A "
+        "tasks) and `ray.shutdown`; and one per stage: the task round trip, the task opening its own store, and "
+        "a new worker process (which imports alignflow and torch) whenever no idle one fits the stage's "
+        "resources (compare the stage columns). A "
         "command whose stages are all cached starts no Ray instance, so the flag alone costs the ray import."
     )
     write_section(
