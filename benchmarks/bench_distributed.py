@@ -193,11 +193,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         work = Path(tmp)
         if args.part in ("all", "throughput"):
+            load = os.getloadavg()[0]
             rows = throughput(work)
             body = (
                 f"SFT through the CLI, Llama {MODEL['hidden_size']}x{MODEL['num_layers']} (vocab "
                 f"{MODEL['vocab_size']}), global batch 4 micro-batches x 8 rows x <= 64 tokens, gloo on CPU; "
-                "median of steps 3-14.\n\n"
+                f"median of steps 3-14. Load average at the start: {load:.1f} on {os.cpu_count()} cores.\n\n"
                 + markdown_table(
                     [
                         "run",
