@@ -35,6 +35,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import markdown_table, write_section  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.pipeline.stages import TOY_PIPELINE  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 INIT = re.compile(r"\[ray\]  started a local Ray instance \(\d+ CPUs\) in ([\d.]+) s")
 
@@ -51,20 +54,6 @@ stages:
       data: {train: DATA, eval_fraction: 0.25, max_length: 64}
       optim: {lr: 2.0e-3, scheduler: constant}
       train: {seed: 0, batch_size: 8, max_steps: STEPS, save_every: 0}
-"""
-
-TINY = """\
-name: toy
-stages:
-  data:
-    call: tests.pipeline.stages:make_data
-    params: {n: 5}
-  train:
-    call: tests.pipeline.stages:train
-    params: {data: "${data.dataset}", lr: 0.5, steps: 4, die_at: null}
-  evaluate:
-    call: tests.pipeline.stages:evaluate
-    params: {model: "${train.checkpoint}"}
 """
 
 
@@ -111,7 +100,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         root = Path(tmp)
         tiny = root / "toy.yaml"
-        tiny.write_text(TINY)
+        tiny.write_text(TOY_PIPELINE.replace("DIE", "null"))
         res: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
         for i in range(args.repeats):
             for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):

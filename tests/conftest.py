@@ -96,22 +96,22 @@ def sqlite_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     return Workspace.from_env(home)
 
 
-# The longest files first (rough seconds per file on an idle 2-core machine, from --durations, 2026-12-01).
+# The longest files first, in the order of a CI run's --durations (2026-12-01).
 # `make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`: xdist hands whole files to the two workers in
 # collection order, so a long file collected late became the suite's tail (the quickstart's ~7 minutes ran
 # alone at the end); started first, it runs beside everything else.
 LONGEST_FIRST = (
-    "tests/quickstart/test_quickstart.py",  # ~420: the small quickstart, locally and through Ray
-    "tests/pipeline/test_ray_engine.py",  # ~205
-    "tests/train/test_distributed.py",  # ~150
-    "tests/recipes/test_ppo.py",  # ~110
-    "tests/recipes/test_ppo_distributed.py",  # ~108
-    "tests/pipeline/test_iterative.py",  # ~85
-    "tests/recipes/test_resume.py",  # ~75
-    "tests/train/test_distributed_rm_dpo.py",  # ~66
-    "tests/quality/test_report_efficiency.py",  # ~60
-    "tests/feedback/test_export_as.py",  # ~60
-    "tests/quality/test_report_cli.py",  # ~55
+    "tests/quickstart/test_quickstart.py",  # the small quickstart, locally and through Ray: ~8 min
+    "tests/pipeline/test_ray_engine.py",
+    "tests/train/test_distributed.py",
+    "tests/recipes/test_ppo.py",
+    "tests/recipes/test_ppo_distributed.py",
+    "tests/pipeline/test_iterative.py",
+    "tests/recipes/test_resume.py",
+    "tests/train/test_distributed_rm_dpo.py",
+    "tests/quality/test_report_efficiency.py",
+    "tests/feedback/test_export_as.py",
+    "tests/quality/test_report_cli.py",
 )
 
 

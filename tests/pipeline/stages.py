@@ -9,6 +9,21 @@ from typing import Any
 
 from alignflow.pipeline import StageContext
 
+# The runner tests' pipeline (DIE: the train step at which the stage kills its own process, or null).
+TOY_PIPELINE = """\
+name: toy
+stages:
+  evaluate:
+    call: tests.pipeline.stages:evaluate
+    params: {model: "${train.checkpoint}"}
+  data:
+    call: tests.pipeline.stages:make_data
+    params: {n: 5}
+  train:
+    call: tests.pipeline.stages:train
+    params: {data: "${data.dataset}", lr: 0.5, steps: 4, die_at: DIE}
+"""
+
 
 def _count(ctx: StageContext) -> None:
     counter = ctx.store.workspace.home / "calls.jsonl"

@@ -23,28 +23,23 @@ from alignflow.pipeline import PipelineError, StageContext, load_pipeline, run_p
 from alignflow.store import Store
 from alignflow.workspace import Workspace
 
+from .stages import TOY_PIPELINE
+
 pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300
 
-TOY = """\
-name: toy
-stages:
-  evaluate:
-    call: tests.pipeline.stages:evaluate
-    params: {model: "${train.checkpoint}"}
-  data:
-    call: tests.pipeline.stages:make_data
-    params: {n: 5}
-  train:
-    call: tests.pipeline.stages:train
-    params: {data: "${data.dataset}", lr: 0.5, steps: 4, die_at: DIE}
+# The runner tests' pipeline, with resources for its train stage and a stage that logs three ways.
+TOY = (
+    TOY_PIPELINE
+    + """\
     resources: {num_cpus: 2}
   chatty:
     call: tests.pipeline.test_ray_engine:chatty
     params: {word: hello, score: "${evaluate.score}"}
 """
+)
 
 
 # ------------------------------------------------------------------------------ stages (run in the worker)

@@ -13,19 +13,7 @@ import pytest
 from alignflow.pipeline import PipelineError, run_pipeline
 from alignflow.store import Store
 
-PIPE = """\
-name: toy
-stages:
-  evaluate:
-    call: tests.pipeline.stages:evaluate
-    params: {model: "${train.checkpoint}"}
-  data:
-    call: tests.pipeline.stages:make_data
-    params: {n: 5}
-  train:
-    call: tests.pipeline.stages:train
-    params: {data: "${data.dataset}", lr: 0.5, steps: 4, die_at: DIE}
-"""
+from .stages import TOY_PIPELINE as PIPE
 
 REPO = Path(__file__).resolve().parents[2]
 

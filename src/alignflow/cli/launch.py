@@ -19,11 +19,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from alignflow.train.distributed import EXIT_REQUEUE
+from alignflow.train.distributed import EXIT_REQUEUE, DistContext, under_torchrun
 
 STATUS_ENV = "ALIGNFLOW_STATUS_FILE"  # rank 0 writes {"exit_code": N} here before exiting
 # torchrun's rendezvous arguments instead of --standalone, for several nodes (examples/slurm, examples/k8s):
@@ -115,18 +115,14 @@ def finish_code(result: dict) -> int:
     so a torchrun with ``--max-restarts`` does not restart a job that is being preempted.
     """
     code = EXIT_REQUEUE if result.get("stopped") and result.get("signal") in ("SIGTERM", "SIGUSR1") else 0
-    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-    if not under_torchrun:
+    if not under_torchrun():
         return code
     if os.environ.get("RANK", "0") == "0" and os.environ.get(STATUS_ENV):
         Path(os.environ[STATUS_ENV]).write_text(json.dumps({"exit_code": code}))
     return 0
 
 
-def preflight(cfg: Any, check_world: Any, nproc: int) -> None:
+def preflight(cfg: Any, check_world: Callable[[Any, DistContext], None], nproc: int) -> None:
     """The recipe's world-size checks for ``nproc`` processes, in the launcher: a config torchrun's processes
     would reject fails here, in one process and before any of them starts (each process checks again)."""
-    from alignflow.train.distributed import DistContext
-
-    section = cfg.train.distributed
-    check_world(cfg, DistContext(rank=0, world_size=nproc, strategy=section.strategy))
+    check_world(cfg, DistContext(rank=0, world_size=nproc, strategy=cfg.train.distributed.strategy))
