@@ -91,3 +91,19 @@ def test_templated_prompts_get_no_second_bos(model, tok):
             eos_token_id=tok.eos_token_id,
         )
     assert got == [[tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)]]
+
+
+def test_a_sampled_nul_byte_comes_back_as_the_replacement_character(tiny_dir, tok):
+    # A byte-level tokenizer has a token for byte 0; the annotation platform (and PostgreSQL text) refuse NUL.
+    from alignflow.models import load_policy
+
+    nul = next(i for i in range(len(tok)) if tok.decode([i]) == "\x00")
+    model = load_policy(tiny_dir, dtype="float32").eval()
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[nul] = 10.0  # every step's greedy token is byte 0
+    model.lm_head = head
+    got = generate_candidates(model, tok, PROMPTS[:2], temperature=0, max_new_tokens=3)
+    assert got == [["\ufffd" * 3], ["\ufffd" * 3]]

@@ -13,6 +13,10 @@ token-for-token the same as ``generate(do_sample=False)``.
 
 Post-processing (e.g. cutting a chat reply at the end of its first line) is a property of the domain, not of
 generation: pass it as ``postprocess``.
+
+A byte-level tokenizer can decode a sampled byte 0 to a NUL character, which PostgreSQL text cannot hold and the
+annotation platform refuses on import; it comes back as U+FFFD, the character a byte that decodes to nothing
+printable already becomes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from torch import nn
 
 from alignflow.data.prompts import Prompt, encode_prompt, left_pad
 from alignflow.rollout.generation import sample
+
+REPLACEMENT = "\ufffd"
 
 
 def _load(model: str | os.PathLike[str] | nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
@@ -69,7 +75,8 @@ def generate_candidates(
         seed: seeds the generator every batch draws from.
         batch_size: completions sampled together; the ``n`` completions of one prompt are consecutive.
         max_prompt_length: keep only the last this many prompt tokens (None: the whole prompt).
-        postprocess: applied to each decoded completion (special tokens are already stripped).
+        postprocess: applied to each decoded completion (special tokens are already stripped, NUL characters
+            replaced with U+FFFD).
         progress: called after each batch with the number of completions it produced.
     """
     if n < 1:
@@ -104,7 +111,9 @@ def generate_candidates(
                 r[m.bool()].tolist()
                 for r, m in zip(roll.response_ids.cpu(), roll.response_mask.cpu(), strict=True)
             ]
-            texts = tok.batch_decode(tokens, skip_special_tokens=True)
+            texts = [
+                t.replace("\x00", REPLACEMENT) for t in tok.batch_decode(tokens, skip_special_tokens=True)
+            ]
             for i, text in zip(rows, texts, strict=True):
                 out[i].append(postprocess(text) if postprocess else text)
             if progress is not None:
