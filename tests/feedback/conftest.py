@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from fb_helpers import PG_URL, _pg_admin, copy_database, drop_pg, pg_url_for
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -22,24 +23,8 @@ from alignflow.feedback import auth, services
 from alignflow.store import db
 from alignflow.workspace import Workspace
 
-PG_URL = os.environ.get("ALIGNFLOW_TEST_PG_URL")
 # Cheap argon2 parameters: the tests check the login logic, not the hash's cost.
 auth.set_password_cost(time_cost=1, memory_cost_kib=1024)
-
-
-def _pg_admin():
-    return create_engine(db._normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
-
-
-def _pg_url_for(dbname: str) -> str:
-    return make_url(db._normalise_url(PG_URL)).set(database=dbname).render_as_string(hide_password=False)
-
-
-def _drop_pg(name: str) -> None:
-    admin = _pg_admin()
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -64,11 +49,11 @@ def pg_template() -> Iterator[str]:
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    eng = db.make_engine(_pg_url_for(name))
+    eng = db.make_engine(pg_url_for(name))
     db.ensure_schema(eng)
     eng.dispose()
     yield name
-    _drop_pg(name)
+    drop_pg(name)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -78,14 +63,9 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         shutil.copy(request.getfixturevalue("sqlite_template"), target)
         yield f"sqlite:///{target}"
         return
-    template = request.getfixturevalue("pg_template")
-    name = f"af_t_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin()
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-    admin.dispose()
-    yield _pg_url_for(name)
-    _drop_pg(name)
+    url = copy_database(pg_url_for(request.getfixturevalue("pg_template")), tmp_path)
+    yield url
+    drop_pg(make_url(url).database)
 
 
 @pytest.fixture

@@ -1,10 +1,52 @@
-"""Helpers shared by the feedback tests (users, items, valid answers)."""
+"""Helpers shared by the feedback tests (users, items, valid answers, database copies)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from alignflow.feedback import auth
+from alignflow.store import db
+
+PG_URL = os.environ.get("ALIGNFLOW_TEST_PG_URL")
+
+
+def _pg_admin():  # noqa: ANN202
+    return create_engine(db._normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
+
+
+def pg_url_for(dbname: str) -> str:
+    return make_url(db._normalise_url(PG_URL)).set(database=dbname).render_as_string(hide_password=False)
+
+
+def drop_pg(name: str) -> None:
+    admin = _pg_admin()
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def copy_database(url: str, sqlite_dir: Path) -> str:
+    """A copy of the database at `url`: a file copy into `sqlite_dir` on SQLite, `CREATE DATABASE ... TEMPLATE`
+    on PostgreSQL (nothing may be connected to the source then). Drop a PostgreSQL copy with `drop_pg`."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        target = sqlite_dir / f"copy-{uuid.uuid4().hex[:8]}.db"
+        shutil.copy(parsed.database, target)
+        return f"sqlite:///{target}"
+    name = f"af_t_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin()
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{parsed.database}"'))
+    admin.dispose()
+    return pg_url_for(name)
+
 
 PASSWORD = "correct-horse-battery"
 

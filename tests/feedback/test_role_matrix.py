@@ -1,7 +1,7 @@
 """Route x role matrix: every route of the app (API and pages, found through `app.routes`) against ONE declared
 table of expected outcomes for each role. A route without a row in `MATRIX` fails `test_every_route_is_declared`.
 
-Each route runs on a fresh copy of the same small world (a project with items, one submitted response and one
+Each route runs on a fresh copy of the same small world, built once per database (a project with items, one submitted response and one
 open lease of the annotator, a QC action on them, an API token and a browser session per user), and the roles
 call it in `ROLES` order. API routes are called with the role's bearer token, pages with its session cookie
 and CSRF token; the anonymous role sends neither; the disabled user's token and session predate the disable.
@@ -9,19 +9,23 @@ and CSRF token; the anonymous role sends neither; the disabled user's token and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
-from fb_helpers import PASSWORD, answer, pair_items
+from fb_helpers import PASSWORD, answer, copy_database, drop_pg, pair_items, pg_url_for
+from sqlalchemy.engine import make_url
 
 from alignflow.feedback import auth, services
 from alignflow.feedback.app import create_app
 from alignflow.feedback.deps import SESSION_COOKIE
 from alignflow.feedback.models import Item
+from alignflow.workspace import Workspace
 
 ROLES = ("anonymous", "annotator", "reviewer", "lead", "lead_nopod", "admin", "disabled")
 USERS = {  # role -> (username, role in the platform, pod)
@@ -221,7 +225,7 @@ def app_routes(app) -> set[tuple[str, str]]:
 
 @dataclass
 class World:
-    app: Any
+    workspace: Workspace
     tokens: dict[str, str]
     sessions: dict[str, tuple[str, str]]  # role -> (session cookie, CSRF token)
     ids: dict[str, Any]
@@ -265,13 +269,48 @@ def build_world(workspace, s) -> World:
         "token_id": ann_token_id,
         "action_id": action.id,
     }
-    return World(create_app(workspace), tokens, sessions, ids)
+    return World(workspace, tokens, sessions, ids)
 
 
-def call(world: World, method: str, path: str, role: str, row: Row) -> Any:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world_template(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    """The world, built once per database (users, sessions and tokens are rows, so copies of it share them)."""
+    root = tmp_path_factory.mktemp(f"world-{request.param}")
+    if request.param == "sqlite":
+        url = copy_database(f"sqlite:///{request.getfixturevalue('sqlite_template')}", root)
+    else:
+        url = copy_database(pg_url_for(request.getfixturevalue("pg_template")), root)
+    ws = Workspace(home=root / "ws", db_url=url)
+    ws.ensure_dirs()
+    factory = services.connect(ws)
+    with factory() as s:
+        world = build_world(ws, s)
+    factory.kw["bind"].dispose()  # a PostgreSQL template must have no connections
+    yield world
+    if not ws.is_sqlite:
+        drop_pg(make_url(url).database)
+
+
+@pytest.fixture
+def world(world_template: World, tmp_path: Path) -> Iterator[World]:
+    """A fresh copy of the world (its database and its workspace folder) for one test."""
+    src = world_template.workspace
+    home = tmp_path / "ws"
+    shutil.copytree(src.home, home)
+    url = copy_database(src.db_url, tmp_path)
+    yield World(
+        Workspace(home=home, db_url=url), world_template.tokens, world_template.sessions, world_template.ids
+    )
+    if not src.is_sqlite:
+        drop_pg(make_url(url).database)
+
+
+def call(world: World, app: Any, method: str, path: str, role: str, row: Row) -> Any:
     kwargs = dict(row.body(role) if callable(row.body) else row.body)
     url = "/static/app.js" if path == "/static" else path.format(**world.ids)
-    client = TestClient(world.app, follow_redirects=False)
+    client = TestClient(app, follow_redirects=False)
     is_page = not url.startswith("/api/")
     if kwargs.pop("login_form", False):
         import re
@@ -299,13 +338,13 @@ def test_every_route_is_declared(workspace):
 
 
 @pytest.mark.parametrize("route", sorted(MATRIX), ids=lambda r: f"{r[0]} {r[1]}")
-def test_route_matches_the_matrix(route, workspace, s):
+def test_route_matches_the_matrix(route, world):
     method, path = route
     row = MATRIX[route]
-    world = build_world(workspace, s)
+    app = create_app(world.workspace)
     violations = []
     for role in ROLES:
-        r = call(world, method, path, role, row)
+        r = call(world, app, method, path, role, row)
         want = row.expect[role]
         status, where = want if isinstance(want, tuple) else (want, None)
         got_where = r.headers.get("location", "")
