@@ -18,14 +18,17 @@ from alignflow.workspace import Workspace
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 
-# Fewer prompts and steps than `make demo`; the same stages and code paths.
+# Fewer prompts and steps than `make demo`; the same stages and code paths. Measured with these (1 thread, on
+# this CI's 2-core machine): PPO beats SFT on gold utility by 0.083, the 95% CI's low end 0.064. 800
+# demonstrations left it at 0.036 (low end 0.020), too close to zero for a test.
+PPO_STEPS = 16
 SMALL = [
-    "data.params.n_demonstrations=1500",
-    "data.params.n_feedback_prompts=300",
-    "data.params.n_rl_prompts=256",
-    "data.params.n_eval_prompts=120",
+    "data.params.n_demonstrations=1000",
+    "data.params.n_feedback_prompts=200",
+    "data.params.n_rl_prompts=160",
+    "data.params.n_eval_prompts=100",
     "sft.config.train.epochs=2",
-    "ppo.config.train.steps=30",
+    f"ppo.config.train.steps={PPO_STEPS}",
     "rm.config.train.epochs=2",
     "dpo.config.train.epochs=1",
     "evaluate.params.samples_per_prompt=2",
@@ -163,7 +166,7 @@ def test_changed_ppo_setting_reruns_only_ppo_and_dependents_and_resumes_after_ki
     ]
     # One run id across the kill: its metrics continue rather than start a second run.
     assert store.get_run(run_json["run_id"]).status == "finished"
-    assert max(steps) >= 29
+    assert max(steps) >= PPO_STEPS - 1
 
 
 @pytest.mark.slow
