@@ -2,8 +2,9 @@
 
 - 2 processes (DDP and FSDP2) log the same losses as 1 process at the same global batch, and export the
   same model;
-- a 2-process checkpoint resumes in 1 process and a 1-process checkpoint in 2, with the losses of an
-  uninterrupted run; SIGUSR1 to `alignflow sft --nproc 2` checkpoints within the step and exits 75;
+- one run stopped by SIGUSR1 in 1 process, resumed in 2, stopped again and resumed in 1: each checkpoint
+  resumes at the other world size with the losses of an uninterrupted run, and SIGUSR1 to `alignflow sft
+  --nproc 2` checkpoints within the step and exits 75;
 - SIGKILL of one rank: torchrun restarts the job, which resumes from the last checkpoint.
 
 Every subprocess runs under a timeout: a collective with a dead or mismatched peer waits forever.
@@ -30,7 +31,7 @@ from alignflow.train.distributed import EXIT_REQUEUE, DistContext
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-STEPS = 6
+STEPS = 8  # room for two SIGUSR1 stops and two resumes in one run (the chain test)
 TIMEOUT = 300
 
 
@@ -118,7 +119,7 @@ def test_two_processes_log_the_losses_and_export_the_model_of_one(setup: dict, s
     for k in one_w:
         assert torch.allclose(one_w[k], two_w[k], rtol=1e-4, atol=1e-6), k
     ckpt = json.loads(
-        (d / f"two-{strategy}" / "checkpoints" / "step-000006" / "trainer_state.json").read_text()
+        (d / f"two-{strategy}" / "checkpoints" / f"step-{STEPS:06d}" / "trainer_state.json").read_text()
     )
     assert (ckpt["format"], ckpt["world_size"], ckpt["strategy"]) == ("dcp", 2, strategy)
 
@@ -157,15 +158,24 @@ def _stopped_step(run_dir: Path) -> int:
     return int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
 
 
-def test_sigusr1_to_two_processes_then_resume_in_one(setup: dict) -> None:
+def test_sigusr1_stops_one_process_then_two_and_each_checkpoint_resumes_at_the_other_world_size(
+    setup: dict,
+) -> None:
+    """1 process -> SIGUSR1 -> resumed in 2 -> SIGUSR1 -> resumed in 1: both directions in one chain, each stop
+    a checkpoint within the step and exit 75, and the losses those of the uninterrupted run."""
     d, env = setup["dir"], _env(setup["home"])
-    cfg = setup["config"]("usr1-2to1")
-    run_dir = d / "usr1-2to1"
-    stopped = _signal_after(_cli("sft", cfg, "--nproc", "2"), env, run_dir, 2, signal.SIGUSR1)
+    cfg = setup["config"]("usr1-chain")
+    run_dir = d / "usr1-chain"
+    stopped = _signal_after(_cli("sft", cfg), env, run_dir, 2, signal.SIGUSR1)
+    assert stopped.returncode == EXIT_REQUEUE, stopped.stderr[-3000:]
+    first = _stopped_step(run_dir)
+    assert not (run_dir / "checkpoints" / f"step-{first:06d}" / "dcp").exists()  # the one-process format
+
+    stopped = _signal_after(_cli("sft", cfg, "--nproc", "2"), env, run_dir, first + 1, signal.SIGUSR1)
     assert stopped.returncode == EXIT_REQUEUE, stopped.stderr[-3000:]
     assert "SIGUSR1 received: checkpoint saved at step" in stopped.stderr
     at = _stopped_step(run_dir)
-    assert 2 <= at < STEPS and not (run_dir / "final").exists()
+    assert first < at < STEPS and not (run_dir / "final").exists()
     state = json.loads((run_dir / "checkpoints" / f"step-{at:06d}" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
     assert {p.name for p in (run_dir / "checkpoints" / f"step-{at:06d}").glob("rng-*.pt")} == {
@@ -173,21 +183,6 @@ def test_sigusr1_to_two_processes_then_resume_in_one(setup: dict) -> None:
         "rng-1.pt",
     }
     resumed = subprocess.run(_cli("sft", cfg), env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _close(_losses(run_dir), setup["reference"], range(1, STEPS + 1))
-
-
-def test_one_process_checkpoint_resumes_in_two(setup: dict) -> None:
-    d, env = setup["dir"], _env(setup["home"])
-    cfg = setup["config"]("usr1-1to2")
-    run_dir = d / "usr1-1to2"
-    stopped = _signal_after(_cli("sft", cfg), env, run_dir, 2, signal.SIGUSR1)
-    assert stopped.returncode == EXIT_REQUEUE, stopped.stderr[-3000:]
-    at = _stopped_step(run_dir)
-    assert not (run_dir / "checkpoints" / f"step-{at:06d}" / "dcp").exists()  # the one-process format
-    resumed = subprocess.run(
-        _cli("sft", cfg, "--nproc", "2"), env=env, capture_output=True, text=True, timeout=TIMEOUT
-    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _close(_losses(run_dir), setup["reference"], range(1, STEPS + 1))
 
