@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from crowdkit.aggregation import GLAD, MACE, BradleyTerry, DawidSkene, MajorityVote, NoisyBradleyTerry
 
-from alignflow.quality.aggregate import aggregate, to_classification_frame, to_pairwise_frame
+from alignflow.quality.aggregate import aggregate, fit, to_classification_frame, to_pairwise_frame
 from alignflow.quality.schema import validate_judgments
 from alignflow.quality.simulate import PoolSpec, simulate_pool
 
@@ -39,6 +39,15 @@ def test_classification_parity(small, method, model):
         ours["p_a"].to_numpy(float), p_a.reindex(ours.index).to_numpy(float), atol=1e-12
     )
     np.testing.assert_allclose(ours["margin"], np.abs(2 * ours["p_a"].astype(float) - 1))
+
+
+def test_mace_with_one_restart_is_crowdkits_fit_with_five(small):
+    # crowd-kit draws every restart's start from the same random_state: our one restart is its five.
+    _, ours = fit(small, "mace")
+    ref = MACE(n_restarts=5, n_iter=50, random_state=0).fit(to_classification_frame(small))
+    assert ours.n_restarts == 1
+    np.testing.assert_array_equal(ours.spamming_, ref.spamming_)
+    np.testing.assert_array_equal(ours.thetas_, ref.thetas_)
 
 
 @pytest.mark.parametrize("method", ["bradley_terry", "noisy_bt"])
