@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from alignflow.errors import DataFormatError
+from alignflow.errors import AlignflowError, DataFormatError
 from alignflow.pipeline import PipelineError, StageContext, load_pipeline, run_pipeline
 from alignflow.store import Store
 from alignflow.workspace import Workspace
@@ -71,11 +71,9 @@ def boom(params: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def cli(
-    home: Path, *args: str, extra_env: dict[str, str] | None = None, first_on_path: str | None = None
-) -> subprocess.CompletedProcess:
+def cli(home: Path, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ALIGNFLOW_DB_URL"}
-    path = [first_on_path, str(REPO), env.get("PYTHONPATH")]
+    path = [str(REPO), env.get("PYTHONPATH")]
     env.update(
         {"ALIGNFLOW_HOME": str(home), "PYTHONPATH": os.pathsep.join(filter(None, path)), **(extra_env or {})}
     )
@@ -266,7 +264,7 @@ def test_resources_are_validated_and_not_part_of_the_key(tmp_path: Path, sqlite_
 
 
 @pytest.mark.slow
-def test_cli_errors_for_the_engine_flags(toy: Path, tmp_path: Path) -> None:
+def test_cli_errors_for_the_engine_flags(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "ws"
     # More CPUs than the local instance has: a clear error, not a task that waits forever (a cluster joined
     # with --address may still grow, so there the stage waits with a warning).
@@ -274,21 +272,27 @@ def test_cli_errors_for_the_engine_flags(toy: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert error_text(proc).startswith("error: stage 'train': resources.num_cpus=64 but the Ray cluster has")
     assert state(home, "toy")["train"]["status"] == "failed"
-    proc = cli(home, str(toy), "--address", "auto")
-    assert proc.returncode == 2 and "--address auto is for the Ray engine: add --engine ray" in error_text(
-        proc
-    )
-    proc = cli(home, str(toy), "--engine", "spark")
-    assert proc.returncode != 0 and "spark" in proc.stderr
-    # Without ray installed (a stub package that fails to import stands in for it).
-    stub = tmp_path / "noray"
-    (stub / "ray").mkdir(parents=True)
-    (stub / "ray" / "__init__.py").write_text("raise ImportError('No module named ray')\n")
-    proc = cli(home, str(toy), "--engine", "ray", first_on_path=str(stub))
-    assert proc.returncode == 2
+    # The flag errors fail before any work: in-process through the same Typer app (a subprocess costs seconds),
+    # where an AlignflowError comes out as itself (`alignflow.cli.main.main` prints it as "error: ..." and exits 2).
+    from typer.testing import CliRunner
+
+    from alignflow.cli.main import app
+
+    def run(*args: str) -> Any:
+        env = {"ALIGNFLOW_HOME": str(home), "ALIGNFLOW_DB_URL": None}
+        return CliRunner().invoke(app, ["run", str(toy), *args], env=env)
+
+    res = run("--address", "auto")
+    assert isinstance(res.exception, AlignflowError)
+    assert str(res.exception) == "--address auto is for the Ray engine: add --engine ray"
+    res = run("--engine", "spark")
+    assert res.exit_code != 0 and "spark" in res.stderr
+    # Without ray installed: None in sys.modules makes `import ray` raise ImportError, as a missing package does.
+    monkeypatch.setitem(sys.modules, "ray", None)
+    res = run("--engine", "ray")
+    assert isinstance(res.exception, AlignflowError)
     assert (
-        error_text(proc)
-        == "error: --engine ray needs Ray, which is not installed: pip install 'alignflow[ray]'"
+        str(res.exception) == "--engine ray needs Ray, which is not installed: pip install 'alignflow[ray]'"
     )
 
 
@@ -364,9 +368,16 @@ def test_nproc_runs_the_recipe_under_torchrun_with_the_local_result(tmp_path: Pa
 
     assert losses(ray["sft"]["metrics"]) == losses(local["sft"]["metrics"])
     assert ray["sft"]["checkpoint_dir"].startswith(str(ray_home))
-    # A config error is reported before torchrun starts, with the local engine's text.
-    bad = [str(pipe), "sft.config.train.batch_size=0"]
-    err_local, err_ray = cli(local_home, *bad), cli(ray_home, *bad, "--engine", "ray", "--address", address)
-    assert err_ray.returncode == err_local.returncode == 2
-    assert error_text(err_ray) == error_text(err_local)
-    assert "stage 'sft'" in error_text(err_ray) and "train.batch_size" in error_text(err_ray)
+    # A config error is reported before torchrun starts, with the local engine's text (in-process: the module's
+    # Ray instance is this process's, and the error needs no CLI round trip).
+    errors = {}
+    for engine, home in (("local", local_home), ("ray", ray_home)):
+        store = Store.open(Workspace.from_env(home, f"sqlite:///{home / 'alignflow.db'}"))
+        with pytest.raises(AlignflowError) as exc:
+            run_pipeline(
+                pipe, ["sft.config.train.batch_size=0"], store=store, engine=engine, log=lambda m: None
+            )
+        store.close()
+        errors[engine] = str(exc.value)
+    assert errors["ray"] == errors["local"]
+    assert "stage 'sft'" in errors["ray"] and "train.batch_size" in errors["ray"]
