@@ -14,7 +14,7 @@ import os
 import sys
 
 from alignflow.cli.main import main
-from alignflow.train.distributed import under_torchrun
+from alignflow.train.torchrun_env import under_torchrun
 
 
 def _exit_code(exc: SystemExit) -> int:

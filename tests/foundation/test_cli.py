@@ -93,3 +93,20 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path, sqlite_workspace)
     assert proc.returncode == 2
     assert f"{bad}:1: field 'rejected': missing field 'rejected'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_cli_starts_without_importing_torch() -> None:
+    # `alignflow --help`, `serve` and the `--nproc` launcher need no torch; importing it costs 1-2 s per start
+    # (and `serve --workers N` pays it again in every worker process).
+    code = (
+        "import sys, alignflow.cli.main, alignflow.train.torchrun_env\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'transformers'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -21,9 +21,13 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alignflow.train.distributed import EXIT_REQUEUE, DistContext, under_torchrun
+# Not alignflow.train.distributed: it imports torch, which `alignflow --help` and `alignflow serve` never need.
+from alignflow.train.torchrun_env import EXIT_REQUEUE, under_torchrun
+
+if TYPE_CHECKING:
+    from alignflow.train.distributed import DistContext
 
 STATUS_ENV = "ALIGNFLOW_STATUS_FILE"  # rank 0 writes {"exit_code": N} here before exiting
 # torchrun's rendezvous arguments instead of --standalone, for several nodes (examples/slurm, examples/k8s):
@@ -125,4 +129,6 @@ def finish_code(result: dict) -> int:
 def preflight(cfg: Any, check_world: Callable[[Any, DistContext], None], nproc: int) -> None:
     """The recipe's world-size checks for ``nproc`` processes, in the launcher: a config torchrun's processes
     would reject fails here, in one process and before any of them starts (each process checks again)."""
+    from alignflow.train.distributed import DistContext
+
     check_world(cfg, DistContext(rank=0, world_size=nproc, strategy=cfg.train.distributed.strategy))

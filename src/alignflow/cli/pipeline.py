@@ -56,7 +56,7 @@ def run(
     """
     from alignflow.pipeline import run_pipeline
     from alignflow.pipeline.runner import PipelineStopped
-    from alignflow.train.distributed import EXIT_REQUEUE
+    from alignflow.train.torchrun_env import EXIT_REQUEUE
 
     _check_engine(engine, address)
     try:

@@ -33,20 +33,12 @@ from torch import nn
 
 from alignflow.errors import ConfigError
 
+# Re-exported: recipes and tests import them from here.
+from alignflow.train.torchrun_env import EXIT_REQUEUE as EXIT_REQUEUE
+from alignflow.train.torchrun_env import env_world_size
+from alignflow.train.torchrun_env import under_torchrun as under_torchrun
+
 T = TypeVar("T")
-
-# Exit code of a run stopped by SIGTERM or SIGUSR1 after its checkpoint: "requeue me" (EX_TEMPFAIL).
-# examples/slurm/train.sbatch requeues the job on it; a Kubernetes Job's podFailurePolicy can match it.
-EXIT_REQUEUE = 75
-
-
-def under_torchrun() -> bool:
-    """This process is one of a torchrun job (even a job of one process: torchrun sets TORCHELASTIC_RUN_ID)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
