@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -206,7 +206,14 @@ def test_hash_slots_cap_concurrent_hashes(server, meter, policy, s):
     assert login(server, refused[0], PASSWORD, "127.0.2.1") == 200
 
 
-def test_account_backoff_doubles_up_to_its_cap(s, policy):
+def test_account_backoff_doubles_up_to_its_cap(s, policy, monkeypatch):
+    # The limiter's clock, moved by hand: the backoffs are seconds, and waiting them out cost 5 s a database.
+    now = [limiter.utcnow()]
+    monkeypatch.setattr(limiter, "utcnow", lambda: now[0])
+
+    def sleep(seconds: float) -> None:
+        now[0] += timedelta(seconds=seconds)
+
     make_users(s, {"owner": "annotator"})
     policy(backoff_base_s=1.0, backoff_max_s=2.0)
 
@@ -219,13 +226,13 @@ def test_account_backoff_doubles_up_to_its_cap(s, policy):
 
     assert [attempt(WRONG) for _ in range(limiter.ACCOUNT_FREE_FAILURES)] == [401] * 5
     assert attempt(PASSWORD) == 429  # 5 failures: 1 s backoff
-    time.sleep(1.05)
+    sleep(1.05)
     assert attempt(WRONG) == 401  # 6 failures: 2 s backoff
-    time.sleep(1.05)
+    sleep(1.05)
     assert attempt(WRONG) == 429
-    time.sleep(1.0)
+    sleep(1.0)
     assert attempt(WRONG) == 401  # 7 failures: 4 s, capped at 2 s
-    time.sleep(2.05)
+    sleep(2.05)
     assert attempt(PASSWORD) == 200
     # The success forgot this address's failures on the account.
     assert rows(s, username="owner", status="failed") == 0 and rows(s, username="owner", status="ok") == 1
