@@ -82,3 +82,24 @@ def test_agreement_with_humans_matches_sklearn_and_hand_counts() -> None:
     assert r["kappa"] == pytest.approx(cohen_kappa_score([judge[i] for i in kept], [human[i] for i in kept]))
     assert r["kappa_ci"][0] <= r["kappa"] <= r["kappa_ci"][1]
     assert r["order_consistency"] == pytest.approx(6 / 8) and r["tie_rate"] == pytest.approx(1 / 7)
+
+
+def test_bootstrap_kappa_equals_cohen_kappa_on_each_resample() -> None:
+    import numpy as np
+
+    from alignflow.quality.agreement import cohen_kappa
+    from alignflow.quality.judges import bootstrap_kappa
+    from alignflow.quality.schema import Undefined
+
+    rng = np.random.default_rng(1)
+    a = rng.choice(["A", "B", "tie"], 23, p=[0.5, 0.4, 0.1])
+    b = np.where(rng.random(23) < 0.7, a, rng.choice(["A", "B"], 23))
+    draws = np.random.default_rng(5)
+    loop = [cohen_kappa(list(a[i]), list(b[i])) for i in (draws.integers(0, 23, 23) for _ in range(300))]
+    want = [float(v) for v in loop if not isinstance(v, Undefined)]
+    np.testing.assert_allclose(bootstrap_kappa(a, b, 300, seed=5), want, rtol=0, atol=1e-12)
+    # A resample of one shared category has no kappa: left out, as cohen_kappa's Undefined is.
+    same = np.array(["A", "A", "B"])
+    got = bootstrap_kappa(same, same, 200, seed=0)
+    idx = np.random.default_rng(0).integers(0, 3, (200, 3))
+    assert len(got) == int((~(same[idx] == same[idx][:, :1]).all(axis=1)).sum()) < 200

@@ -61,15 +61,10 @@ def judge_human_agreement(
     acc = float(credit.mean())
     lo, hi = wilson_interval(float(credit.sum()), n)
 
-    def kappa(idx: np.ndarray) -> float | None:
-        v = cohen_kappa(list(j[idx]), list(h[idx]))
-        return None if isinstance(v, Undefined) else float(v)
-
-    k = kappa(np.arange(n))
-    rng = np.random.default_rng(seed)
-    reps = [kappa(rng.integers(0, n, n)) for _ in range(n_boot)] if k is not None else []
-    reps = [r for r in reps if r is not None]
-    k_ci = (float(np.quantile(reps, 0.025)), float(np.quantile(reps, 0.975))) if reps else (None, None)
+    v = cohen_kappa(list(j), list(h))
+    k = None if isinstance(v, Undefined) else float(v)
+    reps = bootstrap_kappa(j, h, n_boot, seed) if k is not None else np.empty(0)
+    k_ci = (float(np.quantile(reps, 0.025)), float(np.quantile(reps, 0.975))) if len(reps) else (None, None)
     return out | {
         "accuracy": acc,
         "accuracy_ci": (lo, hi),
@@ -77,3 +72,30 @@ def judge_human_agreement(
         "kappa_ci": k_ci,
         "tie_rate": float((j == "tie").mean()),
     }
+
+
+def bootstrap_kappa(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """Cohen's κ of `n_boot` percentile-bootstrap resamples of the units, all at once.
+
+    Args:
+        a, b: shape (n,), the two raters' labels on the same units (no missing values).
+    Returns:
+        shape (<= n_boot,), κ = (p_o - p_e) / (1 - p_e) (Cohen 1960, eq. 1) of each resample in draw order;
+        a resample where p_e = 1 (one shared category) has no κ and is left out. The resamples are those of
+        drawing ``np.random.default_rng(seed).integers(0, n, n)`` `n_boot` times, and each κ equals
+        :func:`alignflow.quality.agreement.cohen_kappa` on it (to rounding; tested): a bincount of the
+        resamples' confusion matrices instead of one Python call per resample (2000 took 0.5 s).
+    """
+    n = len(a)
+    cats, codes = np.unique(
+        np.concatenate([np.asarray(a, dtype=str), np.asarray(b, dtype=str)]), return_inverse=True
+    )
+    k = len(cats)
+    cell = codes[:n] * k + codes[n:]  # (n,) the unit's confusion-matrix cell
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    flat = (np.arange(n_boot)[:, None] * (k * k) + cell[idx]).ravel()
+    confusion = np.bincount(flat, minlength=n_boot * k * k).reshape(n_boot, k, k).astype(float)
+    p_o = np.trace(confusion, axis1=1, axis2=2) / n
+    p_e = (confusion.sum(axis=2) * confusion.sum(axis=1)).sum(axis=1) / n**2
+    defined = ~np.isclose(p_e, 1.0, rtol=0.0, atol=1e-12)
+    return (p_o[defined] - p_e[defined]) / (1.0 - p_e[defined])
