@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fb_helpers import PG_URL, _pg_admin, copy_database, drop_pg, pg_url_for
+from fb_helpers import PG_URL, copy_database, drop_pg, pg_admin, pg_url_for
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -45,7 +45,7 @@ def pg_template() -> Iterator[str]:
             )
         pytest.skip("ALIGNFLOW_TEST_PG_URL not set")
     name = f"af_tmpl_{uuid.uuid4().hex[:10]}"
-    admin = _pg_admin()
+    admin = pg_admin()
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
 from alignflow.feedback import auth
@@ -17,7 +17,7 @@ from alignflow.store import db
 PG_URL = os.environ.get("ALIGNFLOW_TEST_PG_URL")
 
 
-def _pg_admin():  # noqa: ANN202
+def pg_admin() -> Engine:
     return create_engine(db._normalise_url(PG_URL), isolation_level="AUTOCOMMIT")
 
 
@@ -26,7 +26,7 @@ def pg_url_for(dbname: str) -> str:
 
 
 def drop_pg(name: str) -> None:
-    admin = _pg_admin()
+    admin = pg_admin()
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
@@ -41,7 +41,7 @@ def copy_database(url: str, sqlite_dir: Path) -> str:
         shutil.copy(parsed.database, target)
         return f"sqlite:///{target}"
     name = f"af_t_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin()
+    admin = pg_admin()
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{parsed.database}"'))
     admin.dispose()

@@ -1,9 +1,9 @@
 """Route x role matrix: every route of the app (API and pages, found through `app.routes`) against ONE declared
 table of expected outcomes for each role. A route without a row in `MATRIX` fails `test_every_route_is_declared`.
 
-Each route runs on a fresh copy of the same small world, built once per database (a project with items, one submitted response and one
-open lease of the annotator, a QC action on them, an API token and a browser session per user), and the roles
-call it in `ROLES` order. API routes are called with the role's bearer token, pages with its session cookie
+Each route runs on a fresh copy of the same small world, built once per database (a project with items, one
+submitted response and one open lease of the annotator, a QC action on them, an API token and a browser session
+per user), and the roles call it in `ROLES` order. API routes are called with the role's bearer token, pages with its session cookie
 and CSRF token; the anonymous role sends neither; the disabled user's token and session predate the disable.
 """
 
@@ -279,9 +279,10 @@ def world_template(
     """The world, built once per database (users, sessions and tokens are rows, so copies of it share them)."""
     root = tmp_path_factory.mktemp(f"world-{request.param}")
     if request.param == "sqlite":
-        url = copy_database(f"sqlite:///{request.getfixturevalue('sqlite_template')}", root)
+        schema = f"sqlite:///{request.getfixturevalue('sqlite_template')}"
     else:
-        url = copy_database(pg_url_for(request.getfixturevalue("pg_template")), root)
+        schema = pg_url_for(request.getfixturevalue("pg_template"))
+    url = copy_database(schema, root)
     ws = Workspace(home=root / "ws", db_url=url)
     ws.ensure_dirs()
     factory = services.connect(ws)

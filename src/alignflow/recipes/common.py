@@ -391,6 +391,13 @@ def _state_step(path: Path) -> int:
     return int(path.stem.split("-", 1)[1])
 
 
+def check_world(cfg: StageConfig, dist: DistContext) -> None:
+    """What a job of ``dist.world_size`` processes needs of a config with ``train.grad_accum`` (SFT, DPO; the
+    reward recipe adds its own rule): `--nproc N` checks it before torchrun starts, each process again at the
+    start of the recipe's ``run``."""
+    dist.check_split(cfg.train.grad_accum)  # type: ignore[attr-defined]
+
+
 def start_run(cfg: StageConfig, store: Store | None = None, dist: DistContext | None = None) -> Run:
     """Create (or resume, when its folder already holds a run) the run for a stage config.
 

@@ -49,7 +49,7 @@ from alignflow.data.encode import (
 )
 from alignflow.errors import DataFormatError
 from alignflow.models import load_policy, load_reference, load_tokenizer
-from alignflow.recipes.common import Run, check_finite, console, set_seed, start_run
+from alignflow.recipes.common import Run, check_finite, check_world, console, set_seed, start_run
 from alignflow.store import Store
 from alignflow.train.accum import example_mean_share
 from alignflow.train.distributed import DistContext, init_distributed
@@ -115,12 +115,6 @@ class DPOConfig(StageConfig):
     optim: OptimSection = Field(default_factory=lambda: OptimSection(lr=5e-6))
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
-
-
-def check_world(cfg: DPOConfig, dist: DistContext) -> None:
-    """What a job of ``dist.world_size`` processes needs of the config; `--nproc N` checks it before torchrun
-    starts, each process again at the start of :func:`run`."""
-    dist.check_split(cfg.train.grad_accum)
 
 
 def run(cfg: DPOConfig, store: Store | None = None) -> dict[str, Any]:

@@ -72,6 +72,7 @@ from alignflow.models.reward import (
     write_ensemble,
 )
 from alignflow.recipes.common import Run, check_finite, console, set_seed, start_run
+from alignflow.recipes.common import check_world as common_check_world
 from alignflow.splits import prompt_bucket
 from alignflow.store import Store
 from alignflow.train.accum import example_mean_share, step_weight
@@ -216,9 +217,9 @@ def resolved_options(cfg: RewardConfig, encoder: bool) -> RewardOptions:
 
 
 def check_world(cfg: RewardConfig, dist: DistContext) -> None:
-    """What a job of ``dist.world_size`` processes needs of the config; `--nproc N` checks it before torchrun
-    starts, each process again at the start of :func:`run`."""
-    dist.check_split(cfg.train.grad_accum)
+    """The common rule (:func:`alignflow.recipes.common.check_world`) and no LoRA under FSDP; `--nproc N` checks
+    it before torchrun starts, each process again at the start of :func:`run`."""
+    common_check_world(cfg, dist)
     if dist.enabled and dist.strategy == "fsdp" and cfg.lora.enabled:  # fail now, not at the export
         raise ConfigError(
             "a LoRA reward model is merged into each member folder, which FSDP-sharded weights do not "

@@ -41,11 +41,11 @@ from alignflow.data.encode import (
 from alignflow.data.packing import pack_examples
 from alignflow.errors import DataFormatError
 from alignflow.models import load_policy, load_tokenizer
-from alignflow.recipes.common import Run, check_finite, set_seed, start_run
+from alignflow.recipes.common import Run, check_finite, check_world, set_seed, start_run
 from alignflow.store import Store
 from alignflow.train.accum import count_target_tokens, global_token_mean_loss, sum_token_nll
-from alignflow.train.distributed import DistContext, init_distributed
 from alignflow.train.distributed import export_hf as export_model
+from alignflow.train.distributed import init_distributed
 from alignflow.train.memory import resolve_token_budget
 from alignflow.train.optim import (
     StepTimer,
@@ -69,12 +69,6 @@ class SFTConfig(StageConfig):
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
-
-
-def check_world(cfg: SFTConfig, dist: DistContext) -> None:
-    """What a job of ``dist.world_size`` processes needs of the config; `--nproc N` checks it before torchrun
-    starts, each process again at the start of :func:`run`."""
-    dist.check_split(cfg.train.grad_accum)
 
 
 def run(cfg: SFTConfig, store: Store | None = None) -> dict[str, Any]:

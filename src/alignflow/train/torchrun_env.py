@@ -14,7 +14,7 @@ EXIT_REQUEUE = 75
 
 def under_torchrun() -> bool:
     """This process is one of a torchrun job (even a job of one process: torchrun sets TORCHELASTIC_RUN_ID)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "TORCHELASTIC_RUN_ID" in os.environ or env_world_size() > 1
 
 
 def env_world_size() -> int:
