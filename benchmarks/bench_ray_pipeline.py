@@ -80,6 +80,20 @@ def run_once(pipeline: Path, name: str, overrides: list[str], engine: str, home:
     }
 
 
+def both_ways(
+    pipeline: Path, name: str, overrides: list[str], root: Path, label: str, repeats: int, shown: str = "wall"
+) -> dict[str, list[dict[str, Any]]]:
+    """`repeats` runs each way, the order alternating (local first in even rounds), each in a fresh workspace
+    `root / f"{name}-{engine}-{i}"`; prints `shown` of each run."""
+    res: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
+    for i in range(repeats):
+        for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
+            r = run_once(pipeline, name, overrides, engine, root / f"{name}-{engine}-{i}")
+            res[engine].append(r)
+            print(f"{label}, {engine}, run {i + 1}: {r[shown]:.1f} s", flush=True)
+    return res
+
+
 def fmt(xs: list[float]) -> str:
     med = statistics.median(xs)
     return f"{med:.1f}" if len(xs) == 1 else f"{med:.1f} ({min(xs):.1f}–{max(xs):.1f})"
@@ -101,13 +115,8 @@ def main() -> None:
         root = Path(tmp)
         tiny = root / "toy.yaml"
         tiny.write_text(TOY_PIPELINE.replace("DIE", "null"))
-        res: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
-        for i in range(args.repeats):
-            for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
-                r = run_once(tiny, "toy", [], engine, root / f"tiny-{engine}-{i}")
-                res[engine].append(r)
-                print(f"tiny pipeline, {engine}, run {i + 1}: {r['wall']:.1f} s", flush=True)
-        cached = run_once(tiny, "toy", [], "ray", root / "tiny-local-0")  # all three stages skipped
+        res = both_ways(tiny, "toy", [], root, "tiny pipeline", args.repeats)
+        cached = run_once(tiny, "toy", [], "ray", root / "toy-local-0")  # all three stages skipped
         print(f"tiny pipeline, ray, everything cached: {cached['wall']:.1f} s", flush=True)
         rows.append(_row(f"tiny pipeline (3 stages), {args.repeats} runs each", res))
         rows.append(
@@ -127,12 +136,7 @@ def main() -> None:
         data = toy_data.write_jsonl(root / "sft.jsonl", toy_data.sft_rows(48))
         sft = root / "sft.yaml"
         sft.write_text(SFT.replace("DATA", str(data)).replace("STEPS", str(args.sft_steps)))
-        sres: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
-        for i in range(args.repeats):
-            for engine in ("local", "ray") if i % 2 == 0 else ("ray", "local"):
-                r = run_once(sft, "sftbench", [], engine, root / f"sft-{engine}-{i}")
-                sres[engine].append(r)
-                print(f"sft stage, {engine}, run {i + 1}: {r['stage:sft']:.1f} s", flush=True)
+        sres = both_ways(sft, "sftbench", [], root, "sft stage", args.repeats, shown="stage:sft")
         rows.append(
             _row(f"base + SFT {args.sft_steps} steps (h128, 4 layers), {args.repeats} runs each", sres)
         )
@@ -153,11 +157,7 @@ def main() -> None:
             from tests.quickstart.test_quickstart import SMALL
 
             qs = REPO / "examples" / "quickstart.yaml"
-            full: dict[str, list[dict[str, Any]]] = {"local": [], "ray": []}
-            for engine in ("local", "ray"):
-                r = run_once(qs, "quickstart", SMALL, engine, root / f"qs-{engine}")
-                full[engine].append(r)
-                print(f"small quickstart, {engine}: {r['wall']:.1f} s", flush=True)
+            full = both_ways(qs, "quickstart", SMALL, root, "small quickstart", 1)
             rows.append(
                 _row("small quickstart (9 stages, the quickstart test's overrides), 1 run each", full)
             )
